@@ -1,0 +1,139 @@
+"""The bucket (R2 or any S3-compatible endpoint) through boto3: small objects, listings, the
+round-trip check, and botocore's errors turned into ours, each naming what to fix."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from tasks.errors import (AccessDenied, BadCredentials, BucketError, BucketNotFound, EndpointUnreachable,
+                          TransientBucketError)
+from tasks.settings import Settings, s3_client
+
+
+def translate(exc: Exception, settings: Settings) -> Exception:
+    """A botocore exception as one of our BucketErrors (anything else is returned unchanged)."""
+    from botocore import exceptions as bx
+
+    where = f"{settings.endpoint} (R2_ENDPOINT)"
+    if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError)):
+        return EndpointUnreachable(f"cannot connect to {where}: {type(exc).__name__}; check R2_ENDPOINT and that the server is up")
+    if isinstance(exc, (bx.ReadTimeoutError, bx.ConnectionClosedError)):
+        return TransientBucketError(f"{where} stopped answering: {type(exc).__name__}")
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code == "InvalidAccessKeyId":
+            return BadCredentials(f"{where} does not know R2_ACCESS_KEY: check the key id of your API token")
+        if code == "SignatureDoesNotMatch":
+            return BadCredentials(f"{where} rejected the signature: R2_SECRET_KEY does not belong to R2_ACCESS_KEY")
+        if code == "NoSuchBucket":
+            return BucketNotFound(f"bucket {settings.bucket!r} (R2_BUCKET) does not exist at {where}: create it first")
+        if code in ("AccessDenied", "Forbidden") or (status == 403 and code in ("", "403")):
+            return AccessDenied(
+                f"access denied to bucket {settings.bucket!r}: the token needs Object Read & Write on it"
+            )
+        if status >= 500 or code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"):
+            return TransientBucketError(f"{where} failed ({status} {code}); will retry")
+        return BucketError(f"{where} answered {status} {code}: {err.get('Message', '')}".strip())
+    if isinstance(exc, bx.BotoCoreError):
+        return TransientBucketError(f"{where}: {exc}")
+    return exc
+
+
+@dataclass
+class ObjectInfo:
+    size: int
+    etag: str
+
+
+class Bucket:
+    """One bucket with the R2 profile. Every method raises BucketError subclasses."""
+
+    def __init__(self, settings: Settings, **client_kwargs):
+        self.settings = settings
+        self.name = settings.bucket
+        self.s3 = s3_client(settings, **client_kwargs)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.name}/{key}"
+
+    def _call(self, op: str, **kwargs):
+        try:
+            return getattr(self.s3, op)(Bucket=self.name, **kwargs)
+        except Exception as exc:
+            raise translate(exc, self.settings) from exc
+
+    def listing(self, prefix: str) -> dict[str, ObjectInfo]:
+        """Every object under `prefix` with its size and ETag, in one paginated listing."""
+        out: dict[str, ObjectInfo] = {}
+        token = None
+        while True:
+            kwargs = {"Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+            page = self._call("list_objects_v2", **kwargs)
+            for obj in page.get("Contents", []):
+                out[obj["Key"]] = ObjectInfo(obj["Size"], obj["ETag"].strip('"'))
+            if not page.get("IsTruncated"):
+                return out
+            token = page["NextContinuationToken"]
+
+    def get_bytes(self, key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.s3.get_object(Bucket=self.name, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise translate(exc, self.settings) from exc
+        except Exception as exc:
+            raise translate(exc, self.settings) from exc
+
+    def get_json(self, key: str):
+        data = self.get_bytes(key)
+        return None if data is None else json.loads(data)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._call("put_object", Key=key, Body=data, ContentType=content_type)
+
+    def put_json(self, key: str, value) -> int:
+        data = (value if isinstance(value, str) else json.dumps(value, indent=1, sort_keys=True)).encode()
+        self.put_bytes(key, data, "application/json")
+        return len(data)
+
+    def delete(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            self._call("delete_objects", Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+
+    def stream(self, key: str):
+        """The object's body as a stream (for --deep verification)."""
+        return self._call("get_object", Key=key)["Body"]
+
+
+def check_r2(settings: Settings) -> dict:
+    """Put, head, get and delete a probe object. Returns per-operation latency in milliseconds.
+    Fails within seconds on a wrong endpoint: one attempt, 5 s connect timeout."""
+    bucket = Bucket(settings, attempts=1)
+    key = f".modelferry/probe-{uuid.uuid4().hex}"
+    body = b"modelferry check-r2 probe\n"
+    timings = {}
+    t = time.perf_counter()
+    bucket.put_bytes(key, body, "text/plain")
+    timings["put_ms"] = (time.perf_counter() - t) * 1000
+    try:
+        t = time.perf_counter()
+        head = bucket._call("head_object", Key=key)
+        timings["head_ms"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        got = bucket.get_bytes(key)
+        timings["get_ms"] = (time.perf_counter() - t) * 1000
+        if got != body or head["ContentLength"] != len(body):
+            raise BucketError(f"{settings.endpoint} returned other bytes than were written to {key}")
+    finally:
+        t = time.perf_counter()
+        bucket._call("delete_object", Key=key)
+        timings["delete_ms"] = (time.perf_counter() - t) * 1000
+    return {"endpoint": settings.endpoint, "bucket": settings.bucket, **{k: round(v, 1) for k, v in timings.items()}}

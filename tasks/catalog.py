@@ -1,0 +1,170 @@
+"""What is staged in the bucket, and whether it is intact: the layout, publish, verify, list.
+
+Layout (one bucket):
+    models/<org>/<name>/<revision>/<files>          what vLLM loads (`s3://bucket/models/.../<revision>/`)
+    manifests/<org>/<name>/revisions/<revision>.json  written last, only after remote verification
+    manifests/<org>/<name>/verified/<revision>.json   the latest `verify` result, for `list`
+    manifests/<org>/<name>/current.json               the revision `launch` uses by default
+Manifests live outside the prefix vLLM loads, so a loader listing the weights never sees them, and a
+revision without a manifest is never a model here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from tasks.bucket import Bucket, ObjectInfo
+from tasks.errors import IntegrityError, NotStaged
+from tasks.integrity import Manifest
+
+
+def model_prefix(name: str, revision: str) -> str:
+    return f"models/{name}/{revision}/"
+
+
+def manifest_key(name: str, revision: str) -> str:
+    return f"manifests/{name}/revisions/{revision}.json"
+
+
+def verified_key(name: str, revision: str) -> str:
+    return f"manifests/{name}/verified/{revision}.json"
+
+
+def current_key(name: str) -> str:
+    return f"manifests/{name}/current.json"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(bucket: Bucket, name: str, revision: str) -> Manifest | None:
+    data = bucket.get_bytes(manifest_key(name, revision))
+    return None if data is None else Manifest.from_json(data)
+
+
+def current_revision(bucket: Bucket, name: str) -> str | None:
+    pointer = bucket.get_json(current_key(name))
+    return pointer["revision"] if pointer else None
+
+
+def find_manifest(bucket: Bucket, name: str, revision: str | None) -> Manifest:
+    """The published manifest for `name` at `revision` (default: the current one). Raises NotStaged."""
+    rev = revision or current_revision(bucket, name)
+    manifest = read_manifest(bucket, name, rev) if rev else None
+    if manifest is None:
+        what = f"{name}@{rev}" if rev else name
+        raise NotStaged(f"{what} is not staged in bucket {bucket.name!r}: run `modelferry stage {name}` first")
+    return manifest
+
+
+@dataclass
+class Check:
+    ok: bool
+    bad: dict[str, str] = field(default_factory=dict)  # path -> why
+    unexpected: list[str] = field(default_factory=list)
+    observed: dict[str, str] = field(default_factory=dict)  # path -> ETag as stored
+
+
+def compare(manifest: Manifest, listing: dict[str, ObjectInfo]) -> Check:
+    """Compare a listing of the revision prefix with the manifest: size and ETag per file."""
+    prefix = model_prefix(manifest.name, manifest.revision)
+    check = Check(ok=True)
+    expected = set()
+    for f in manifest.files:
+        key = prefix + f.path
+        expected.add(key)
+        obj = listing.get(key)
+        if obj is None:
+            check.bad[f.path] = "missing"
+        elif obj.size != f.size:
+            check.bad[f.path] = f"size {obj.size} != {f.size}"
+        elif obj.etag not in f.accepted_etags():
+            check.bad[f.path] = f"ETag {obj.etag} is not the content's ({', '.join(sorted(f.accepted_etags()))})"
+        else:
+            check.observed[f.path] = obj.etag
+    check.unexpected = sorted(k[len(prefix):] for k in listing if k not in expected)
+    check.ok = not check.bad and not check.unexpected
+    return check
+
+
+def deep_check(bucket: Bucket, manifest: Manifest) -> dict[str, str]:
+    """Re-read every object and compare its sha256 with the manifest. Returns bad path -> why."""
+    prefix = model_prefix(manifest.name, manifest.revision)
+    bad = {}
+    for f in manifest.files:
+        digest = hashlib.sha256()
+        try:
+            body = bucket.stream(prefix + f.path)
+        except Exception as exc:  # a missing object is a finding, not a crash
+            bad[f.path] = f"unreadable: {exc}"
+            continue
+        for chunk in body.iter_chunks(8 * 2**20):
+            digest.update(chunk)
+        if digest.hexdigest() != f.sha256:
+            bad[f.path] = f"sha256 {digest.hexdigest()[:16]}... != {f.sha256[:16]}..."
+    return bad
+
+
+def verify(bucket: Bucket, name: str, revision: str | None = None, deep: bool = False) -> dict:
+    """Check the bucket against the manifest and record the result for `list`. Never downloads
+    unless `deep`. Returns the record; raises IntegrityError naming every bad file."""
+    manifest = find_manifest(bucket, name, revision)
+    check = compare(manifest, bucket.listing(model_prefix(name, manifest.revision)))
+    bad = dict(check.bad)
+    if deep:
+        for path, why in deep_check(bucket, manifest).items():
+            bad.setdefault(path, why)
+    record = {"name": name, "revision": manifest.revision, "ok": not bad and not check.unexpected, "deep": deep,
+              "checked_at": now(), "files": len(manifest.files), "bytes": manifest.total_bytes, "bad": bad,
+              "unexpected": check.unexpected}
+    bucket.put_json(verified_key(name, manifest.revision), record)
+    if not record["ok"]:
+        names = [f"{p} ({why})" for p, why in bad.items()] + [f"{p} (not in manifest)" for p in check.unexpected]
+        raise IntegrityError(f"{name}@{manifest.revision}: {len(names)} bad file(s): " + "; ".join(names),
+                             list(bad) + check.unexpected)
+    return record
+
+
+def publish(bucket: Bucket, manifest: Manifest, set_current: bool = True) -> int:
+    """Write the manifest (the revision now exists as a model), its verification record, then the
+    current pointer. Returns bytes written."""
+    sent = bucket.put_json(manifest_key(manifest.name, manifest.revision), manifest.to_json())
+    sent += bucket.put_json(verified_key(manifest.name, manifest.revision), {
+        "name": manifest.name, "revision": manifest.revision, "ok": True, "deep": False, "checked_at": now(),
+        "files": len(manifest.files), "bytes": manifest.total_bytes, "bad": {}, "unexpected": [], "by": "stage"})
+    if set_current:
+        sent += bucket.put_json(current_key(manifest.name), {"revision": manifest.revision, "updated_at": now()})
+    return sent
+
+
+def list_models(bucket: Bucket) -> list[dict]:
+    """One row per published model revision."""
+    keys = bucket.listing("manifests/")
+    rows = []
+    for key in sorted(keys):
+        if "/revisions/" not in key or not key.endswith(".json"):
+            continue
+        name, rev = key[len("manifests/"):-len(".json")].split("/revisions/")
+        manifest = Manifest.from_json(bucket.get_bytes(key))
+        record = bucket.get_json(verified_key(name, rev)) if verified_key(name, rev) in keys else None
+        current = bucket.get_json(current_key(name)) if current_key(name) in keys else None
+        rows.append({
+            "name": name,
+            "revision": rev,
+            "current": bool(current and current.get("revision") == rev),
+            "uri": bucket.uri(model_prefix(name, rev)),
+            "manifest": bucket.uri(key),
+            "files": len(manifest.files),
+            "bytes": manifest.total_bytes,
+            "verified": (("ok" if record["ok"] else "FAILED") + (" (deep)" if record.get("deep") else "")) if record else "never",
+            "verified_at": record["checked_at"] if record else None,
+            "staged_at": manifest.staged_at,
+            "gated": manifest.gated,
+            "license": manifest.license,
+        })
+    return rows
+
+

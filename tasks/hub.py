@@ -1,0 +1,117 @@
+"""The Hugging Face Hub (or any mirror at HF_ENDPOINT): resolve a revision to a commit and its files
+with the Hub's own hashes, and download them. huggingface_hub's errors become ours, each naming the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.errors import GatedRepo, HubError, RepoNotFound, RevisionNotFound, SourceError, TransientHubError
+from tasks.integrity import check_relpath
+
+log = logging.getLogger("modelferry.hub")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int
+    sha256: str | None  # the Hub's LFS sha256; None for files kept in git
+    git_sha1: str  # git blob id: sha1 of the pointer for LFS files, of the content otherwise
+
+    @property
+    def lfs(self) -> bool:
+        return self.sha256 is not None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    repo_id: str
+    commit: str
+    files: list[RemoteFile]
+    license: str | None
+    gated: bool | str
+
+
+def _api(token, endpoint):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint, token=token or False)
+
+
+def _translate(exc: Exception, repo_id: str, revision: str, token, endpoint) -> Exception:
+    from huggingface_hub import errors as hf
+
+    where = f" at {endpoint}" if endpoint else ""
+    if isinstance(exc, hf.HFValidationError):
+        return SourceError(f"{repo_id!r} is not a Hub repo id (org/name) nor an existing directory")
+    if isinstance(exc, hf.LocalEntryNotFoundError):
+        return TransientHubError(f"cannot reach the Hub{where or ' (huggingface.co)'} to download from {repo_id}")
+    if isinstance(exc, hf.GatedRepoError):
+        how = "your HF_TOKEN's account has not been granted access" if token else "set HF_TOKEN"
+        return GatedRepo(f"{repo_id} is gated{where}: {how}; accept its terms at https://huggingface.co/{repo_id}")
+    if isinstance(exc, hf.RevisionNotFoundError):
+        return RevisionNotFound(f"revision {revision!r} does not exist in {repo_id}{where}: use a branch, tag or commit sha")
+    if isinstance(exc, hf.RepositoryNotFoundError):
+        hint = "check the repo id" + ("" if token else ", or set HF_TOKEN if it is private")
+        return RepoNotFound(f"model {repo_id!r} not found{where}: {hint}")
+    if isinstance(exc, hf.HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else None
+        if status is None or status >= 500 or status == 429:
+            return TransientHubError(f"the Hub{where} failed ({status}): {str(exc).splitlines()[0]}")
+        return HubError(f"the Hub{where} refused the request ({status}): {str(exc).splitlines()[0]}")
+    if isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("requests", "httpx", "urllib3")):
+        return TransientHubError(f"cannot reach the Hub{where or ' (huggingface.co)'}: {exc}")
+    return exc
+
+
+def resolve(repo_id: str, revision: str | None, include: list[str], exclude: list[str],
+            token: str | None = None, endpoint: str | None = None) -> Resolved:
+    """Resolve `revision` (branch, tag or sha; default `main`) to a commit and list its files with
+    the Hub's sha256 (LFS) and git blob ids, filtered by the include/exclude globs."""
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import filter_repo_objects
+
+    revision = revision or "main"
+    api = _api(token, endpoint)
+    try:
+        info = api.model_info(repo_id, revision=revision)
+    except Exception as exc:
+        err = _translate(exc, repo_id, revision, token, endpoint)
+        # A mirror (olah) answers 401 "not found" for a bad revision too: tell the two apart.
+        if isinstance(err, RepoNotFound) and revision != "main":
+            try:
+                api.model_info(repo_id, revision="main")
+                err = RevisionNotFound(f"revision {revision!r} does not exist in {repo_id}: use a branch, tag or commit sha")
+            except Exception:
+                pass
+        raise err from exc
+    commit = info.sha
+    try:
+        tree = [e for e in api.list_repo_tree(repo_id, revision=commit, recursive=True) if isinstance(e, RepoFile)]
+    except Exception as exc:
+        raise _translate(exc, repo_id, commit, token, endpoint) from exc
+    kept = list(filter_repo_objects(tree, allow_patterns=include or None, ignore_patterns=exclude or None,
+                                    key=lambda e: e.path))
+    if not kept:
+        raise SourceError(
+            f"no file of {repo_id}@{commit[:12]} matches include={include} exclude={exclude} ({len(tree)} files in all)"
+        )
+    files = [RemoteFile(check_relpath(e.path), e.size, e.lfs.sha256 if e.lfs else None, e.blob_id) for e in kept]
+    card = info.card_data or {}
+    license_ = card.get("license") if hasattr(card, "get") else None
+    return Resolved(repo_id, commit, sorted(files, key=lambda f: f.path), license_, info.gated or False)
+
+
+def download(repo_id: str, commit: str, path: str, dest: Path, token: str | None = None,
+             endpoint: str | None = None) -> Path:
+    """Download one file of `repo_id@commit` into `dest/path` (resuming a partial download)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, path, revision=commit, local_dir=dest, token=token or False,
+                                    endpoint=endpoint))
+    except Exception as exc:
+        raise _translate(exc, repo_id, commit, token, endpoint) from exc

@@ -1,0 +1,158 @@
+"""The integrity chain, pure: hashing, ETag prediction, and the manifest.
+
+Chain: the Hub's sha256 (LFS files) or git blob sha1 (other files) -> the local file's hashes, taken
+in one read -> the object's ETag, which the bucket computes itself from the bytes it stored. We
+predict that ETag from part MD5s taken in the same read, so a matching ETag proves the stored bytes
+are the verified local bytes without downloading them again. No network library is imported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tasks.errors import IntegrityError, SourceError
+
+SCHEMA_VERSION = 1
+MiB = 1024 * 1024
+DEFAULT_PART_MIB = 50  # s5cmd's own default; we pass it explicitly so the ETag stays predictable
+MAX_PARTS = 10_000  # S3 multipart limit
+MAX_OBJECT = 5 * 1024**4  # 5 TiB
+CHUNK = 8 * MiB
+
+
+def part_size_for(largest_file: int, minimum_mib: int = DEFAULT_PART_MIB) -> int:
+    """Smallest part size (whole MiB, at least `minimum_mib`) that fits the largest file in 10,000 parts."""
+    if largest_file > MAX_OBJECT:
+        raise SourceError(f"a file of {largest_file} bytes exceeds S3's 5 TiB object limit")
+    need = -(-largest_file // MAX_PARTS)
+    return max(minimum_mib, -(-need // MiB)) * MiB
+
+
+@dataclass
+class FileHashes:
+    size: int
+    sha256: str
+    git_sha1: str
+    md5: str
+    multipart_etag: str | None  # None when the file goes up in one PUT
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def multipart_etag(part_md5s: list[bytes]) -> str:
+    return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
+
+
+def hash_file(path: Path, part_size: int, progress=None) -> FileHashes:
+    """Read `path` once and return every hash the chain needs. `progress(n)` is called per chunk."""
+    size = path.stat().st_size
+    sha256, md5, git = hashlib.sha256(), hashlib.md5(), hashlib.sha1(b"blob %d\0" % size)
+    part_md5s: list[bytes] = []
+    part, in_part = hashlib.md5(), 0
+    read = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(CHUNK):
+            read += len(chunk)
+            sha256.update(chunk)
+            md5.update(chunk)
+            git.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                take = min(len(view), part_size - in_part)
+                part.update(view[:take])
+                in_part += take
+                view = view[take:]
+                if in_part == part_size:
+                    part_md5s.append(part.digest())
+                    part, in_part = hashlib.md5(), 0
+            if progress:
+                progress(len(chunk))
+    if read != size:
+        raise IntegrityError(f"{path} changed size while being hashed ({size} -> {read} bytes)", [str(path)])
+    if in_part:
+        part_md5s.append(part.digest())
+    multipart = multipart_etag(part_md5s) if size > part_size else None
+    return FileHashes(size, sha256.hexdigest(), git.hexdigest(), md5.hexdigest(), multipart)
+
+
+def etag_forms(md5: str, multipart: str | None) -> set[str]:
+    """ETags a correct upload may show. S3, R2 and moto: the MD5 for a single PUT, `md5(part md5s)-N`
+    for multipart. rclone serve s3 stores a whole-file MD5 even for multipart uploads."""
+    return {md5} | ({multipart} if multipart else set())
+
+
+def check_relpath(path: str) -> str:
+    """A file path from a source or a manifest must stay inside its prefix."""
+    norm = posixpath.normpath(path)
+    if (
+        not path
+        or path.startswith("/")
+        or "\\" in path
+        or norm != path
+        or norm == "."
+        or norm.startswith("../")
+        or norm == ".."
+        or any(ord(c) < 32 for c in path)
+    ):
+        raise SourceError(f"unsafe file path {path!r}: paths must be relative, without '..' or '\\'")
+    return path
+
+
+@dataclass
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+    md5: str = ""
+    multipart_etag: str | None = None
+    etag: str = ""  # as the bucket reported it at remote verification
+    git_sha1: str | None = None
+    lfs: bool = False
+
+    def accepted_etags(self) -> set[str]:
+        return etag_forms(self.md5, self.multipart_etag)
+
+
+@dataclass
+class Manifest:
+    name: str
+    revision: str
+    source: dict
+    files: list[FileEntry]
+    part_size: int
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    license: str | None = None
+    gated: bool | str = False
+    staged_at: str = ""
+    proof: str = "etag"
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Manifest":
+        raw = json.loads(text)
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise IntegrityError(f"manifest schema_version {raw.get('schema_version')!r} is not {SCHEMA_VERSION}")
+        files = [FileEntry(**f) for f in raw.pop("files")]
+        for f in files:
+            check_relpath(f.path)
+        return cls(files=files, **raw)
+
+
+def local_revision(files: list[tuple[str, int, str]]) -> str:
+    """Revision id of a local checkpoint: stable for the same paths, sizes and contents."""
+    listing = "".join(f"{p}\t{s}\t{h}\n" for p, s, h in sorted(files))
+    return "local-" + hashlib.sha256(listing.encode()).hexdigest()[:16]

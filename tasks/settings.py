@@ -1,0 +1,168 @@
+"""Settings from the environment, under the names of the user's original system, and the R2 client
+profile every S3 call here uses.
+
+R2 wants region `auto`, path-style addressing, and no `aws-chunked` CRC trailers (boto3 >= 1.36 adds
+them by default and R2 rejected them for months). That profile is the default, not an option.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from tasks.errors import SettingsError
+
+R2_REGION = "auto"
+REQUIRED = ("R2_ENDPOINT", "R2_BUCKET", "R2_ACCESS_KEY", "R2_SECRET_KEY")
+
+
+@dataclass(frozen=True)
+class Settings:
+    endpoint: str
+    bucket: str
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
+    hf_token: str | None = field(default=None, repr=False)
+    hf_endpoint: str | None = None
+
+    def secrets(self) -> list[str]:
+        return [s for s in (self.access_key, self.secret_key, self.hf_token) if s]
+
+    def s5cmd_env(self) -> dict[str, str]:
+        """Environment for an s5cmd child: credentials travel here, never on its command line."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(
+            AWS_ACCESS_KEY_ID=self.access_key,
+            AWS_SECRET_ACCESS_KEY=self.secret_key,
+            AWS_REGION=R2_REGION,
+            AWS_EC2_METADATA_DISABLED="true",
+        )
+        return env
+
+
+def _check_endpoint(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise SettingsError(
+            f"R2_ENDPOINT={url!r} is not a URL: use https://<account-id>.r2.cloudflarestorage.com"
+        )
+    if parsed.path not in ("", "/"):
+        raise SettingsError(
+            f"R2_ENDPOINT={url!r} has a path: the bucket goes in R2_BUCKET, not in the endpoint URL"
+        )
+    try:
+        parsed.port
+    except ValueError:
+        raise SettingsError(f"R2_ENDPOINT={url!r} has a bad port number") from None
+    return url.rstrip("/")
+
+
+def _check_bucket(name: str) -> str:
+    ok = 3 <= len(name) <= 63 and all(c.islower() or c.isdigit() or c in "-." for c in name)
+    if not ok or name[0] in "-." or name[-1] in "-.":
+        raise SettingsError(
+            f"R2_BUCKET={name!r} is not a bucket name: 3-63 characters, lower-case letters, digits, '-'"
+        )
+    return name
+
+
+def load(env: dict[str, str] | None = None) -> Settings:
+    """Read settings; raise SettingsError naming the first missing or malformed variable."""
+    env = os.environ if env is None else env
+    missing = [k for k in REQUIRED if not env.get(k, "").strip()]
+    if missing:
+        raise SettingsError(
+            f"{missing[0]} is not set (needed: {', '.join(REQUIRED)}); see README 'Using a real R2 bucket'"
+        )
+    settings = Settings(
+        endpoint=_check_endpoint(env["R2_ENDPOINT"].strip()),
+        bucket=_check_bucket(env["R2_BUCKET"].strip()),
+        access_key=env["R2_ACCESS_KEY"].strip(),
+        secret_key=env["R2_SECRET_KEY"].strip(),
+        hf_token=env.get("HF_TOKEN") or None,
+        hf_endpoint=(env.get("HF_ENDPOINT") or None),
+    )
+    if settings.hf_endpoint:
+        _check_hf_endpoint(settings.hf_endpoint)
+    redact(settings.secrets())
+    return settings
+
+
+def _check_hf_endpoint(url: str) -> None:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise SettingsError(f"HF_ENDPOINT={url!r} is not a URL: leave it unset for huggingface.co")
+
+
+def hub_settings(env: dict[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(token, endpoint) for the Hub; needs no bucket settings."""
+    env = os.environ if env is None else env
+    endpoint = env.get("HF_ENDPOINT") or None
+    if endpoint:
+        _check_hf_endpoint(endpoint)
+    token = env.get("HF_TOKEN") or None
+    if token:
+        redact([token])
+    return token, endpoint
+
+
+def s3_client(settings: Settings, *, connect_timeout: float = 5, attempts: int = 4):
+    """A boto3 S3 client with the R2 profile. Few attempts and a short connect timeout so a wrong
+    endpoint fails in seconds, not minutes."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        region_name=R2_REGION,
+        s3={"addressing_style": "path"},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        connect_timeout=connect_timeout,
+        read_timeout=60,
+        retries={"max_attempts": attempts, "mode": "standard"},
+        max_pool_connections=32,
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=settings.endpoint,
+        aws_access_key_id=settings.access_key,
+        aws_secret_access_key=settings.secret_key,
+        config=config,
+    )
+
+
+class _Redactor(logging.Filter):
+    """Replaces every known secret in log records. Belt and braces: nothing here should log one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def scrub(self, text: str) -> str:
+        for s in self.secrets:
+            text = text.replace(s, "***")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            record.msg = self.scrub(record.getMessage())
+            record.args = None
+        return True
+
+
+_redactor = _Redactor()
+
+
+def redact(secrets: list[str]) -> None:
+    """Register secrets to be scrubbed from every log handler installed now or later."""
+    _redactor.secrets.update(s for s in secrets if s and len(s) >= 4)
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if _redactor not in handler.filters:
+                handler.addFilter(_redactor)
+
+
+def scrub(text: str) -> str:
+    return _redactor.scrub(text)
