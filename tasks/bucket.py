@@ -80,6 +80,11 @@ class Bucket:
                 return out
             token = page["NextContinuationToken"]
 
+    def head_metadata(self, key: str) -> dict[str, str]:
+        """The object's user metadata (x-amz-meta-*), lower-cased keys."""
+        head = self._call("head_object", Key=key)
+        return {k.lower(): v for k, v in head.get("Metadata", {}).items()}
+
     def get_bytes(self, key: str) -> bytes | None:
         from botocore.exceptions import ClientError
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,36 +50,66 @@ def multipart_etag(part_md5s: list[bytes]) -> str:
     return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
 
 
-def hash_file(path: Path, part_size: int, progress=None) -> FileHashes:
-    """Read `path` once and return every hash the chain needs. `progress(n)` is called per chunk."""
+class _PartMD5:
+    """MD5 of each `part_size` slice of a stream."""
+
+    def __init__(self, part_size: int):
+        self.part_size, self.part, self.in_part, self.parts = part_size, hashlib.md5(), 0, []
+
+    def update(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            take = min(len(view), self.part_size - self.in_part)
+            self.part.update(view[:take])
+            self.in_part += take
+            view = view[take:]
+            if self.in_part == self.part_size:
+                self.parts.append(self.part.digest())
+                self.part, self.in_part = hashlib.md5(), 0
+
+    def finish(self) -> list[bytes]:
+        if self.in_part:
+            self.parts.append(self.part.digest())
+        return self.parts
+
+
+_pool = ThreadPoolExecutor(2, thread_name_prefix="hash")
+
+
+def hash_file(path: Path, part_size: int, progress=None, git: bool = True) -> FileHashes:
+    """Read `path` once and return every hash the chain needs. The whole-file MD5 runs on a second
+    thread (hashlib releases the GIL), so two cores share the work. `git=False` skips the git blob
+    sha1, which only files kept in git (not LFS) are checked against. `progress(n)` runs per chunk."""
     size = path.stat().st_size
-    sha256, md5, git = hashlib.sha256(), hashlib.md5(), hashlib.sha1(b"blob %d\0" % size)
-    part_md5s: list[bytes] = []
-    part, in_part = hashlib.md5(), 0
+    sha256, md5 = hashlib.sha256(), hashlib.md5()
+    git_sha1 = hashlib.sha1(b"blob %d\0" % size) if git else None
+    parts = _PartMD5(part_size)
+    single = size <= part_size  # one PUT: the part MD5 would be the whole MD5
+
+    def main_thread(chunk):
+        sha256.update(chunk)
+        if git_sha1:
+            git_sha1.update(chunk)
+        if not single:
+            parts.update(chunk)
+
     read = 0
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(CHUNK):
             read += len(chunk)
-            sha256.update(chunk)
-            md5.update(chunk)
-            git.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                take = min(len(view), part_size - in_part)
-                part.update(view[:take])
-                in_part += take
-                view = view[take:]
-                if in_part == part_size:
-                    part_md5s.append(part.digest())
-                    part, in_part = hashlib.md5(), 0
+            if len(chunk) < MiB:
+                md5.update(chunk)
+                main_thread(chunk)
+            else:
+                other = _pool.submit(md5.update, chunk)
+                main_thread(chunk)
+                other.result()
             if progress:
                 progress(len(chunk))
     if read != size:
         raise IntegrityError(f"{path} changed size while being hashed ({size} -> {read} bytes)", [str(path)])
-    if in_part:
-        part_md5s.append(part.digest())
-    multipart = multipart_etag(part_md5s) if size > part_size else None
-    return FileHashes(size, sha256.hexdigest(), git.hexdigest(), md5.hexdigest(), multipart)
+    multipart = None if single else multipart_etag(parts.finish())
+    return FileHashes(size, sha256.hexdigest(), git_sha1.hexdigest() if git_sha1 else "", md5.hexdigest(), multipart)
 
 
 def etag_forms(md5: str, multipart: str | None) -> set[str]:

@@ -166,3 +166,28 @@ def redact(secrets: list[str]) -> None:
 
 def scrub(text: str) -> str:
     return _redactor.scrub(text)
+
+
+def loader_env(endpoint: str) -> dict[str, str]:
+    """What vLLM's Run:ai streamer (and s5cmd, and boto3) on a node need to read the bucket, minus
+    the keys. Non-AWS endpoints need the endpoint twice and path-style addressing."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "RUNAI_STREAMER_S3_ENDPOINT": endpoint,
+        "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_REGION": R2_REGION,
+        "AWS_DEFAULT_REGION": R2_REGION,
+    }
+
+
+def loader_secrets(settings: Settings) -> dict[str, str]:
+    """The keys a node reads the bucket with: the read-only pair when R2_READ_ACCESS_KEY /
+    R2_READ_SECRET_KEY are set, else the write pair. These go in SkyPilot `secrets`, never `envs`."""
+    read_key, read_secret = os.environ.get("R2_READ_ACCESS_KEY"), os.environ.get("R2_READ_SECRET_KEY")
+    if bool(read_key) != bool(read_secret):
+        raise SettingsError("set both R2_READ_ACCESS_KEY and R2_READ_SECRET_KEY, or neither")
+    if read_key:
+        redact([read_key, read_secret])
+        return {"AWS_ACCESS_KEY_ID": read_key, "AWS_SECRET_ACCESS_KEY": read_secret}
+    return {"AWS_ACCESS_KEY_ID": settings.access_key, "AWS_SECRET_ACCESS_KEY": settings.secret_key}

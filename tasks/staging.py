@@ -14,7 +14,7 @@ import fnmatch
 import json
 import logging
 import os
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -187,7 +187,7 @@ def resolve(settings: Settings, source: str, revision: str | None, include: list
         raise SourceError(
             f"{plan.name}@{plan.revision} is already staged with include={plan.published.include} "
             f"exclude={plan.published.exclude}; pass --replace to restage it with include={include} exclude={exclude}")
-    _mark_proven(plan, bucket.listing(plan.prefix))
+    _mark_proven(plan, bucket.listing(plan.prefix), bucket)
     stats.files = len(plan.files)
     stats.note = f"@{plan.revision[:12]}, {len(plan.files) - len(plan.pending())} already in bucket"
     return plan, stats
@@ -239,7 +239,25 @@ def _save_local_hash_cache(plan: Plan) -> None:
     path.write_text(json.dumps(data))
 
 
-def _mark_proven(plan: Plan, listing) -> None:
+def _hashes_from_metadata(meta: dict[str, str], f: PlanFile) -> FileHashes | None:
+    """Hashes an earlier run of ours recorded on the object when it uploaded verified bytes. They
+    are only a claim: the ETag the bucket computed must still match them to prove anything."""
+    sha = meta.get("mf-sha256")
+    if not sha or not meta.get("mf-md5") or (f.sha256 and sha != f.sha256):
+        return None
+    if not f.sha256 and meta.get("mf-git-sha1") != f.git_sha1:
+        return None
+    return FileHashes(f.size, sha, meta.get("mf-git-sha1", ""), meta["mf-md5"], meta.get("mf-multipart") or None)
+
+
+def object_metadata(h: FileHashes) -> tuple[tuple[str, str], ...]:
+    meta = [("mf-sha256", h.sha256), ("mf-md5", h.md5), ("mf-git-sha1", h.git_sha1)]
+    if h.multipart_etag:
+        meta.append(("mf-multipart", h.multipart_etag))
+    return tuple(meta)
+
+
+def _mark_proven(plan: Plan, listing, bucket: Bucket) -> None:
     known = {f.path: f for f in plan.published.files} if plan.published else {}
     hc = _load_hash_cache(_hash_cache_path(plan)) if plan.is_hub else {}
     wanted = set()
@@ -258,6 +276,16 @@ def _mark_proven(plan: Plan, listing) -> None:
         if f.hashes and obj and obj.size == f.size and obj.etag in etag_forms(f.hashes.md5, f.hashes.multipart_etag):
             f.proven, f.etag = True, obj.etag
     plan.unexpected = sorted(k[len(plan.prefix):] for k in listing if k not in wanted)
+    # Left by an interrupted run whose hashes this machine doesn't have: ask the objects (HEADs).
+    unknown = [f for f in plan.files if f.hashes is None and (o := listing.get(plan.prefix + f.path)) and o.size == f.size]
+    if unknown:
+        with ThreadPoolExecutor(16) as pool:
+            metas = list(pool.map(lambda f: bucket.head_metadata(plan.prefix + f.path), unknown))
+        for f, meta in zip(unknown, metas):
+            h = _hashes_from_metadata(meta, f)
+            etag = listing[plan.prefix + f.path].etag
+            if h and etag in etag_forms(h.md5, h.multipart_etag):
+                f.hashes, f.proven, f.etag = h, True, etag
 
 
 # --- download --------------------------------------------------------------------------------
@@ -311,7 +339,7 @@ def local_verify(plan: Plan) -> StepStats:
             if st.st_size != f.size:
                 bad.append(f"{f.path} (changed since resolve)")
             continue
-        f.hashes = hash_file(f.local, plan.part_size)
+        f.hashes = hash_file(f.local, plan.part_size, git=not f.sha256)
         if f.sha256 and f.hashes.sha256 != f.sha256:
             bad.append(f"{f.path} (sha256 {f.hashes.sha256[:12]}... != Hub {f.sha256[:12]}...)")
         elif not f.sha256 and f.git_sha1 and f.hashes.git_sha1 != f.git_sha1:
@@ -357,7 +385,7 @@ def upload(settings: Settings, plan: Plan, progress=None, replace: bool = False)
         if progress:
             progress(100.0 * done["bytes"] / total if total else 100.0)
 
-    items = [transfer.Upload(f.local, plan.prefix + f.path, f.size) for f in todo]
+    items = [transfer.Upload(f.local, plan.prefix + f.path, f.size, object_metadata(f.hashes)) for f in todo]
     stats.bytes = transfer.upload(settings, items, plan.part_size, on_done=on_done, workdir=cache_root() / "tmp")
     stats.files = len(todo)
     return stats

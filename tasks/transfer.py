@@ -27,6 +27,7 @@ class Upload:
     source: Path
     key: str
     size: int
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 def _quote(text: str) -> str:
@@ -48,7 +49,9 @@ def upload(settings: Settings, items: Iterable[Upload], part_size: int, *, worke
     workdir.mkdir(parents=True, exist_ok=True)
     commands = workdir / f"s5cmd-upload-{time.time_ns()}.txt"
     commands.write_text("".join(
-        f"cp --raw -p {part_size // MiB} -c {concurrency} {_quote(str(u.source))} {_quote(dest)}\n"
+        f"cp --raw -p {part_size // MiB} -c {concurrency} "
+        + "".join(f"--metadata {_quote(f'{k}={v}')} " for k, v in u.metadata)
+        + f"{_quote(str(u.source))} {_quote(dest)}\n"
         for dest, u in by_dest.items()
     ))
     failed: list[str] = []

@@ -1,0 +1,93 @@
+"""Real local services for the suite, started once per session and always stopped:
+an S3 bucket (rclone serve s3), an offline Hub (olah over git repos) and a Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks import standins
+
+ACCESS_KEY = "mf-test-access-7f3a1c"
+SECRET_KEY = "mf-test-secret-9c1e55d2"
+HF_TOKEN = "hf_mftesttoken4b8e2a"
+BUCKET = "mf-test"
+TINY = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def bucket(session_dir):
+    with standins.rclone_bucket(session_dir / "bucket", BUCKET, ACCESS_KEY, SECRET_KEY) as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def mirror(session_dir) -> Path:
+    m = session_dir / "hub-mirror"
+    standins.commit_files(m, TINY, standins.tiny_model_files(), "all-MiniLM-L6-v2")
+    return m
+
+
+@pytest.fixture(scope="session")
+def hub(mirror, session_dir):
+    with standins.olah_mirror(mirror, session_dir / "olah") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def prefect_api(session_dir):
+    home = session_dir / "prefect"
+    with standins.prefect_server(home) as api:
+        os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home))
+        yield api
+
+
+@pytest.fixture
+def env(bucket, hub, prefect_api, tmp_path) -> dict[str, str]:
+    """Environment for a `modelferry` child: local bucket, local Hub, the test Prefect server."""
+    e = dict(os.environ, **bucket.env(), HF_ENDPOINT=hub, MODELFERRY_CACHE=str(tmp_path / "cache"),
+             PREFECT_API_URL=prefect_api, MODELFERRY_RETRY_BASE_S="0.2", PYTHONUNBUFFERED="1")
+    e.pop("HF_TOKEN", None)
+    return e
+
+
+class Run:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.rc, self.out, self.err = proc.returncode, proc.stdout, proc.stderr
+
+    def json(self):
+        return json.loads(self.out)
+
+    def __repr__(self):
+        return f"<rc={self.rc}\nstdout:\n{self.out[-3000:]}\nstderr:\n{self.err[-3000:]}>"
+
+
+@pytest.fixture
+def cli(env):
+    def run(*args: str, timeout: float = 300, extra_env: dict | None = None) -> Run:
+        return Run(subprocess.run([sys.executable, "-m", "flows", *args], env={**env, **(extra_env or {})},
+                                  capture_output=True, text=True, timeout=timeout))
+
+    return run
+
+
+@pytest.fixture
+def s3(bucket):
+    from tasks import settings as config
+    from tasks.bucket import Bucket
+
+    return Bucket(config.load(bucket.env()))
+
+
+def steps_by_name(rows: list[dict]) -> dict[str, dict]:
+    return {r["step"]: r for r in rows}
