@@ -26,7 +26,8 @@ exit codes: 0 ok, 1 failed, 2 usage or settings error"""
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="modelferry",
-        description="Stage LLM weights into R2 with a verified integrity chain; list and verify what is staged.",
+        description="Stage LLM weights into R2 with a verified integrity chain, launch vLLM on SkyPilot spot GPUs that "
+                    "stream them, and time every phase of the cold start.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -72,6 +73,78 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--revision", help="revision to check (default: the current one)")
     v.add_argument("--deep", action="store_true", help="download and re-hash every object")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def launch_args(sp, bench_mode=False):
+        sp.add_argument("name", help="model as staged (org/name), or a Hub repo id with --source hub")
+        sp.add_argument("--revision", help="revision (default: the model's current one)")
+        sp.add_argument("--target", choices=["sky", "local"], default="local",
+                        help="sky: SkyPilot spot GPUs; local: the local target on this machine (default)")
+        sp.add_argument("--mode", default="cluster",
+                        help="cluster (autostop + down), job (managed job, spot recovery), serve (SkyServe, on-demand fallback)")
+        sp.add_argument("--source", default="auto",
+                        help="auto: the bucket if staged and verified, else the Hub; r2: bucket only; hub: Hub only")
+        sp.add_argument("--strategy", default="stream",
+                        help="stream: Run:ai streamer over S3; prefetch: s5cmd to local disk, then load"
+                             + ("; both: compare them" if bench_mode else ""))
+        sp.add_argument("--accelerators", action="append", metavar="GPU[:N]",
+                        help="GPUs to allow, e.g. L4:1 or A100:2 (default: every GPU whose memory fits the model)")
+        sp.add_argument("--concurrency", type=int, default=32, help="Run:ai streamer concurrency (default 32)")
+        sp.add_argument("--json", action="store_true", help="print the phase rows as JSON")
+
+    la = sub.add_parser(
+        "launch", help="serve a staged model with vLLM, streaming its weights from the bucket",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build the SkyPilot task from the model's manifest and deployments/vllm.yaml, launch it, wait "
+                    "for /health, /v1/models and one completion, and print the phase timings. Keys travel as "
+                    "SkyPilot secrets (set VLLM_API_KEY for --target sky). Torn down afterwards unless --keep.",
+        epilog="examples:\n  modelferry launch acme/llama-ft --target sky --accelerators L4:1 --keep\n"
+               "  modelferry launch acme/llama-ft --target sky --mode serve --dry-run\n"
+               "  modelferry launch sentence-transformers/all-MiniLM-L6-v2 --target local")
+    launch_args(la)
+    la.add_argument("--keep", action="store_true", help="leave it running (take it down with `modelferry down`)")
+    la.add_argument("--dry-run", action="store_true", help="print the generated SkyPilot task (secrets redacted) and stop")
+
+    be = sub.add_parser(
+        "bench", help="time every phase of cold and warm starts",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run 1 is cold (new node), later runs restart the server on the same node (warm). Each run's "
+                    "phases (provision, setup, load, engine, first_token) go to its own Parquet file under "
+                    "--results and the bucket's bench/ prefix, with a stacked-bar plot.",
+        epilog="examples:\n  modelferry bench sentence-transformers/all-MiniLM-L6-v2 --runs 3 --strategy both\n"
+               "  modelferry bench acme/llama-ft --target sky --accelerators H100:1 --runs 2")
+    launch_args(be, bench_mode=True)
+    be.add_argument("--runs", type=int, default=2, help="runs per strategy (default 2: one cold, one warm)")
+    be.add_argument("--results", default="results", help="results folder (default ./results)")
+
+    sl = sub.add_parser("stage-and-launch", help="stage, verify, launch and bench in one Prefect flow",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="The flow `stage-and-launch`: stage -> verify -> launch -> bench -> teardown.",
+                        epilog="example:\n  modelferry stage-and-launch sentence-transformers/all-MiniLM-L6-v2 --runs 2")
+    launch_args(sl, bench_mode=True)
+    sl.add_argument("--runs", type=int, default=1, help="runs per strategy (default 1)")
+    sl.add_argument("--include", action="append", default=[], metavar="GLOB")
+    sl.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    sl.add_argument("--keep", action="store_true", help="leave the deployment running")
+    sl.add_argument("--results", default="results", help="results folder (default ./results)")
+
+    do = sub.add_parser("down", help="take down deployments kept with --keep",
+                        description="Stops kept local targets and takes down SkyPilot clusters named mf-*.")
+    do.add_argument("name", nargs="?", help="deployment name (mf-...) or model name")
+    do.add_argument("--all", action="store_true", help="everything modelferry launched and kept")
+
+    co = sub.add_parser("cost", help="monthly cost of cold starts: Hub/S3 egress vs R2",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Compares pulling the model's real bytes at every launch from the Hub (free, slow) "
+                                    "or S3 (egress) with keeping it in R2 (storage + read operations, no egress).",
+                        epilog="example:\n  modelferry cost acme/llama-ft --launches-per-day 24")
+    co.add_argument("name")
+    co.add_argument("--revision")
+    co.add_argument("--launches-per-day", type=float, required=True)
+    co.add_argument("--s3-egress-per-gb", type=float, default=0.09, help="USD/GB (default 0.09)")
+    co.add_argument("--r2-storage-per-gb-month", type=float, default=0.015, help="USD (default 0.015)")
+    co.add_argument("--r2-class-b-per-million", type=float, default=0.36, help="USD (default 0.36)")
+    co.add_argument("--read-request-mib", type=int, default=16, help="bytes per ranged GET, MiB (default 16)")
+    co.add_argument("--json", action="store_true")
 
     li = sub.add_parser("list", help="list staged models", description="One row per published model revision.")
     li.add_argument("--json", action="store_true", help="print rows as JSON")
@@ -171,7 +244,118 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"check-r2": cmd_check_r2, "stage": cmd_stage, "verify": cmd_verify, "list": cmd_list}
+def _launch_options(args) -> dict:
+    return dict(target=args.target, mode=args.mode, source=args.source, strategy=args.strategy,
+                accelerators=args.accelerators, concurrency=args.concurrency)
+
+
+def _validate_launch(args) -> None:
+    """Check options before paying for Prefect's start-up."""
+    from tasks.sky import LaunchOptions, parse_accelerators
+
+    strategies = ["stream", "prefetch"] if args.strategy == "both" else [args.strategy]
+    for strategy in strategies:
+        LaunchOptions(mode=args.mode, strategy=strategy, concurrency=args.concurrency).check()
+    if args.accelerators:
+        parse_accelerators(args.accelerators)
+    if args.source not in ("auto", "r2", "hub"):
+        raise SettingsError(f"unknown --source {args.source!r}: choose one of auto, r2, hub")
+    if getattr(args, "runs", 1) < 1:
+        raise SettingsError("--runs must be at least 1")
+
+
+def _run_flow(args, **params) -> int:
+    from tasks import settings as config
+
+    config.load()
+    _validate_launch(args)
+    from flows.stage_and_launch import _last_results, stage_and_launch
+    from flows.steps import StepFailed
+
+    try:
+        rows = stage_and_launch(args.name, revision=args.revision, **_launch_options(args), **params)
+        failure = None
+    except StepFailed as exc:
+        rows, failure = [], exc
+    if args.json:
+        print(json.dumps(rows))
+    elif rows:
+        cols = ["strategy", "kind", "run", "provision_s", "setup_s", "load_s", "engine_s", "first_token_s", "total_s"]
+        _print_table([{k: r[k] for k in cols} for r in rows])
+        if _last_results:
+            print(f"results: {_last_results['dir']}  plot: {_last_results['png']}")
+            if _last_results.get("note"):
+                print(_last_results["note"])
+    if failure:
+        print(f"error: {failure.cause if isinstance(failure.cause, ModelferryError) else failure}", file=sys.stderr)
+        return 2 if isinstance(failure.cause, SettingsError) else 1
+    return 0
+
+
+def cmd_launch(args) -> int:
+    if args.strategy == "both":
+        raise SettingsError("--strategy both is for `bench`; launch takes stream or prefetch")
+    if args.dry_run:
+        from tasks import launcher, sky
+        from tasks import settings as config
+
+        _validate_launch(args)
+        dep = launcher.plan(config.load(), args.name, args.revision, args.target, args.source,
+                            sky.LaunchOptions(mode=args.mode, strategy=args.strategy, accelerators=args.accelerators,
+                                              concurrency=args.concurrency), "dry-run")
+        print(f"# {dep.name}: {dep.model}@{dep.revision} from {dep.source}")
+        print(sky.redacted_yaml(dep.cfg, dep.secrets))
+        return 0
+    return _run_flow(args, stage=False, runs=1, keep=args.keep)
+
+
+def cmd_bench(args) -> int:
+    return _run_flow(args, stage=False, runs=args.runs, results_dir=args.results)
+
+
+def cmd_stage_and_launch(args) -> int:
+    return _run_flow(args, stage=True, runs=args.runs, include=args.include, exclude=args.exclude, keep=args.keep,
+                     results_dir=args.results)
+
+
+def cmd_down(args) -> int:
+    from tasks import launcher
+
+    if not args.name and not args.all:
+        raise SettingsError("name a deployment (or model), or pass --all")
+    taken = launcher.down(args.name, args.all)
+    print("took down: " + (", ".join(taken) if taken else "nothing"))
+    return 0
+
+
+def cmd_cost(args) -> int:
+    from tasks import catalog, cost
+    from tasks import settings as config
+    from tasks.bucket import Bucket
+
+    manifest = catalog.find_manifest(Bucket(config.load()), args.name, args.revision)
+    prices = cost.Prices(s3_egress_per_gb=args.s3_egress_per_gb, r2_storage_per_gb_month=args.r2_storage_per_gb_month,
+                         r2_class_b_per_million=args.r2_class_b_per_million)
+    try:
+        result = cost.monthly(manifest.total_bytes, args.launches_per_day, prices, args.read_request_mib * 2**20,
+                              files=len(manifest.files))
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    result = {"name": args.name, "revision": manifest.revision, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.name}@{manifest.revision[:12]}: {result['gb_per_launch']} GB x {result['launches_per_month']} launches/month")
+        print(f"  from S3 (egress ${args.s3_egress_per_gb}/GB): ${result['s3_egress_usd']:,.2f}/month")
+        print(f"  from the Hub: ${result['hub_usd']:,.2f}/month in fees (paid in minutes of GPU time instead)")
+        print(f"  from R2: ${result['r2_usd']:,.2f}/month (storage ${result['r2_storage_usd']}, "
+              f"{result['r2_read_ops']:,} reads, no egress)")
+    return 0
+
+
+COMMANDS = {"check-r2": cmd_check_r2, "stage": cmd_stage, "verify": cmd_verify, "list": cmd_list,
+            "launch": cmd_launch, "bench": cmd_bench, "stage-and-launch": cmd_stage_and_launch, "down": cmd_down,
+            "cost": cmd_cost}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,10 @@
 """`make demo`: the whole path offline, on real local stand-ins.
 
 Starts an offline Hub (olah) holding sentence-transformers/all-MiniLM-L6-v2 and an S3 bucket
-(rclone serve s3), then runs the CLI in this process: check-r2, stage, verify, list, and a second
-stage to show that an unchanged model sends 0 bytes. Everything it starts is stopped on the way out.
+(rclone serve s3), then runs the CLI in this process: check-r2, stage, verify, list, a second stage
+(an unchanged model sends 0 bytes), the generated SkyPilot task, stage-and-launch on the local target
+with both load strategies (cold and warm runs, phase table and plot), and the cost comparison.
+Everything it starts is stopped on the way out.
 """
 
 from __future__ import annotations
@@ -36,14 +38,18 @@ def main() -> int:
               f"{bucket.endpoint}, objects under {bucket.root / bucket.bucket}; services up in {time.perf_counter() - t0:.1f} s")
         from flows.cli import main as cli
 
-        steps = [["check-r2"], ["stage", REPO], ["verify", REPO], ["list"], ["stage", REPO]]
+        steps = [["check-r2"], ["stage", REPO], ["verify", REPO], ["list"], ["stage", REPO],
+                 ["launch", REPO, "--target", "local", "--dry-run"],
+                 ["stage-and-launch", REPO, "--target", "local", "--strategy", "both", "--runs", "2",
+                  "--results", str(root / "results")],
+                 ["cost", REPO, "--launches-per-day", "24"]]
         for args in steps:
             banner("modelferry " + " ".join(args))
             rc = cli(args)
             if rc:
                 print(f"demo failed at `modelferry {' '.join(args)}` (exit {rc})", file=sys.stderr)
                 return rc
-    banner(f"demo done in {time.perf_counter() - t0:.1f} s; the second stage sent 0 bytes")
+    banner(f"demo done in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -64,8 +64,9 @@ class Steps:
         self.key = artifact_key
         self.title = title
 
-    def __call__(self, step_task, *args, **kwargs):
-        name = step_task.name
+    def __call__(self, step_task, *args, name: str | None = None, **kwargs):
+        """Run `step_task` (a step, or any callable returning StepStats / (value, StepStats))."""
+        name = name or step_task.name
         started = time.perf_counter()
         try:
             out = step_task(*args, **kwargs)

@@ -1,0 +1,141 @@
+"""Flow `stage-and-launch`: stage -> verify -> launch -> bench -> teardown.
+
+The CLI's `launch` and `bench` run it with `stage=False`. Teardown runs in every failure path
+unless `keep`; cluster names derive from the flow run id, so a retried step never provisions twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.stage_model import stage_model
+from flows.steps import Steps, step
+from tasks import bench, catalog, launcher
+from tasks import settings as config
+from tasks.bucket import Bucket
+from tasks.sky import LaunchOptions
+from tasks.staging import StepStats
+
+log = logging.getLogger("modelferry.launch")
+
+
+def _stage(model, revision, include, exclude):
+    rows = stage_model(model, revision=revision, include=include, exclude=exclude)
+    stats = StepStats("stage", files=max(r["files"] for r in rows), attempts=1,
+                      bytes=sum(r["bytes"] for r in rows if r["step"] in ("download", "upload")),
+                      note=f"sent {sum(r['bytes'] for r in rows if r['step'] == 'upload'):,} bytes")
+    return None, stats
+
+
+@step("verify")
+def verify(model, revision):
+    record = catalog.verify(Bucket(config.load()), model, revision)
+    return record["revision"], StepStats("verify", files=record["files"], note="size + ETag of every object")
+
+
+@step("launch", retries=1)
+def launch(model, revision, target, source, options_dict, run_id):
+    dep = launcher.plan(config.load(), model, revision, target, source, LaunchOptions(**options_dict), run_id)
+    known = next((d for d in _deployments if d.name == dep.name), None)
+    if known:  # a retry: same name, same node
+        dep = known
+    else:
+        _deployments.append(dep)
+    launcher.start(dep)
+    launcher.wait_ready(dep)
+    text = launcher.first_token(dep)
+    log.info("%s answers at %s: %r", dep.name, dep.url, text[:120])
+    row = launcher.measure(dep, "cold", 1)
+    return row, StepStats("launch", note=f"{dep.source}/{row['strategy']} ready in {row['total_s']:.2f} s")
+
+
+@step("bench", retries=0)
+def warm_runs(runs):
+    rows = []
+    for dep in list(_deployments):
+        for n in range(2, runs + 1):
+            launcher.restart(dep)
+            launcher.wait_ready(dep)
+            launcher.first_token(dep)
+            rows.append(launcher.measure(dep, "warm", n))
+    return rows, StepStats("bench", files=len(rows), note=f"{len(rows)} warm restart(s)")
+
+
+_deployments: list[launcher.Deployment] = []
+
+
+@flow(name="stage-and-launch", log_prints=False)
+def stage_and_launch(model: str, revision: str | None = None, target: str = "local", mode: str = "cluster",
+                     source: str = "auto", strategy: str = "stream", accelerators: list[str] | None = None,
+                     runs: int = 1, stage: bool = True, include: list[str] | None = None,
+                     exclude: list[str] | None = None, keep: bool = False, concurrency: int = 32,
+                     results_dir: str = "results") -> list[dict]:
+    """Stage a model (optional), verify it, launch it where it streams its weights from the bucket,
+    and time every phase of each start. Returns the phase rows, one per run."""
+    if runs < 1:
+        raise ValueError("runs must be at least 1")
+    steps = Steps("stage-and-launch-steps", f"stage-and-launch {model}")
+    run_id = str(flow_run.id or uuid.uuid4())
+    strategies = ["stream", "prefetch"] if strategy == "both" else [strategy]
+    phase_rows: list[dict] = []
+    _deployments.clear()
+    try:
+        if stage:
+            steps(_stage, model, revision, include or [], exclude or [], name="stage")
+        if source != "hub":
+            try:
+                revision = steps(verify, model, revision)
+            except Exception:
+                if source == "r2":
+                    raise
+                log.warning("%s is not staged or not verified: launch decides the source", model)
+        for strat in strategies:
+            options = asdict(LaunchOptions(mode=mode, strategy=strat, accelerators=accelerators, concurrency=concurrency))
+            phase_rows.append(steps(launch, model, revision, target, source, options, f"{run_id}-{strat}"))
+        if runs > 1:
+            phase_rows += steps(warm_runs, runs)
+    finally:
+        if not keep:
+            for dep in _deployments:
+                launcher.teardown(dep)
+        elif _deployments:
+            log.info("kept: %s (take down with `modelferry down NAME`)", ", ".join(d.name for d in _deployments))
+        if phase_rows:
+            _report(steps, phase_rows, model, Path(results_dir), run_id)
+    steps.publish()
+    return phase_rows
+
+
+def _report(steps: Steps, rows: list[dict], model: str, results_root: Path, run_id: str) -> None:
+    """Each run's rows to its own Parquet file (locally and under bench/ in the bucket), a plot, artifacts."""
+    import pandas as pd
+
+    bench_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + run_id[:8]
+    out = results_root / model.replace("/", "--") / bench_id
+    bucket = Bucket(config.load())
+    for row in rows:
+        path = bench.save_run([row], out, f"{row['strategy']}-run{row['run']}")
+        bucket.put_bytes(f"bench/{model}/{bench_id}/{path.name}", path.read_bytes())
+    df = bench.read_results(out).sort_values(["strategy", "run"])
+    png = bench.plot(df, out / "phases.png", f"{model}: cold start by phase")
+    bucket.put_bytes(f"bench/{model}/{bench_id}/phases.png", png.read_bytes(), "image/png")
+    note = bench.winner(df) or ""
+    log.info("results in %s (and s3://%s/bench/%s/%s/)%s", out, bucket.name, model, bench_id, f"; {note}" if note else "")
+    if flow_run.id:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        create_table_artifact(table=pd.DataFrame(df).astype(object).where(df.notna(), None).to_dict("records"),
+                              key="cold-start-phases", description=f"cold start phases of {model}")
+        create_markdown_artifact(markdown=bench.markdown(df, png, note), key="cold-start-summary",
+                                 description=f"cold start of {model}")
+    _last_results.update(dir=str(out), png=str(png), note=note)
+
+
+_last_results: dict = {}

@@ -1,0 +1,229 @@
+"""One deployment of a staged model, on SkyPilot or on the local target: plan it from the manifest,
+start it, wait until it serves, time the phases, and take it down.
+
+`source`: auto serves from the bucket when the model is staged and its last verification passed,
+else from the Hub (and says so); r2 refuses an unstaged model; hub always uses the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets as pysecrets
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks import bench, catalog, local_target, sky
+from tasks.bucket import Bucket
+from tasks.errors import ModelferryError, NotStaged, SettingsError
+from tasks.settings import Settings, loader_env, loader_secrets, redact
+from tasks.standins import free_port
+
+log = logging.getLogger("modelferry.launch")
+TARGETS = ("sky", "local")
+
+
+class NotReady(ModelferryError):
+    """The server did not become ready in time."""
+
+
+@dataclass
+class Deployment:
+    name: str  # cluster / service / local node name, deterministic per run
+    model: str
+    revision: str
+    target: str
+    source: str  # r2 | hub, as decided
+    options: sky.LaunchOptions
+    cfg: dict
+    secrets: dict[str, str] = field(repr=False)
+    url: str | None = None
+    node: local_target.LocalNode | None = None
+    marks: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def api_key(self) -> str:
+        return self.secrets["VLLM_API_KEY"]
+
+
+def state_dir() -> Path:
+    from tasks.staging import cache_root
+
+    return cache_root() / "launches"
+
+
+def plan(settings: Settings, model: str, revision: str | None, target: str, source: str, options: sky.LaunchOptions,
+         run_id: str) -> Deployment:
+    """Decide where the weights come from and build (and schema-check) the SkyPilot task."""
+    if target not in TARGETS:
+        raise SettingsError(f"unknown --target {target!r}: choose one of {', '.join(TARGETS)}")
+    if source not in sky.SOURCES:
+        raise SettingsError(f"unknown --source {source!r}: choose one of {', '.join(sky.SOURCES)}")
+    options.check()
+    bucket = Bucket(settings)
+    manifest = None
+    try:
+        manifest = catalog.find_manifest(bucket, model, revision)
+    except NotStaged:
+        if source == "r2":
+            raise
+    verified = bool(manifest) and (bucket.get_json(catalog.verified_key(model, manifest.revision)) or {}).get("ok")
+    use = "r2" if source == "r2" or (source == "auto" and verified) else "hub"
+    if source == "r2" and not verified:
+        raise NotStaged(f"{model}@{manifest.revision} failed its last verification: run `modelferry verify {model}`")
+    if use == "hub":
+        if source == "auto":
+            log.warning("%s is %s in bucket %s: serving it from the Hub instead", model,
+                        "not verified" if manifest else "not staged", bucket.name)
+        if manifest and manifest.source.get("kind") == "local":
+            raise NotStaged(f"{model} was staged from a local directory and has no Hub repo to fall back to")
+        if target == "local":
+            raise SettingsError("the local target only loads staged weights: stage the model first or use --source r2")
+    rev = manifest.revision if manifest and use == "r2" else (revision or (manifest.revision if manifest else "main"))
+    model_uri = bucket.uri(catalog.model_prefix(model, rev)) if use == "r2" else (
+        manifest.source.get("repo_id", model) if manifest else model)
+    size = manifest.total_bytes if manifest else 0
+    cfg = sky.build_task_config(model_uri=model_uri, served_name=model, model_bytes=size, source=use,
+                                options=options, loader_env=loader_env(settings.endpoint), revision=rev if use == "hub" else "")
+    sky.validate(cfg)
+    secret_values = dict(loader_secrets(settings)) if use == "r2" else {}
+    api_key = os.environ.get("VLLM_API_KEY")
+    if not api_key:
+        if target == "sky":
+            raise SettingsError("VLLM_API_KEY is not set: choose the API key clients will use for this server")
+        api_key = pysecrets.token_urlsafe(24)
+    secret_values["VLLM_API_KEY"] = api_key
+    if use == "hub" and settings.hf_token:
+        secret_values["HF_TOKEN"] = settings.hf_token
+    redact(list(secret_values.values()))
+    return Deployment(sky.run_name(model, rev, run_id), model, rev, target, use, options, cfg, secret_values)
+
+
+def start(dep: Deployment, workdir: Path | None = None) -> None:
+    """Start the deployment: sky launch, or on the local target the task's setup then the server."""
+    dep.marks = {"request": time.time()}
+    if dep.target == "sky":
+        sky.launch(dep.cfg, dep.name, dep.options.mode, dep.secrets, dep.options.idle_minutes)
+        dep.marks["up"] = time.time()
+        dep.url = sky.endpoint(dep.name, dep.options.mode)
+        return
+    if dep.node is None:
+        workdir = workdir or state_dir() / dep.name
+        workdir.mkdir(parents=True, exist_ok=True)
+        dep.node = local_target.LocalNode(workdir, local_target.node_env(dep.cfg, dep.secrets, workdir, free_port()))
+    local_target.run_setup(dep.node, dep.cfg)
+    local_target.start_server(dep.node)
+    dep.marks["spawned"] = time.time()
+    dep.url = dep.node.url
+    _record(dep)
+
+
+def _record(dep: Deployment) -> None:
+    """Remember a local deployment for `modelferry down` (pid and URL only: no keys)."""
+    state_dir().mkdir(parents=True, exist_ok=True)
+    (state_dir() / f"{dep.name}.json").write_text(json.dumps(
+        {"name": dep.name, "model": dep.model, "target": dep.target, "mode": dep.options.mode, "url": dep.url,
+         "pid": dep.node.proc.pid if dep.node and dep.node.proc else None}))
+
+
+def _http(url: str, key: str | None = None, body: dict | None = None, timeout: float = 10) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_ready(dep: Deployment, timeout: float = 1800, poll: float = 0.1) -> None:
+    """Poll until /health answers, noting when the weights finished loading (from the log)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if dep.target == "sky" and not dep.url:
+            dep.url = sky.endpoint(dep.name, dep.options.mode)
+        if dep.node and dep.node.proc and dep.node.proc.poll() is not None:
+            tail = dep.node.log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise NotReady(f"the server exited with {dep.node.proc.returncode}: {' | '.join(tail)}")
+        if "loaded" not in dep.marks and dep.node and dep.node.log.exists() and \
+                "Loading weights took" in dep.node.log.read_text(errors="replace"):
+            dep.marks["loaded"] = time.time()
+        if dep.url:
+            try:
+                status, _ = _http(dep.url + "/health", timeout=2)
+            except OSError:
+                status = 0
+            if status == 200:
+                dep.marks["ready"] = time.time()
+                dep.marks.setdefault("loaded", dep.marks["ready"])
+                return
+        time.sleep(poll if dep.target == "local" else 5)
+    raise NotReady(f"{dep.name} did not answer /health within {timeout:.0f} s")
+
+
+def first_token(dep: Deployment) -> str:
+    """/v1/models must list the model; then one completion. Returns the completion text."""
+    status, body = _http(dep.url + "/v1/models", dep.api_key)
+    if status != 200 or dep.model not in body.decode():
+        raise NotReady(f"/v1/models answered {status} without {dep.model}")
+    status, body = _http(dep.url + "/v1/completions", dep.api_key,
+                         {"model": dep.model, "prompt": "Hello", "max_tokens": 8}, timeout=120)
+    if status != 200:
+        raise NotReady(f"/v1/completions answered {status}: {body[:200]!r}")
+    dep.marks["first_token"] = time.time()
+    return json.loads(body)["choices"][0]["text"]
+
+
+def measure(dep: Deployment, kind: str, run: int) -> dict:
+    """The phase row for the run that just completed."""
+    logged = bench.parse_vllm_log(dep.node.log.read_text(errors="replace")) if dep.node and dep.node.log else {}
+    return {"model": dep.model, "revision": dep.revision, "target": dep.target, "source": dep.source,
+            "strategy": dep.options.strategy if dep.source == "r2" else "hub", "kind": kind, "run": run,
+            **bench.phases(dep.marks), "weights_s": logged.get("weights_s"),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(dep.marks["request"]))}
+
+
+def restart(dep: Deployment) -> None:
+    """Warm run: stop the server and start it again on the same node (same disk, same cache)."""
+    local_target.stop_server(dep.node)
+    start(dep)
+
+
+def teardown(dep: Deployment) -> None:
+    if dep.target == "sky":
+        sky.down(dep.name, dep.options.mode)
+    elif dep.node:
+        local_target.stop_server(dep.node)
+    (state_dir() / f"{dep.name}.json").unlink(missing_ok=True)
+
+
+def down(name: str | None, all_: bool) -> list[str]:
+    """Take down kept deployments: local ones we recorded, and SkyPilot clusters named mf-*."""
+    import signal
+
+    taken = []
+    for rec_file in sorted(state_dir().glob("*.json")) if state_dir().exists() else []:
+        rec = json.loads(rec_file.read_text())
+        if all_ or rec["name"] == name or rec["model"] == name:
+            if rec.get("pid"):
+                try:
+                    os.killpg(rec["pid"], signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            rec_file.unlink()
+            taken.append(rec["name"])
+    if all_ or (name and name.startswith("mf-")):
+        try:
+            names = [c for c in sky.clusters() if c.startswith("mf-") and (all_ or c == name)]
+        except Exception as exc:  # noqa: BLE001 - SkyPilot unreachable: say so, keep the local result
+            log.warning("could not ask SkyPilot for clusters: %s", exc)
+            names = []
+        for cluster in names:
+            if sky.down(cluster, "cluster"):
+                taken.append(cluster)
+    return taken
