@@ -3,6 +3,7 @@ throughput, attempts), shown as a table artifact. Only errors marked transient a
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import defaultdict
@@ -19,6 +20,23 @@ from tasks.settings import scrub
 from tasks.staging import StepStats
 
 _attempts: dict[tuple, int] = defaultdict(int)
+
+
+class _OneLineForOurErrors(logging.Filter):
+    """Our typed errors already say what to fix in one line: keep Prefect from adding a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        while exc is not None and not isinstance(exc, ModelferryError):
+            exc = exc.__cause__
+        if exc is not None:
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
+    logging.getLogger(_name).addFilter(_OneLineForOurErrors())
 
 
 def _transient(task, run, state) -> bool:

@@ -198,10 +198,12 @@ def launch(cfg: dict, name: str, mode: str, secrets: dict[str, str], idle_minute
             sky.stream_and_get(sky.jobs.launch(task, name=name))
         else:
             sky.stream_and_get(sky.serve.up(task, service_name=name))
-    except exceptions.SkyPilotExcludeArgsBaseException as exc:
-        raise LaunchError(f"SkyPilot could not launch {name}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
-    except (exceptions.ResourcesUnavailableError, exceptions.NotSupportedError) as exc:
-        raise LaunchError(f"SkyPilot could not launch {name}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:
+        if not type(exc).__module__.startswith("sky"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = " (no cloud reachable: run `sky check`)" if isinstance(exc, exceptions.CloudError) else ""
+        raise LaunchError(f"SkyPilot could not launch {name}: {type(exc).__name__}: {first[:300]}{hint}") from exc
 
 
 def endpoint(name: str, mode: str) -> str | None:

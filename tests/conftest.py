@@ -91,3 +91,14 @@ def s3(bucket):
 
 def steps_by_name(rows: list[dict]) -> dict[str, dict]:
     return {r["step"]: r for r in rows}
+
+
+@pytest.fixture(scope="session")
+def sky_home(tmp_path_factory):
+    """SkyPilot writes ~/.sky at import: give it a throwaway HOME for the session."""
+    home = tmp_path_factory.mktemp("sky-home")
+    old = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    yield home
+    if old is not None:
+        os.environ["HOME"] = old
