@@ -131,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                         description="Stops kept local targets and takes down SkyPilot clusters named mf-*.")
     do.add_argument("name", nargs="?", help="deployment name (mf-...) or model name")
     do.add_argument("--all", action="store_true", help="everything modelferry launched and kept")
+    do.add_argument("--target", choices=["local", "sky", "all"], default="all",
+                    help="where to look (default all; sky starts SkyPilot's local API server if it isn't running)")
 
     co = sub.add_parser("cost", help="monthly cost of cold starts: Hub/S3 egress vs R2",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -323,7 +325,7 @@ def cmd_down(args) -> int:
 
     if not args.name and not args.all:
         raise SettingsError("name a deployment (or model), or pass --all")
-    taken = launcher.down(args.name, args.all)
+    taken = launcher.down(args.name, args.all, args.target)
     print("took down: " + (", ".join(taken) if taken else "nothing"))
     return 0
 

@@ -168,3 +168,28 @@ def list_models(bucket: Bucket) -> list[dict]:
     return rows
 
 
+
+
+def set_current(bucket: Bucket, name: str, revision: str) -> None:
+    if read_manifest(bucket, name, revision) is None:
+        raise NotStaged(f"{name}@{revision} has no manifest: it can't become current")
+    bucket.put_json(current_key(name), {"revision": revision, "updated_at": now()})
+
+
+def prune(bucket: Bucket, name: str, keep: int) -> list[str]:
+    """Keep the current revision and the newest others up to `keep` in all; delete the rest
+    (manifest first, so a revision stops being a model before its objects go). Returns pruned revisions."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    current = current_revision(bucket, name)
+    manifests = {}
+    for key in bucket.listing(f"manifests/{name}/revisions/"):
+        rev = key.rsplit("/", 1)[-1].removesuffix(".json")
+        manifests[rev] = read_manifest(bucket, name, rev)
+    others = sorted((r for r in manifests if r != current), key=lambda r: manifests[r].staged_at, reverse=True)
+    ordered = ([current] if current in manifests else []) + others
+    pruned = ordered[keep:]
+    for rev in pruned:
+        bucket.delete([manifest_key(name, rev), verified_key(name, rev)])
+        bucket.delete(list(bucket.listing(model_prefix(name, rev))))
+    return pruned

@@ -115,3 +115,12 @@ def download(repo_id: str, commit: str, path: str, dest: Path, token: str | None
                                     endpoint=endpoint))
     except Exception as exc:
         raise _translate(exc, repo_id, commit, token, endpoint) from exc
+
+
+def commit_of(repo_id: str, revision: str | None, token: str | None = None, endpoint: str | None = None) -> str:
+    """The commit a branch or tag points at now (one small request)."""
+    revision = revision or "main"
+    try:
+        return _api(token, endpoint).model_info(repo_id, revision=revision).sha
+    except Exception as exc:
+        raise _translate(exc, repo_id, revision, token, endpoint) from exc

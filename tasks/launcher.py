@@ -202,12 +202,13 @@ def teardown(dep: Deployment) -> None:
     (state_dir() / f"{dep.name}.json").unlink(missing_ok=True)
 
 
-def down(name: str | None, all_: bool) -> list[str]:
+def down(name: str | None, all_: bool, target: str = "all") -> list[str]:
     """Take down kept deployments: local ones we recorded, and SkyPilot clusters named mf-*."""
     import signal
 
     taken = []
-    for rec_file in sorted(state_dir().glob("*.json")) if state_dir().exists() else []:
+    records = sorted(state_dir().glob("*.json")) if state_dir().exists() and target != "sky" else []
+    for rec_file in records:
         rec = json.loads(rec_file.read_text())
         if all_ or rec["name"] == name or rec["model"] == name:
             if rec.get("pid"):
@@ -217,7 +218,7 @@ def down(name: str | None, all_: bool) -> list[str]:
                     pass
             rec_file.unlink()
             taken.append(rec["name"])
-    if all_ or (name and name.startswith("mf-")):
+    if target != "local" and (all_ or (name and name.startswith("mf-"))):
         try:
             names = [c for c in sky.clusters() if c.startswith("mf-") and (all_ or c == name)]
         except Exception as exc:  # noqa: BLE001 - SkyPilot unreachable: say so, keep the local result

@@ -43,6 +43,7 @@ class PlanFile:
     hashes: FileHashes | None = None
     proven: bool = False  # already in the bucket with the right ETag
     etag: str = ""
+    copy_from: str | None = None  # key of the same content under another published revision
 
 
 @dataclass
@@ -71,6 +72,10 @@ class Plan:
     def pending(self) -> list[PlanFile]:
         return [f for f in self.files if not f.proven]
 
+    def to_fetch(self) -> list[PlanFile]:
+        """Pending files whose bytes must come from the source (not copied inside the bucket)."""
+        return [f for f in self.pending() if not f.copy_from]
+
 
 @dataclass
 class StepStats:
@@ -81,6 +86,7 @@ class StepStats:
     bytes: int = 0
     mb_per_s: float | None = None
     attempts: int = 1
+    copied: int = 0  # objects copied inside the bucket instead of sent
     note: str = ""
 
     def row(self) -> dict:
@@ -188,8 +194,11 @@ def resolve(settings: Settings, source: str, revision: str | None, include: list
             f"{plan.name}@{plan.revision} is already staged with include={plan.published.include} "
             f"exclude={plan.published.exclude}; pass --replace to restage it with include={include} exclude={exclude}")
     _mark_proven(plan, bucket.listing(plan.prefix), bucket)
+    _plan_copies(plan, bucket)
     stats.files = len(plan.files)
-    stats.note = f"@{plan.revision[:12]}, {len(plan.files) - len(plan.pending())} already in bucket"
+    copies = len(plan.pending()) - len(plan.to_fetch())
+    stats.note = f"@{plan.revision[:12]}, {len(plan.files) - len(plan.pending())} already in bucket" + (
+        f", {copies} to copy from @{_rev_of(plan)}" if copies else "")
     return plan, stats
 
 
@@ -288,12 +297,40 @@ def _mark_proven(plan: Plan, listing, bucket: Bucket) -> None:
                 f.hashes, f.proven, f.etag = h, True, etag
 
 
+def _rev_of(plan: Plan) -> str:
+    src = next(f.copy_from for f in plan.files if f.copy_from)
+    return src[len(f"models/{plan.name}/"):].split("/", 1)[0][:12]
+
+
+def _plan_copies(plan: Plan, bucket: Bucket) -> None:
+    """Files unchanged since the model's current revision are copied inside the bucket, not sent
+    again: same content (sha256, or git blob id for small files) and the same part size, so the
+    hashes proven for the old object predict the new object's ETag."""
+    current = catalog.current_revision(bucket, plan.name)
+    if not current or current == plan.revision:
+        return
+    old = catalog.read_manifest(bucket, plan.name, current)
+    if old is None or old.part_size != plan.part_size:
+        return
+    by_content = {}
+    for e in old.files:
+        by_content[("sha256", e.sha256, e.size)] = e
+        if e.git_sha1:
+            by_content[("git", e.git_sha1, e.size)] = e
+    for f in plan.pending():
+        key = ("sha256", f.sha256, f.size) if f.sha256 else ("git", f.git_sha1, f.size)
+        e = by_content.get(key)
+        if e:
+            f.copy_from = catalog.model_prefix(plan.name, current) + e.path
+            f.hashes = FileHashes(e.size, e.sha256, e.git_sha1 or "", e.md5, e.multipart_etag)
+
+
 # --- download --------------------------------------------------------------------------------
 
 def download(settings: Settings, plan: Plan) -> StepStats:
     """Fetch from the Hub every file not yet proven in the bucket (resuming partial downloads)."""
     stats = StepStats("download")
-    todo = [f for f in plan.pending()] if plan.is_hub else []
+    todo = plan.to_fetch() if plan.is_hub else []
     if not todo:
         stats.status, stats.note = "skipped", ("local source" if not plan.is_hub else "nothing to fetch")
         return stats
@@ -328,7 +365,7 @@ def local_verify(plan: Plan) -> StepStats:
     """Hash each pending file once (sha256, git sha1, part MD5s) and compare with the source's
     hashes. A mismatch stops the run naming every bad file; bad downloads are deleted."""
     stats = StepStats("local_verify")
-    todo = plan.pending()
+    todo = plan.to_fetch()
     if not todo:
         stats.status, stats.note = "skipped", "all proven in bucket"
         return stats
@@ -370,9 +407,17 @@ def upload(settings: Settings, plan: Plan, progress=None, replace: bool = False)
         bucket.delete([plan.prefix + p for p in plan.unexpected])
         log.info("removed %d stray object(s) under %s", len(plan.unexpected), plan.prefix)
         plan.unexpected = []
-    todo = plan.pending()
+    copies = [f for f in plan.pending() if f.copy_from]
+    if copies:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda f: bucket.copy(f.copy_from, plan.prefix + f.path, f.size, plan.part_size), copies))
+        log.info("copied %d unchanged file(s) inside the bucket", len(copies))
+        stats.copied = len(copies)
+        stats.note = "unchanged files copied in bucket"
+    todo = plan.to_fetch()
     if not todo:
-        stats.status, stats.note = "skipped", "0 bytes sent: all proven in bucket"
+        if not copies:
+            stats.status, stats.note = "skipped", "0 bytes sent: all proven in bucket"
         return stats
     total = sum(f.size for f in todo)
     done = {"bytes": 0, "files": 0}

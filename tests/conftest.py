@@ -53,9 +53,10 @@ def prefect_api(session_dir):
 
 
 @pytest.fixture
-def env(bucket, hub, prefect_api, tmp_path) -> dict[str, str]:
-    """Environment for a `modelferry` child: local bucket, local Hub, the test Prefect server."""
-    e = dict(os.environ, **bucket.env(), HF_ENDPOINT=hub, MODELFERRY_CACHE=str(tmp_path / "cache"),
+def env(bucket, hub, prefect_api, sky_home, tmp_path) -> dict[str, str]:
+    """Environment for a `modelferry` child: local bucket, local Hub, the test Prefect server, and a
+    throwaway HOME for SkyPilot."""
+    e = dict(os.environ, **bucket.env(), HF_ENDPOINT=hub, MODELFERRY_CACHE=str(tmp_path / "cache"), HOME=str(sky_home),
              PREFECT_API_URL=prefect_api, MODELFERRY_RETRY_BASE_S="0.2", PYTHONUNBUFFERED="1")
     e.pop("HF_TOKEN", None)
     return e
@@ -100,5 +101,8 @@ def sky_home(tmp_path_factory):
     old = os.environ.get("HOME")
     os.environ["HOME"] = str(home)
     yield home
+    # Stop SkyPilot's local API server if anything started it under this HOME.
+    subprocess.run([str(standins.BIN / "sky"), "api", "stop"], env=dict(os.environ, HOME=str(home)),
+                   capture_output=True, timeout=120)
     if old is not None:
         os.environ["HOME"] = old

@@ -55,7 +55,7 @@ def test_launch_keep_then_down(cli, staged):
     run = cli("launch", TINY, "--target", "local", "--keep")
     assert run.rc == 0, run
     assert local_servers(), "--keep should leave the server running"
-    down = cli("down", "--all")
+    down = cli("down", "--all", "--target", "local")
     assert down.rc == 0 and "mf-" in down.out, down
     import time
 

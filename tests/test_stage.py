@@ -22,7 +22,8 @@ def tiny_size() -> int:
 
 
 def test_stage_from_hub_then_unchanged_restage_sends_nothing(cli, bucket, s3):
-    run = cli("stage", TINY, "--json")
+    NAME = "acme/minilm-e2e"  # a prefix no other test touches
+    run = cli("stage", TINY, "--name", NAME, "--json")
     assert run.rc == 0, run
     rows = run.json()
     assert [r["step"] for r in rows] == STEPS
@@ -34,12 +35,12 @@ def test_stage_from_hub_then_unchanged_restage_sends_nothing(cli, bucket, s3):
     assert "upload 13/13 files" in run.err  # progress while it runs
 
     # Every object holds exactly the source bytes (read from rclone's own directory).
-    commit = catalog.current_revision(s3, TINY)
-    stored = bucket.root / bucket.bucket / "models" / TINY / commit
+    commit = catalog.current_revision(s3, NAME)
+    stored = bucket.root / bucket.bucket / "models" / NAME / commit
     for rel, src in standins.tiny_model_files().items():
         assert hashlib.sha256((stored / rel).read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest(), rel
 
-    manifest = catalog.read_manifest(s3, TINY, commit)
+    manifest = catalog.read_manifest(s3, NAME, commit)
     assert manifest.schema_version == 1 and manifest.license == "apache-2.0" and manifest.gated is False
     st = {f.path: f for f in manifest.files}["model.safetensors"]
     assert st.lfs and st.sha256 == "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -48,12 +49,12 @@ def test_stage_from_hub_then_unchanged_restage_sends_nothing(cli, bucket, s3):
 
     listed = cli("list", "--json")
     assert listed.rc == 0, listed
-    row = next(r for r in listed.json() if r["name"] == TINY)
-    assert row["uri"] == f"s3://{bucket.bucket}/models/{TINY}/{commit}/"
-    assert row["manifest"] == f"s3://{bucket.bucket}/manifests/{TINY}/revisions/{commit}.json"
+    row = next(r for r in listed.json() if r["name"] == NAME)
+    assert row["uri"] == f"s3://{bucket.bucket}/models/{NAME}/{commit}/"
+    assert row["manifest"] == f"s3://{bucket.bucket}/manifests/{NAME}/revisions/{commit}.json"
     assert row["files"] == 13 and row["bytes"] == tiny_size() and row["verified"] == "ok" and row["staged_at"]
 
-    again = cli("stage", TINY, "--json")
+    again = cli("stage", TINY, "--name", NAME, "--json")
     assert again.rc == 0, again
     by = steps_by_name(again.json())
     assert by["upload"]["status"] == "skipped" and by["upload"]["bytes"] == 0

@@ -1,0 +1,125 @@
+"""The deployments in prefect.yaml, applied with `prefect deploy --all` to a real Prefect server and
+run by a real process worker, the way users run them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks import catalog, standins
+from tests.conftest import ACCESS_KEY, SECRET_KEY, TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFECT = str(standins.BIN / "prefect")
+
+
+@pytest.fixture(scope="module")
+def worker(bucket, hub, prefect_api, sky_home, tmp_path_factory):
+    """Deployments applied and a process worker polling the `local` pool, with the test services' env."""
+    work = tmp_path_factory.mktemp("worker")
+    env = dict(os.environ, **bucket.env(), HF_ENDPOINT=hub, MODELFERRY_CACHE=str(work / "cache"), HOME=str(sky_home),
+               PREFECT_API_URL=prefect_api, PROJECT_ROOT=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="1",
+               PREFECT_WORKER_PREFETCH_SECONDS="5", MODELFERRY_RETRY_BASE_S="0.2")
+    env.pop("HF_TOKEN", None)
+
+    def prefect(*args, timeout=180):
+        out = subprocess.run([PREFECT, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return out
+
+    prefect("work-pool", "create", "local", "--type", "process", "--overwrite")
+    prefect("--no-prompt", "deploy", "--all")
+    proc = subprocess.Popen([PREFECT, "worker", "start", "--pool", "local"], env=env, cwd=ROOT,
+                            stdout=open(work / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield env, prefect, work
+    finally:
+        standins.stop(proc, grace=10)
+
+
+def run_deployment(prefect, name: str, *params: str) -> subprocess.CompletedProcess:
+    args = ["deployment", "run", name, "--watch", "--watch-timeout", "600"]
+    for p in params:
+        args += ["-p", p]
+    return prefect(*args, timeout=660)
+
+
+def flow_run_id(output: str) -> str:
+    for line in output.splitlines():
+        if "UUID:" in line:
+            return line.split("UUID:")[1].strip()
+    raise AssertionError(f"no flow run id in: {output[-1000:]}")
+
+
+def artifacts(run_id: str) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+
+    return {a.key: a for a in asyncio.run(read()) if a.key}
+
+
+def test_stage_and_launch_deployment_runs_on_the_worker(worker, s3):
+    env, prefect, _ = worker
+    out = run_deployment(prefect, "stage-and-launch/default", f"model={TINY}", "target=local", "runs=2")
+    assert "Completed" in out.stdout, out.stdout[-2000:]
+    arts = artifacts(flow_run_id(out.stdout))
+    steps = json.loads(arts["stage-and-launch-steps"].data)
+    assert [r["step"] for r in steps] == ["stage", "verify", "launch", "bench"]
+    assert all(r["status"] == "completed" for r in steps)
+    phases = json.loads(arts["cold-start-phases"].data)
+    assert {p["kind"] for p in phases} == {"cold", "warm"}
+    assert "data:image/png;base64," in arts["cold-start-summary"].data
+    rev = catalog.current_revision(s3, TINY)
+    assert catalog.read_manifest(s3, TINY, rev) is not None
+    everything = " ".join(str(a.data) for a in arts.values()) + out.stdout
+    assert SECRET_KEY not in everything and ACCESS_KEY not in everything
+
+
+def test_nightly_refresh_has_its_schedule(worker):
+    _, prefect, _ = worker
+    out = prefect("deployment", "inspect", "model-refresh/nightly")
+    assert "0 2 * * *" in out.stdout and "UTC" in out.stdout
+
+
+def test_refresh_stages_only_changes_then_is_a_noop(worker, mirror, s3, tmp_path):
+    _, prefect, _ = worker
+    repo = "acme/refresh-me"
+    files = {k: v.read_bytes() for k, v in standins.tiny_model_files().items()}
+    first = standins.commit_files(mirror, repo, files, "v1")
+    watch = tmp_path / "watch.yaml"
+    watch.write_text(yaml.safe_dump({"models": [{"model": repo, "follow": "main", "keep": 2}]}))
+
+    def refresh() -> dict:
+        out = run_deployment(prefect, "model-refresh/nightly", f"watchlist={watch}")
+        assert "Completed" in out.stdout, out.stdout[-2000:]
+        rows = json.loads(artifacts(flow_run_id(out.stdout))["model-refresh"].data)
+        return rows[0]
+
+    row = refresh()
+    assert row["status"] == "staged" and row["revision"] == first
+    assert row["bytes_sent"] == sum(len(b) for b in files.values())
+    assert catalog.current_revision(s3, repo) == first
+
+    changed = b'{"architectures": ["BertModel"], "refreshed": true}'
+    second = standins.commit_files(mirror, repo, {"config.json": changed}, "v2")
+    row = refresh()
+    assert row["status"] == "staged" and row["revision"] == second
+    assert row["bytes_sent"] == len(changed) and row["files_copied"] == len(files) - 1
+    assert catalog.current_revision(s3, repo) == second
+    assert catalog.read_manifest(s3, repo, first) is not None  # keep: 2
+    assert s3.get_bytes(f"models/{repo}/{second}/config.json") == changed
+
+    row = refresh()
+    assert row["status"] == "unchanged" and row["bytes_sent"] == 0
