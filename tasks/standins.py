@@ -197,7 +197,9 @@ def olah_mirror(mirror: Path, workdir: Path):
 def prefect_server(home: Path):
     """A real `prefect server` on SQLite in `home`. Yields its API URL."""
     port = free_port()
-    env = prefect_env(home)
+    # The UI's JavaScript calls the API at this address (default :4200).
+    env = dict(prefect_env(home), PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",
+               PREFECT_SERVER_UI_API_URL=f"http://127.0.0.1:{port}/api")
     proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                   home / "server.log", env)
     try:

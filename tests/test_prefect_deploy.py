@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -123,3 +124,30 @@ def test_refresh_stages_only_changes_then_is_a_noop(worker, mirror, s3, tmp_path
 
     row = refresh()
     assert row["status"] == "unchanged" and row["bytes_sent"] == 0
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = ROOT / "test-output"
+
+
+def chromium(url: str, *mode: str, user_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={user_dir}", "--virtual-time-budget=20000", "--window-size=1400,1000",
+                           *mode, url], capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
+def test_prefect_ui_shows_the_step_table_of_a_completed_run(worker, prefect_api, tmp_path):
+    _, prefect, _ = worker
+    out = run_deployment(prefect, "stage-and-launch/default", f"model={TINY}", "target=local")
+    run_id = flow_run_id(out.stdout)
+    table = artifacts(run_id)["stage-and-launch-steps"]
+    url = f"{prefect_api.removesuffix('/api')}/artifacts/artifact/{table.id}"
+    dom = chromium(url, "--dump-dom", user_dir=tmp_path / "a").stdout
+    assert "stage-and-launch-steps" in dom and "launch" in dom and "completed" in dom, dom[-2000:]
+    SHOTS.mkdir(exist_ok=True)
+    for name, page in (("prefect-ui-step-table.png", url),
+                       ("prefect-ui-flow-run.png", f"{prefect_api.removesuffix('/api')}/runs/flow-run/{run_id}")):
+        chromium(page, f"--screenshot={SHOTS / name}", user_dir=tmp_path / name)
+        assert (SHOTS / name).stat().st_size > 10_000
