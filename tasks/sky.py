@@ -8,10 +8,12 @@ API server, where it fails at provisioning (there is no cloud here).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,13 +154,15 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, sou
     return cfg
 
 
-def validate(cfg: dict):
-    """Validate with SkyPilot's own schema (offline). Returns the sky.Task."""
+def validate(cfg: dict, secrets: dict[str, str] | None = None):
+    """Validate with SkyPilot's own schema (offline). Returns the sky.Task, with `secrets` filled in
+    the way `sky launch --secret NAME=value` does (a null secret is a reference resolved at launch)."""
     import sky
     from sky import exceptions
 
+    overrides = [(k, v) for k, v in (secrets or {}).items() if v and k in cfg.get("secrets", {})]
     try:
-        return sky.Task.from_yaml_config(copy.deepcopy(cfg))  # it empties the dict it is given
+        return sky.Task.from_yaml_config(copy.deepcopy(cfg), secrets_overrides=overrides)  # it empties its dict
     except (exceptions.InvalidSkyPilotConfigError, ValueError) as exc:
         raise SettingsError(f"SkyPilot rejected the generated task: {str(exc).splitlines()[0]}") from exc
 
@@ -185,19 +189,21 @@ _BlockDumper.add_representer(str, _str)
 # --- the cloud boundary --------------------------------------------------------------------------
 
 def launch(cfg: dict, name: str, mode: str, secrets: dict[str, str], idle_minutes: int = 30) -> None:
-    """Launch on SkyPilot. Blocks until SkyPilot has submitted the run (cluster/job) or the service."""
+    """Launch on SkyPilot. Blocks until SkyPilot has submitted the run (cluster/job) or the service.
+    SkyPilot's progress goes to stderr, so `--json` output on stdout stays clean."""
     import sky
     from sky import exceptions
 
-    task = validate(cfg)
-    task.update_secrets({k: v for k, v in secrets.items() if v})
+    task = validate(cfg, secrets)
     try:
-        if mode == "cluster":
-            sky.stream_and_get(sky.launch(task, cluster_name=name, idle_minutes_to_autostop=idle_minutes, down=True))
-        elif mode == "job":
-            sky.stream_and_get(sky.jobs.launch(task, name=name))
-        else:
-            sky.stream_and_get(sky.serve.up(task, service_name=name))
+        with contextlib.redirect_stdout(sys.stderr):
+            if mode == "cluster":
+                request = sky.launch(task, cluster_name=name, idle_minutes_to_autostop=idle_minutes, down=True)
+            elif mode == "job":
+                request = sky.jobs.launch(task, name=name)
+            else:
+                request = sky.serve.up(task, service_name=name)
+            sky.stream_and_get(request, output_stream=sys.stderr)
     except Exception as exc:
         if not type(exc).__module__.startswith("sky"):
             raise
