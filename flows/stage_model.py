@@ -49,11 +49,14 @@ def stage_model(source: str, revision: str | None = None, include: list[str] | N
     steps = Steps("stage-steps", f"stage {source}")
     include, exclude = list(include or []), list(exclude or [])
     plan = steps(resolve, source, revision, include, exclude, name, allow_unloadable, replace)
-    steps(download, plan)
-    steps(local_verify, plan)
-    steps(upload, plan, replace)
-    manifest = steps(remote_verify, plan)
-    steps(publish, plan, manifest, set_current)
+    try:  # resolve took the revision's lock in the bucket: one writer per revision
+        steps(download, plan)
+        steps(local_verify, plan)
+        steps(upload, plan, replace)
+        manifest = steps(remote_verify, plan)
+        steps(publish, plan, manifest, set_current)
+    finally:
+        staging.release(plan)
     steps.publish(summary=_summary(plan, steps))
     return steps.rows
 

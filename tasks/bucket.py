@@ -48,6 +48,7 @@ def translate(exc: Exception, settings: Settings) -> Exception:
 class ObjectInfo:
     size: int
     etag: str
+    modified: float = 0.0  # epoch seconds
 
 
 class Bucket:
@@ -75,7 +76,7 @@ class Bucket:
             kwargs = {"Prefix": prefix, **({"ContinuationToken": token} if token else {})}
             page = self._call("list_objects_v2", **kwargs)
             for obj in page.get("Contents", []):
-                out[obj["Key"]] = ObjectInfo(obj["Size"], obj["ETag"].strip('"'))
+                out[obj["Key"]] = ObjectInfo(obj["Size"], obj["ETag"].strip('"'), obj["LastModified"].timestamp())
             if not page.get("IsTruncated"):
                 return out
             token = page["NextContinuationToken"]
@@ -109,6 +110,21 @@ class Bucket:
         self.put_bytes(key, data, "application/json")
         return len(data)
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create `key` only if it doesn't exist (If-None-Match: *). False when it exists. R2 and S3
+        honour the condition; a server that ignores it (rclone serve s3) just overwrites."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.put_object(Bucket=self.name, Key=key, Body=data, ContentType="application/json", IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise translate(exc, self.settings) from exc
+        except Exception as exc:
+            raise translate(exc, self.settings) from exc
+
     def delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
             self._call("delete_objects", Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
@@ -127,6 +143,28 @@ class Bucket:
                                                                         multipart_chunksize=part_size))
         except Exception as exc:
             raise translate(exc, self.settings) from exc
+
+    def multipart_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        """Unfinished multipart uploads under `prefix`: (key, upload id, initiated epoch seconds)."""
+        from botocore.exceptions import ClientError
+
+        out, marks = [], {}
+        while True:
+            try:
+                page = self.s3.list_multipart_uploads(Bucket=self.name, Prefix=prefix, **marks)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                    return out  # rclone serve s3's answer when there are none
+                raise translate(exc, self.settings) from exc
+            except Exception as exc:
+                raise translate(exc, self.settings) from exc
+            out += [(u["Key"], u["UploadId"], u["Initiated"].timestamp()) for u in page.get("Uploads", [])]
+            if not page.get("IsTruncated"):
+                return out
+            marks = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        self._call("abort_multipart_upload", Key=key, UploadId=upload_id)
 
     def stream(self, key: str):
         """The object's body as a stream (for --deep verification)."""

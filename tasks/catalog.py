@@ -12,11 +12,16 @@ revision without a manifest is never a model here.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from tasks.bucket import Bucket, ObjectInfo
-from tasks.errors import IntegrityError, NotStaged
+from tasks.errors import IntegrityError, ModelferryError, NotStaged
 from tasks.integrity import Manifest
 
 
@@ -193,3 +198,75 @@ def prune(bucket: Bucket, name: str, keep: int) -> list[str]:
         bucket.delete([manifest_key(name, rev), verified_key(name, rev)])
         bucket.delete(list(bucket.listing(model_prefix(name, rev))))
     return pruned
+
+
+def lock_key(name: str, revision: str) -> str:
+    return f"locks/{name}/{revision}.json"
+
+
+class Lock:
+    """Who may write a revision: one stage at a time, across Prefect runs and plain CLI processes on
+    any machine, by a conditional create in the bucket. A lock older than `ttl` (its holder was
+    killed) is broken. On a server without conditional writes the read-back still catches most races."""
+
+    def __init__(self, bucket: Bucket, name: str, revision: str, ttl: float = 3600):
+        self.bucket, self.key, self.ttl = bucket, lock_key(name, revision), ttl
+        self.owner = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def acquire(self, wait: float = 1800, poll: float = 1.0, log=None) -> None:
+        deadline = time.monotonic() + wait
+        announced = False
+        while True:
+            body = json.dumps({**self.owner, "since": time.time()}).encode()
+            if self.bucket.put_if_absent(self.key, body) and (self.bucket.get_json(self.key) or {}).get("id") == self.owner["id"]:
+                return
+            held = self.bucket.get_json(self.key)
+            if held and time.time() - held.get("since", 0) > self.ttl:
+                self.bucket.delete([self.key])  # stale: its holder died
+                continue
+            if time.monotonic() > deadline:
+                raise Locked(f"{self.key} is held by {held.get('host')} pid {held.get('pid')} since "
+                             f"{time.strftime('%H:%M:%S', time.gmtime(held.get('since', 0)))} UTC: another stage of this "
+                             "revision is running; retry when it ends" if held else f"{self.key} stayed busy")
+            if log and not announced:
+                log.info("another stage of this revision holds %s; waiting", self.key)
+                announced = True
+            time.sleep(poll)
+
+    def release(self) -> None:
+        held = self.bucket.get_json(self.key)
+        if held and held.get("id") == self.owner["id"]:
+            self.bucket.delete([self.key])
+
+
+class Locked(ModelferryError):
+    """Another stage of the same revision kept the lock past our wait."""
+
+
+def gc(bucket: Bucket, grace_s: float = 24 * 3600, dry_run: bool = False, prefix: str = "models/") -> dict:
+    """Clean what killed runs leave behind, once older than `grace_s`: unfinished multipart uploads
+    (their parts are billed but invisible), and revision prefixes that never got a manifest and are
+    not locked by a running stage. Published revisions are never touched."""
+    cutoff = time.time() - grace_s
+    stale_uploads = [(k, u) for k, u, started in bucket.multipart_uploads(prefix) if started < cutoff]
+    objects = bucket.listing(prefix)
+    revisions: dict[tuple[str, str], list[str]] = {}
+    for key in objects:
+        parts = key[len("models/"):].split("/")
+        if len(parts) >= 4:
+            revisions.setdefault(("/".join(parts[:2]), parts[2]), []).append(key)
+    published = {k for k in bucket.listing("manifests/") if "/revisions/" in k}
+    locked = set(bucket.listing("locks/"))
+    orphans = {}
+    for (name, rev), keys in revisions.items():
+        if manifest_key(name, rev) in published or lock_key(name, rev) in locked:
+            continue
+        if max(objects[k].modified for k in keys) < cutoff:
+            orphans[f"{name}@{rev}"] = keys
+    if not dry_run:
+        for key, upload_id in stale_uploads:
+            bucket.abort_upload(key, upload_id)
+        for keys in orphans.values():
+            bucket.delete(keys)
+    return {"aborted_uploads": [k for k, _ in stale_uploads], "removed_revisions": sorted(orphans),
+            "removed_objects": sum(len(v) for v in orphans.values()), "dry_run": dry_run}

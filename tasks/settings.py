@@ -68,9 +68,39 @@ def _check_bucket(name: str) -> str:
     return name
 
 
+# Prefect Secret blocks read when the variable is not in the environment (`modelferry blocks` makes them).
+BLOCKS = {"R2_ENDPOINT": "modelferry-r2-endpoint", "R2_BUCKET": "modelferry-r2-bucket",
+          "R2_ACCESS_KEY": "modelferry-r2-access-key", "R2_SECRET_KEY": "modelferry-r2-secret-key",
+          "HF_TOKEN": "modelferry-hf-token", "R2_READ_ACCESS_KEY": "modelferry-r2-read-access-key",
+          "R2_READ_SECRET_KEY": "modelferry-r2-read-secret-key"}
+_block_cache: dict[str, str | None] = {}
+
+
+def _from_blocks(names: list[str]) -> dict[str, str]:
+    """Values of Prefect Secret blocks for `names`, when a Prefect API is configured."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return {}
+    from prefect.blocks.system import Secret
+
+    out = {}
+    for var in names:
+        if var not in _block_cache:
+            try:
+                _block_cache[var] = Secret.load(BLOCKS[var]).get()
+            except ValueError:  # no such block
+                _block_cache[var] = None
+        if _block_cache[var]:
+            out[var] = _block_cache[var]
+    return out
+
+
 def load(env: dict[str, str] | None = None) -> Settings:
-    """Read settings; raise SettingsError naming the first missing or malformed variable."""
+    """Read settings from the environment, else from Prefect Secret blocks; raise SettingsError
+    naming the first missing or malformed variable."""
     env = os.environ if env is None else env
+    missing = [k for k in REQUIRED if not env.get(k, "").strip()]
+    if missing:  # blocks mode: the HF token may live there too
+        env = {**env, **_from_blocks(missing + ([] if env.get("HF_TOKEN") else ["HF_TOKEN"]))}
     missing = [k for k in REQUIRED if not env.get(k, "").strip()]
     if missing:
         raise SettingsError(
@@ -184,10 +214,26 @@ def loader_env(endpoint: str) -> dict[str, str]:
 def loader_secrets(settings: Settings) -> dict[str, str]:
     """The keys a node reads the bucket with: the read-only pair when R2_READ_ACCESS_KEY /
     R2_READ_SECRET_KEY are set, else the write pair. These go in SkyPilot `secrets`, never `envs`."""
-    read_key, read_secret = os.environ.get("R2_READ_ACCESS_KEY"), os.environ.get("R2_READ_SECRET_KEY")
+    read = {k: os.environ[k] for k in ("R2_READ_ACCESS_KEY", "R2_READ_SECRET_KEY") if os.environ.get(k)}
+    if not read:
+        read = _from_blocks(["R2_READ_ACCESS_KEY", "R2_READ_SECRET_KEY"])
+    read_key, read_secret = read.get("R2_READ_ACCESS_KEY"), read.get("R2_READ_SECRET_KEY")
     if bool(read_key) != bool(read_secret):
         raise SettingsError("set both R2_READ_ACCESS_KEY and R2_READ_SECRET_KEY, or neither")
     if read_key:
         redact([read_key, read_secret])
         return {"AWS_ACCESS_KEY_ID": read_key, "AWS_SECRET_ACCESS_KEY": read_secret}
     return {"AWS_ACCESS_KEY_ID": settings.access_key, "AWS_SECRET_ACCESS_KEY": settings.secret_key}
+
+
+def save_blocks(env: dict[str, str] | None = None) -> list[str]:
+    """Store every setting present in the environment as a Prefect Secret block. Returns block names."""
+    from prefect.blocks.system import Secret
+
+    env = os.environ if env is None else env
+    saved = []
+    for var, block in BLOCKS.items():
+        if env.get(var):
+            Secret(value=env[var]).save(block, overwrite=True)
+            saved.append(block)
+    return saved

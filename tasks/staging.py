@@ -60,6 +60,7 @@ class Plan:
     gated: bool | str = False
     published: Manifest | None = None
     unexpected: list[str] = field(default_factory=list)  # objects under the prefix not in this plan
+    lock: catalog.Lock | None = None  # held from resolve until the flow ends
 
     @property
     def prefix(self) -> str:
@@ -91,6 +92,13 @@ class StepStats:
 
     def row(self) -> dict:
         return asdict(self)
+
+
+def release(plan: Plan | None) -> None:
+    """Give up the revision's lock (idempotent)."""
+    if plan is not None and plan.lock is not None:
+        plan.lock.release()
+        plan.lock = None
 
 
 # --- the local hash cache: hashes taken from verified bytes, reused across runs ------------------
@@ -188,13 +196,23 @@ def resolve(settings: Settings, source: str, revision: str | None, include: list
         log.warning("%s is gated on the Hub (%s): its copy in bucket %s is readable by anyone holding the bucket's keys",
                     plan.name, plan.gated, settings.bucket)
     bucket = Bucket(settings)
-    plan.published = catalog.read_manifest(bucket, plan.name, plan.revision)
-    if plan.published and not replace and (plan.published.include, plan.published.exclude) != (include, exclude):
-        raise SourceError(
-            f"{plan.name}@{plan.revision} is already staged with include={plan.published.include} "
-            f"exclude={plan.published.exclude}; pass --replace to restage it with include={include} exclude={exclude}")
-    _mark_proven(plan, bucket.listing(plan.prefix), bucket)
-    _plan_copies(plan, bucket)
+    plan.lock = catalog.Lock(bucket, plan.name, plan.revision)  # one writer per revision, until the flow ends
+    plan.lock.acquire(wait=float(os.environ.get("MODELFERRY_LOCK_WAIT_S", "1800")), log=log)
+    try:
+        plan.published = catalog.read_manifest(bucket, plan.name, plan.revision)
+        if plan.published and not replace and (plan.published.include, plan.published.exclude) != (include, exclude):
+            raise SourceError(
+                f"{plan.name}@{plan.revision} is already staged with include={plan.published.include} "
+                f"exclude={plan.published.exclude}; pass --replace to restage it with include={include} exclude={exclude}")
+        # We hold the lock, so any unfinished multipart upload here is a killed run's: abort it.
+        for key, upload_id, _ in bucket.multipart_uploads(plan.prefix):
+            bucket.abort_upload(key, upload_id)
+            log.info("aborted an unfinished multipart upload of %s", key[len(plan.prefix):])
+        _mark_proven(plan, bucket.listing(plan.prefix), bucket)
+        _plan_copies(plan, bucket)
+    except BaseException:
+        release(plan)
+        raise
     stats.files = len(plan.files)
     copies = len(plan.pending()) - len(plan.to_fetch())
     stats.note = f"@{plan.revision[:12]}, {len(plan.files) - len(plan.pending())} already in bucket" + (

@@ -194,9 +194,9 @@ def olah_mirror(mirror: Path, workdir: Path):
 # --- Prefect ---------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def prefect_server(home: Path):
+def prefect_server(home: Path, port: int | None = None):
     """A real `prefect server` on SQLite in `home`. Yields its API URL."""
-    port = free_port()
+    port = port or free_port()
     # The UI's JavaScript calls the API at this address (default :4200).
     env = dict(prefect_env(home), PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",
                PREFECT_SERVER_UI_API_URL=f"http://127.0.0.1:{port}/api")

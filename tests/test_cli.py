@@ -15,3 +15,18 @@ def test_every_command_has_help_with_an_example_or_description(command):
 def test_top_level_help_lists_settings():
     out = subprocess.run([sys.executable, "-m", "flows", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "R2_ENDPOINT" in out.stdout and "HF_TOKEN" in out.stdout
+
+
+def test_blocks_carry_the_settings_for_processes_without_them(cli, env):
+    from tests.conftest import ACCESS_KEY, SECRET_KEY
+
+    saved = cli("blocks")
+    assert saved.rc == 0 and "modelferry-r2-secret-key" in saved.out, saved
+    assert SECRET_KEY not in saved.out + saved.err
+    bare = {k: "" for k in ("R2_ENDPOINT", "R2_BUCKET", "R2_ACCESS_KEY", "R2_SECRET_KEY")}
+    listed = cli("list", "--json", extra_env=bare)
+    assert listed.rc == 0, listed
+    assert isinstance(listed.json(), list)
+    assert SECRET_KEY not in listed.out + listed.err and ACCESS_KEY not in listed.out + listed.err
+    no_api = cli("list", extra_env={**bare, "PREFECT_API_URL": ""})
+    assert no_api.rc == 2 and "R2_ENDPOINT is not set" in no_api.err
