@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--accelerators", action="append", metavar="GPU[:N]",
                         help="GPUs to allow, e.g. L4:1 or A100:2 (default: every GPU whose memory fits the model)")
         sp.add_argument("--concurrency", type=int, default=32, help="Run:ai streamer concurrency (default 32)")
+        sp.add_argument("--ready-timeout", type=float, default=1800, metavar="SECONDS",
+                        help="how long to wait for /health before tearing down (default 1800)")
         sp.add_argument("--json", action="store_true", help="print the phase rows as JSON")
 
     la = sub.add_parser(
@@ -266,7 +268,7 @@ def cmd_list(args) -> int:
 
 def _launch_options(args) -> dict:
     return dict(target=args.target, mode=args.mode, source=args.source, strategy=args.strategy,
-                accelerators=args.accelerators, concurrency=args.concurrency)
+                accelerators=args.accelerators, concurrency=args.concurrency, ready_timeout=args.ready_timeout)
 
 
 def _validate_launch(args) -> None:
@@ -275,7 +277,8 @@ def _validate_launch(args) -> None:
 
     strategies = ["stream", "prefetch"] if args.strategy == "both" else [args.strategy]
     for strategy in strategies:
-        LaunchOptions(mode=args.mode, strategy=strategy, concurrency=args.concurrency).check()
+        LaunchOptions(mode=args.mode, strategy=strategy, concurrency=args.concurrency,
+                      ready_timeout=args.ready_timeout).check()
     if args.accelerators:
         parse_accelerators(args.accelerators)
     if args.source not in ("auto", "r2", "hub"):
@@ -322,7 +325,7 @@ def cmd_launch(args) -> int:
         _validate_launch(args)
         dep = launcher.plan(config.load(), args.name, args.revision, args.target, args.source,
                             sky.LaunchOptions(mode=args.mode, strategy=args.strategy, accelerators=args.accelerators,
-                                              concurrency=args.concurrency), "dry-run")
+                                              concurrency=args.concurrency, ready_timeout=args.ready_timeout), "dry-run")
         print(f"# {dep.name}: {dep.model}@{dep.revision} from {dep.source}")
         print(sky.redacted_yaml(dep.cfg, dep.secrets))
         return 0

@@ -49,7 +49,7 @@ def launch(model, revision, target, source, options_dict, run_id):
     else:
         _deployments.append(dep)
     launcher.start(dep)
-    launcher.wait_ready(dep)
+    launcher.wait_ready(dep, dep.options.ready_timeout)
     text = launcher.first_token(dep)
     log.info("%s answers at %s: %r", dep.name, dep.url, text[:120])
     row = launcher.measure(dep, "cold", 1)
@@ -62,7 +62,7 @@ def warm_runs(runs):
     for dep in list(_deployments):
         for n in range(2, runs + 1):
             launcher.restart(dep)
-            launcher.wait_ready(dep)
+            launcher.wait_ready(dep, dep.options.ready_timeout)
             launcher.first_token(dep)
             rows.append(launcher.measure(dep, "warm", n))
     return rows, StepStats("bench", files=len(rows), note=f"{len(rows)} warm restart(s)")
@@ -76,7 +76,7 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
                      source: str = "auto", strategy: str = "stream", accelerators: list[str] | None = None,
                      runs: int = 1, stage: bool = True, include: list[str] | None = None,
                      exclude: list[str] | None = None, keep: bool = False, concurrency: int = 32,
-                     results_dir: str = "results") -> list[dict]:
+                     results_dir: str = "results", ready_timeout: float = 1800) -> list[dict]:
     """Stage a model (optional), verify it, launch it where it streams its weights from the bucket,
     and time every phase of each start. Returns the phase rows, one per run."""
     if runs < 1:
@@ -97,7 +97,8 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
                     raise
                 log.warning("%s is not staged or not verified: launch decides the source", model)
         for strat in strategies:
-            options = asdict(LaunchOptions(mode=mode, strategy=strat, accelerators=accelerators, concurrency=concurrency))
+            options = asdict(LaunchOptions(mode=mode, strategy=strat, accelerators=accelerators, concurrency=concurrency,
+                                           ready_timeout=ready_timeout))
             phase_rows.append(steps(launch, model, revision, target, source, options, f"{run_id}-{strat}"))
         if runs > 1:
             phase_rows += steps(warm_runs, runs)

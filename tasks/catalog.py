@@ -221,8 +221,8 @@ class Lock:
             if self.bucket.put_if_absent(self.key, body) and (self.bucket.get_json(self.key) or {}).get("id") == self.owner["id"]:
                 return
             held = self.bucket.get_json(self.key)
-            if held and time.time() - held.get("since", 0) > self.ttl:
-                self.bucket.delete([self.key])  # stale: its holder died
+            if held and self._stale(held):
+                self.bucket.delete([self.key])  # its holder died (killed, or past the ttl)
                 continue
             if time.monotonic() > deadline:
                 raise Locked(f"{self.key} is held by {held.get('host')} pid {held.get('pid')} since "
@@ -232,6 +232,18 @@ class Lock:
                 log.info("another stage of this revision holds %s; waiting", self.key)
                 announced = True
             time.sleep(poll)
+
+    def _stale(self, held: dict) -> bool:
+        if time.time() - held.get("since", 0) > self.ttl:
+            return True
+        if held.get("host") == self.owner["host"] and held.get("pid"):
+            try:
+                os.kill(held["pid"], 0)
+            except ProcessLookupError:
+                return True  # same machine, process gone: a killed run, resume now
+            except PermissionError:
+                pass
+        return False
 
     def release(self) -> None:
         held = self.bucket.get_json(self.key)

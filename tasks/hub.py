@@ -4,6 +4,7 @@ with the Hub's own hashes, and download them. huggingface_hub's errors become ou
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,15 @@ def _translate(exc: Exception, repo_id: str, revision: str, token, endpoint) -> 
         if status is None or status >= 500 or status == 429:
             return TransientHubError(f"the Hub{where} failed ({status}): {str(exc).splitlines()[0]}")
         return HubError(f"the Hub{where} refused the request ({status}): {str(exc).splitlines()[0]}")
+    if isinstance(exc, RuntimeError) and "client has been closed" in str(exc):
+        # huggingface_hub closed its shared HTTP client after a network error; a fresh one on retry
+        from huggingface_hub.utils import close_session
+
+        close_session()
+        return TransientHubError(f"lost the connection to the Hub{where} while talking to {repo_id}")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return SourceError(f"disk full while downloading {repo_id} into {exc.filename or 'the cache'}: "
+                           "free space or set MODELFERRY_CACHE to a bigger disk")
     if isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("requests", "httpx", "urllib3")):
         return TransientHubError(f"cannot reach the Hub{where or ' (huggingface.co)'}: {exc}")
     return exc

@@ -118,6 +118,16 @@ def etag_forms(md5: str, multipart: str | None) -> set[str]:
     return {md5} | ({multipart} if multipart else set())
 
 
+MAX_KEY_BYTES = 1024  # S3 and R2 object key limit
+
+
+def check_key_length(key: str) -> str:
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise SourceError(f"object key for {key.rsplit('/', 1)[-1]!r} would be {len(key.encode())} bytes: S3 and R2 "
+                          f"allow {MAX_KEY_BYTES}; shorten the file path or the model name")
+    return key
+
+
 def check_relpath(path: str) -> str:
     """A file path from a source or a manifest must stay inside its prefix."""
     norm = posixpath.normpath(path)

@@ -58,6 +58,7 @@ class LaunchOptions:
     pip_setup: bool = False  # install vLLM with pip instead of using the pinned image
     vllm_version: str = "0.11.0"
     extra_args: str = ""
+    ready_timeout: float = 1800  # seconds to wait for /health after launch
     envs: dict[str, str] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -71,6 +72,8 @@ class LaunchOptions:
             raise SettingsError("--memory-limit must be -1 (unlimited) or a number of bytes")
         if not 1.0 <= self.headroom <= 10:
             raise SettingsError(f"--headroom {self.headroom} is out of range: use 1.0-10")
+        if not 0 < self.ready_timeout <= 6 * 3600:
+            raise SettingsError(f"--ready-timeout {self.ready_timeout} is out of range: use 1-21600 seconds")
         if self.idle_minutes < 1:
             raise SettingsError("--idle-minutes must be at least 1")
 

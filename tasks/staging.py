@@ -21,7 +21,8 @@ from pathlib import Path
 from tasks import catalog, hub, transfer
 from tasks.bucket import Bucket
 from tasks.errors import IntegrityError, SourceError
-from tasks.integrity import FileEntry, FileHashes, Manifest, check_relpath, etag_forms, hash_file, local_revision, part_size_for
+from tasks.integrity import (FileEntry, FileHashes, Manifest, check_key_length, check_relpath, etag_forms, hash_file,
+                             local_revision, part_size_for)
 from tasks.settings import Settings
 
 log = logging.getLogger("modelferry.stage")
@@ -192,6 +193,8 @@ def resolve(settings: Settings, source: str, revision: str | None, include: list
     else:
         plan = _resolve_hub(settings, source, revision, include, exclude, name)
     _check_loadable([f.path for f in plan.files], allow_unloadable)
+    for f in plan.files:
+        check_key_length(plan.prefix + f.path)
     if plan.gated:
         log.warning("%s is gated on the Hub (%s): its copy in bucket %s is readable by anyone holding the bucket's keys",
                     plan.name, plan.gated, settings.bucket)

@@ -1,0 +1,157 @@
+"""What happens when things break mid-way, against the real stand-ins: killed runs, a bucket that
+restarts, a Hub that goes away, a full disk, a server that never gets ready."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks import catalog, standins
+from tasks import settings as config
+from tasks.bucket import Bucket
+from tests.conftest import TINY, steps_by_name
+
+MiB = 2**20
+
+
+def model_dir(root: Path) -> tuple[Path, int]:
+    root.mkdir(parents=True)
+    sizes = {"config.json": 0, "a.safetensors": 1, "b.safetensors": 2, "c.safetensors": 8, "d.safetensors": 8}
+    for name, mib in sizes.items():
+        (root / name).write_bytes(os.urandom(mib * MiB) if mib else b"{}")
+    return root, sum(p.stat().st_size for p in root.iterdir())
+
+
+@pytest.fixture
+def slow_bucket(tmp_path):
+    """A bucket of its own behind rclone's bandwidth limit, so uploads take seconds."""
+    port = standins.free_port()
+    args = ("--bwlimit", "4M")
+    with standins.rclone_bucket(tmp_path / "slow", "mf-slow", "slow-access-1", "slow-secret-1", port, args) as b:
+        yield b, port, args
+
+
+def start_stage(env, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows", "stage", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"never saw {needle!r}: {''.join(seen)[-2000:]}")
+
+
+def test_sigkill_mid_upload_then_rerun_resumes(cli, env, slow_bucket, tmp_path):
+    bucket, _, _ = slow_bucket
+    model, total = model_dir(tmp_path / "m")
+    e = {**env, **bucket.env()}
+    proc = start_stage(e, str(model), "--name", "acme/killed", "--allow-unloadable")
+    wait_for_line(proc, "upload 3/5")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    s3 = Bucket(config.load(bucket.env()))
+    assert s3.listing("manifests/acme/killed/") == {}, "a killed run published something"
+    assert cli("list", "--json", extra_env=bucket.env()).json() == []
+
+    rerun = cli("stage", str(model), "--name", "acme/killed", "--allow-unloadable", "--json", extra_env=bucket.env())
+    assert rerun.rc == 0, rerun
+    up = steps_by_name(rerun.json())["upload"]
+    assert 0 < up["bytes"] < total and up["files"] < 5  # only what the killed run had not finished
+    assert cli("verify", "acme/killed", "--deep", extra_env=bucket.env()).rc == 0
+
+
+def test_bucket_restart_mid_upload_is_retried(cli, env, slow_bucket, tmp_path):
+    bucket, port, args = slow_bucket
+    model, _ = model_dir(tmp_path / "m")
+    proc = start_stage({**env, **bucket.env()}, str(model), "--name", "acme/bumpy", "--allow-unloadable", "--json")
+    wait_for_line(proc, "upload 1/5")
+    standins.stop(bucket.proc, grace=0.1)  # the connection drops mid-transfer
+    time.sleep(1)
+    with standins.rclone_bucket(bucket.root, bucket.bucket, bucket.access_key, bucket.secret_key, port, args):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert cli("verify", "acme/bumpy", "--deep", extra_env=bucket.env()).rc == 0
+
+
+def test_hub_going_away_mid_download_fails_clearly_without_uploading(cli, env, mirror, s3, tmp_path):
+    repo = "acme/vanishing"
+    standins.commit_files(mirror, repo, standins.tiny_model_files())
+    with standins.olah_mirror(mirror, tmp_path / "olah") as hub:
+        proc = start_stage({**env, "HF_ENDPOINT": hub}, repo, "--json")
+        wait_for_line(proc, "download 1/")
+    # leaving the `with` stopped olah while the download was running
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    import json
+
+    row = json.loads(out)[-1]
+    assert row["step"] == "download" and row["status"] == "failed" and row["attempts"] == 4, (row, err[-2000:])
+    assert ("cannot reach the Hub" in err or "lost the connection to the Hub" in err) and "Traceback" not in err
+    assert s3.listing(f"models/{repo}/") == {}
+
+
+def test_readiness_timeout_tears_down(cli, s3):
+    assert cli("stage", TINY).rc == 0
+    run = cli("launch", TINY, "--target", "local", "--ready-timeout", "0.3")
+    assert run.rc == 1 and "did not answer /health within" in run.err, run
+    from tests.test_launch_local import local_servers
+
+    assert not local_servers()
+
+
+def test_deleted_object_is_named_and_restored(cli, s3, tmp_path):
+    from tests.test_stage import make_local_model
+
+    model = make_local_model(tmp_path / "m")
+    assert cli("stage", str(model), "--name", "acme/holey").rc == 0
+    rev = catalog.current_revision(s3, "acme/holey")
+    s3.delete([f"models/acme/holey/{rev}/config.json"])
+    run = cli("verify", "acme/holey")
+    assert run.rc == 1 and "config.json (missing)" in run.err, run
+    assert cli("stage", str(model), "--name", "acme/holey").rc == 0
+    assert cli("verify", "acme/holey").rc == 0
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda d: None, "is empty"),
+    (lambda d: (d / "escape").symlink_to("/etc/hostname"), "links outside"),
+])
+def test_bad_local_directories(cli, s3, tmp_path, setup, message):
+    d = tmp_path / "src"
+    d.mkdir()
+    setup(d)
+    run = cli("stage", str(d), "--name", "acme/bad-dir")
+    assert run.rc == 1 and message in run.err, run
+    assert s3.listing("models/acme/bad-dir/") == {}
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mnt = tmp_path / "tiny-disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_in_the_cache_is_a_clear_error(cli, s3, tiny_disk):
+    run = cli("stage", TINY, "--name", "acme/no-room", extra_env={"MODELFERRY_CACHE": str(tiny_disk)})
+    assert run.rc == 1, run
+    assert "not enough space in" in run.err and str(tiny_disk) in run.err and "MODELFERRY_CACHE" in run.err
+    assert s3.listing("models/acme/no-room/") == {} and s3.listing("manifests/acme/no-room/") == {}
