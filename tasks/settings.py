@@ -97,9 +97,10 @@ def _from_blocks(names: list[str]) -> dict[str, str]:
 def load(env: dict[str, str] | None = None) -> Settings:
     """Read settings from the environment, else from Prefect Secret blocks; raise SettingsError
     naming the first missing or malformed variable."""
+    explicit = env is not None
     env = os.environ if env is None else env
     missing = [k for k in REQUIRED if not env.get(k, "").strip()]
-    if missing:  # blocks mode: the HF token may live there too
+    if missing and not explicit:  # blocks mode: the HF token may live there too
         env = {**env, **_from_blocks(missing + ([] if env.get("HF_TOKEN") else ["HF_TOKEN"]))}
     missing = [k for k in REQUIRED if not env.get(k, "").strip()]
     if missing:

@@ -1,0 +1,183 @@
+"""Carry vLLM's compile caches between spot nodes through the bucket.
+
+This file runs in two places: imported here (key derivation, listing, gc, tests) and shipped to
+the GPU node by the SkyPilot task (`file_mounts`), where `python3 compile_cache.py key|restore|save`
+runs with only the standard library and s5cmd. It never blocks serving: every failure is logged
+and the command exits 0.
+
+Layout: compile-cache/<key>/files/{vllm,triton}/...  and  compile-cache/<key>/manifest.json
+(written last: files, sizes, sha256). A cache whose manifest doesn't verify is not restored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+PREFIX = "compile-cache"
+# What vLLM and Triton reuse across restarts on the same disk.
+CACHE_DIRS = {"vllm": "~/.cache/vllm/torch_compile_cache", "triton": "~/.triton/cache"}
+
+
+def derive_key(*, model_uri: str, revision: str, vllm_version: str, gpu: str, tensor_parallel: int | str,
+               compile_options: str = "") -> str:
+    """Changes whenever the compiled artifacts could: model revision, vLLM version (the image), GPU
+    type, tensor-parallel size, and the options passed to vLLM that shape compilation."""
+    inputs = {"model": model_uri.rstrip("/"), "revision": revision, "vllm": vllm_version,
+              "gpu": gpu.strip().lower(), "tp": str(tensor_parallel), "options": " ".join(compile_options.split())}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _log(msg: str) -> None:
+    print(f"modelferry compile cache: {msg}", file=sys.stderr, flush=True)
+
+
+def _s5cmd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [os.environ.get("S5CMD", "s5cmd"), "--endpoint-url", os.environ["AWS_ENDPOINT_URL"], *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=check)
+
+
+def _root() -> str:
+    return f"s3://{os.environ['COMPILE_CACHE_BUCKET']}/{PREFIX}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _walk(dirs: dict[str, Path]) -> list[dict]:
+    out = []
+    for name, base in dirs.items():
+        if base.is_dir():
+            for p in sorted(base.rglob("*")):
+                if p.is_file() and not p.is_symlink():
+                    out.append({"path": f"{name}/{p.relative_to(base).as_posix()}", "size": p.stat().st_size,
+                                "sha256": _sha256(p)})
+    return out
+
+
+def local_dirs() -> dict[str, Path]:
+    return {k: Path(os.path.expanduser(v)) for k, v in CACHE_DIRS.items()}
+
+
+def save(key: str, dirs: dict[str, Path] | None = None) -> str:
+    """Upload the caches under `key` unless that key is stored already. Returns what happened."""
+    dirs = dirs or local_dirs()
+    if _s5cmd("ls", f"{_root()}/{key}/manifest.json", check=False).returncode == 0:
+        return "already stored"
+    files = _walk(dirs)
+    if not files:
+        return "nothing to save"
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp) / "files"
+        for name, base in dirs.items():
+            if base.is_dir():
+                shutil.copytree(base, stage / name, symlinks=False)
+        upload = _s5cmd("cp", f"{stage}/*", f"{_root()}/{key}/files/", check=False)
+        if upload.returncode:
+            denied = "AccessDenied" in upload.stderr or "403" in upload.stderr
+            return "not saved: " + ("these keys are read-only (restore works, save needs write keys)" if denied
+                                    else upload.stderr.strip().splitlines()[-1][:200] if upload.stderr.strip() else "s5cmd failed")
+        manifest = Path(tmp) / "manifest.json"
+        manifest.write_text(json.dumps({"key": key, "saved_at": time.time(), "files": files}, indent=1))
+        if _s5cmd("cp", str(manifest), f"{_root()}/{key}/manifest.json", check=False).returncode:
+            return "not saved: manifest upload failed"
+    return f"saved {len(files)} files, {sum(f['size'] for f in files)} bytes"
+
+
+def restore(key: str, dirs: dict[str, Path] | None = None) -> str:
+    """Restore the caches for `key`: hit, miss, or refused (a file doesn't match its manifest)."""
+    dirs = dirs or local_dirs()
+    got = _s5cmd("cat", f"{_root()}/{key}/manifest.json", check=False)
+    if got.returncode:
+        return "miss"
+    try:
+        files = json.loads(got.stdout)["files"]
+    except (ValueError, KeyError):
+        return "refused: unreadable manifest"
+    with tempfile.TemporaryDirectory() as tmp:
+        fetched = Path(tmp) / "files"
+        fetched.mkdir()
+        if _s5cmd("cp", f"{_root()}/{key}/files/*", f"{fetched}/", check=False).returncode:
+            return "refused: download failed"
+        bad = []
+        for f in files:
+            p = fetched / f["path"]
+            if f["size"] == 0 and not p.exists():  # zero-byte objects some tools skip
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.touch()
+            if not p.is_file() or p.stat().st_size != f["size"] or _sha256(p) != f["sha256"]:
+                bad.append(f["path"])
+        if bad:
+            return f"refused: {len(bad)} file(s) don't match the manifest ({', '.join(bad[:3])})"
+        for name, base in dirs.items():
+            if (fetched / name).is_dir():
+                base.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(fetched / name, base, dirs_exist_ok=True)
+    return "hit"
+
+
+def node_key() -> str:
+    """The key on a node, from the task's environment and the GPU it got."""
+    gpu = os.environ.get("MF_GPU_NAME") or _gpu_name()
+    return derive_key(model_uri=os.environ["MODEL_URI"], revision=os.environ.get("MODEL_REVISION", ""),
+                      vllm_version=os.environ.get("VLLM_VERSION", ""), gpu=gpu,
+                      tensor_parallel=os.environ.get("SKYPILOT_NUM_GPUS_PER_NODE", "1"),
+                      compile_options=os.environ.get("EXTRA_VLLM_ARGS", ""))
+
+
+def _gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout
+        return out.splitlines()[0] if out.strip() else "cpu"
+    except (OSError, subprocess.TimeoutExpired):
+        return "cpu"
+
+
+def _wait_ready(url: str, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(5)
+    return False
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if argv[:1] == ["key"]:
+            print(node_key())
+        elif argv[:1] == ["restore"]:
+            _log(restore(argv[1]))
+        elif argv[:1] == ["save-when-ready"]:
+            if _wait_ready(argv[2], float(argv[3]) if len(argv) > 3 else 3600):
+                _log(save(argv[1]))
+            else:
+                _log("not saved: the server never became ready")
+        else:
+            print("usage: compile_cache.py key | restore KEY | save-when-ready KEY HEALTH_URL [TIMEOUT]", file=sys.stderr)
+            return 2
+    except Exception as exc:  # never block serving
+        _log(f"skipped after an error: {type(exc).__name__}: {exc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
