@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--accelerators", action="append", metavar="GPU[:N]",
                         help="GPUs to allow, e.g. L4:1 or A100:2 (default: every GPU whose memory fits the model)")
         sp.add_argument("--concurrency", type=int, default=32, help="Run:ai streamer concurrency (default 32)")
+        sp.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                        help="don't restore/save vLLM's torch.compile and Triton caches through the bucket")
         sp.add_argument("--ready-timeout", type=float, default=1800, metavar="SECONDS",
                         help="how long to wait for /health before tearing down (default 1800)")
         sp.add_argument("--json", action="store_true", help="print the phase rows as JSON")
@@ -167,9 +169,13 @@ def _parser() -> argparse.ArgumentParser:
                          epilog="example:\n  modelferry gc --grace-hours 24 --dry-run")
     gcp.add_argument("--grace-hours", type=float, default=24, help="leave anything younger alone (default 24)")
     gcp.add_argument("--dry-run", action="store_true", help="say what would go, change nothing")
+    gcp.add_argument("--compile-cache-days", type=float, metavar="DAYS",
+                     help="also drop compile caches saved more than DAYS ago")
     gcp.add_argument("--json", action="store_true")
     li = sub.add_parser("list", help="list staged models", description="One row per published model revision.")
     li.add_argument("--json", action="store_true", help="print rows as JSON")
+    li.add_argument("--compile-caches", action="store_true",
+                    help="list the stored vLLM compile caches (key, files, bytes, saved_at) instead")
     return p
 
 
@@ -257,6 +263,10 @@ def cmd_list(args) -> int:
     from tasks import settings as config
     from tasks.bucket import Bucket
 
+    if args.compile_caches:
+        rows = catalog.compile_caches(Bucket(config.load()))
+        print(json.dumps(rows)) if args.json else _print_table(rows)
+        return 0
     rows = catalog.list_models(Bucket(config.load()))
     if args.json:
         print(json.dumps(rows))
@@ -268,7 +278,8 @@ def cmd_list(args) -> int:
 
 def _launch_options(args) -> dict:
     return dict(target=args.target, mode=args.mode, source=args.source, strategy=args.strategy,
-                accelerators=args.accelerators, concurrency=args.concurrency, ready_timeout=args.ready_timeout)
+                accelerators=args.accelerators, concurrency=args.concurrency, ready_timeout=args.ready_timeout,
+                compile_cache=args.compile_cache)
 
 
 def _validate_launch(args) -> None:
@@ -325,7 +336,8 @@ def cmd_launch(args) -> int:
         _validate_launch(args)
         dep = launcher.plan(config.load(), args.name, args.revision, args.target, args.source,
                             sky.LaunchOptions(mode=args.mode, strategy=args.strategy, accelerators=args.accelerators,
-                                              concurrency=args.concurrency, ready_timeout=args.ready_timeout), "dry-run")
+                                              concurrency=args.concurrency, ready_timeout=args.ready_timeout,
+                                              compile_cache=args.compile_cache), "dry-run")
         print(f"# {dep.name}: {dep.model}@{dep.revision} from {dep.source}")
         print(sky.redacted_yaml(dep.cfg, dep.secrets))
         return 0
@@ -383,7 +395,11 @@ def cmd_gc(args) -> int:
 
     if args.grace_hours < 0:
         raise SettingsError("--grace-hours must be 0 or more")
-    result = catalog.gc(Bucket(config.load()), args.grace_hours * 3600, args.dry_run)
+    bucket = Bucket(config.load())
+    result = catalog.gc(bucket, args.grace_hours * 3600, args.dry_run)
+    if args.compile_cache_days is not None:
+        result["removed_compile_caches"] = catalog.drop_compile_caches(bucket, args.compile_cache_days * 86400,
+                                                                       args.dry_run)
     if args.json:
         print(json.dumps(result))
     else:
@@ -392,6 +408,8 @@ def cmd_gc(args) -> int:
               f"{len(result['removed_revisions'])} unpublished revision(s) ({result['removed_objects']} objects)")
         for rev in result["removed_revisions"]:
             print(f"  {rev}")
+        if "removed_compile_caches" in result:
+            print(f"{verb} {len(result['removed_compile_caches'])} compile cache(s)")
     return 0
 
 

@@ -76,7 +76,8 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
                      source: str = "auto", strategy: str = "stream", accelerators: list[str] | None = None,
                      runs: int = 1, stage: bool = True, include: list[str] | None = None,
                      exclude: list[str] | None = None, keep: bool = False, concurrency: int = 32,
-                     results_dir: str = "results", ready_timeout: float = 1800) -> list[dict]:
+                     results_dir: str = "results", ready_timeout: float = 1800,
+                     compile_cache: bool = True) -> list[dict]:
     """Stage a model (optional), verify it, launch it where it streams its weights from the bucket,
     and time every phase of each start. Returns the phase rows, one per run."""
     if runs < 1:
@@ -98,7 +99,7 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
                 log.warning("%s is not staged or not verified: launch decides the source", model)
         for strat in strategies:
             options = asdict(LaunchOptions(mode=mode, strategy=strat, accelerators=accelerators, concurrency=concurrency,
-                                           ready_timeout=ready_timeout))
+                                           ready_timeout=ready_timeout, compile_cache=compile_cache))
             phase_rows.append(steps(launch, model, revision, target, source, options, f"{run_id}-{strat}"))
         if runs > 1:
             phase_rows += steps(warm_runs, runs)

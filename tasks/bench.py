@@ -24,6 +24,7 @@ _PATTERNS = {
     "init_engine_s": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) seconds"),
 }
 _CACHE_HIT = re.compile(r"Directly load the compiled graph\(s\) for shape .* from the cache")
+_OUR_CACHE = re.compile(r"modelferry compile cache: (hit|miss|off|refused)")
 _CACHE_DIR = re.compile(r"Using cache directory: (\S+) for vLLM's torch\.compile")
 
 
@@ -34,7 +35,10 @@ def parse_vllm_log(text: str) -> dict:
         found = pattern.findall(text)
         if found:
             out[key] = float(found[-1])  # a restart in the same log: the latest start counts
-    if _CACHE_DIR.search(text):
+    ours = _OUR_CACHE.findall(text)
+    if ours:  # what our restore step said on this node
+        out["compile_cache"] = ours[-1]
+    elif _CACHE_DIR.search(text):
         out["compile_cache"] = "hit" if _CACHE_HIT.search(text) else "miss"
     return out
 

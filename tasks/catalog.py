@@ -282,3 +282,29 @@ def gc(bucket: Bucket, grace_s: float = 24 * 3600, dry_run: bool = False, prefix
             bucket.delete(keys)
     return {"aborted_uploads": [k for k, _ in stale_uploads], "removed_revisions": sorted(orphans),
             "removed_objects": sum(len(v) for v in orphans.values()), "dry_run": dry_run}
+
+
+def compile_caches(bucket: Bucket) -> list[dict]:
+    """One row per stored vLLM compile cache (see tasks/compile_cache.py)."""
+    objects = bucket.listing("compile-cache/")
+    rows = []
+    for key in sorted(k for k in objects if k.endswith("/manifest.json")):
+        cache_key = key.split("/")[1]
+        manifest = bucket.get_json(key) or {}
+        files = manifest.get("files", [])
+        rows.append({"key": cache_key, "files": len(files), "bytes": sum(f["size"] for f in files),
+                     "saved_at": datetime.fromtimestamp(manifest.get("saved_at", 0), timezone.utc).isoformat(timespec="seconds"),
+                     "stored_bytes": sum(o.size for k, o in objects.items() if k.startswith(f"compile-cache/{cache_key}/"))})
+    return rows
+
+
+def drop_compile_caches(bucket: Bucket, older_than_s: float, dry_run: bool = False) -> list[str]:
+    """Delete compile caches saved more than `older_than_s` ago (manifest first, so none is half-restored)."""
+    cutoff = time.time() - older_than_s
+    stale = [r["key"] for r in compile_caches(bucket)
+             if datetime.fromisoformat(r["saved_at"]).timestamp() < cutoff]
+    if not dry_run:
+        for key in stale:
+            bucket.delete([f"compile-cache/{key}/manifest.json"])
+            bucket.delete(list(bucket.listing(f"compile-cache/{key}/")))
+    return stale

@@ -88,7 +88,8 @@ def plan(settings: Settings, model: str, revision: str | None, target: str, sour
         manifest.source.get("repo_id", model) if manifest else model)
     size = manifest.total_bytes if manifest else 0
     cfg = sky.build_task_config(model_uri=model_uri, served_name=model, model_bytes=size, source=use,
-                                options=options, loader_env=loader_env(settings.endpoint), revision=rev if use == "hub" else "")
+                                options=options, loader_env=loader_env(settings.endpoint), bucket=bucket.name,
+                                revision=rev)
     sky.validate(cfg)
     secret_values = dict(loader_secrets(settings)) if use == "r2" else {}
     api_key = os.environ.get("VLLM_API_KEY")
@@ -184,7 +185,10 @@ def measure(dep: Deployment, kind: str, run: int) -> dict:
     logged = bench.parse_vllm_log(dep.node.log.read_text(errors="replace")) if dep.node and dep.node.log else {}
     return {"model": dep.model, "revision": dep.revision, "target": dep.target, "source": dep.source,
             "strategy": dep.options.strategy if dep.source == "r2" else "hub", "kind": kind, "run": run,
-            **bench.phases(dep.marks), "weights_s": logged.get("weights_s"),
+            **bench.phases(dep.marks), "weights_s": logged.get("weights_s"), "compile_s": logged.get("compile_s"),
+            "graph_capture_s": logged.get("graph_capture_s"),
+            "compile_cache": "n/a" if dep.target == "local" else logged.get(
+                "compile_cache", "on" if dep.options.compile_cache else "off"),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(dep.marks["request"]))}
 
 

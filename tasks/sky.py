@@ -23,7 +23,8 @@ from tasks.errors import ModelferryError, SettingsError
 
 log = logging.getLogger("modelferry.sky")
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "deployments" / "vllm.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "deployments" / "vllm.yaml"
 
 # GPU memory (GiB) of the accelerators we offer by default, by SkyPilot's names. SkyPilot itself
 # accepts unknown GPU names offline (only its optimizer would catch them), so we check here.
@@ -59,6 +60,7 @@ class LaunchOptions:
     vllm_version: str = "0.11.0"
     extra_args: str = ""
     ready_timeout: float = 1800  # seconds to wait for /health after launch
+    compile_cache: bool = True  # carry vLLM's compile caches through the bucket
     envs: dict[str, str] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -123,7 +125,8 @@ def run_name(model: str, revision: str, run_id: str) -> str:
 
 
 def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, source: str, options: LaunchOptions,
-                      loader_env: dict[str, str], revision: str = "", template: Path = TEMPLATE) -> dict:
+                      loader_env: dict[str, str], revision: str = "", bucket: str = "",
+                      template: Path = TEMPLATE) -> dict:
     """The SkyPilot task as a YAML-ready dict. Secrets are null (supplied at launch)."""
     options.check()
     cfg = yaml.safe_load(template.read_text())
@@ -131,7 +134,9 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, sou
     envs.update(MODEL_URI=model_uri, SERVED_MODEL_NAME=served_name, MODEL_REVISION=revision,
                 LOAD_STRATEGY=options.strategy if source == "r2" else "hub",
                 LOADER_CONCURRENCY=str(options.concurrency), LOADER_MEMORY_LIMIT=str(options.memory_limit),
-                EXTRA_VLLM_ARGS=options.extra_args)
+                EXTRA_VLLM_ARGS=options.extra_args, COMPILE_CACHE="on" if options.compile_cache else "off",
+                COMPILE_CACHE_BUCKET=bucket, VLLM_VERSION=options.vllm_version)
+    cfg["file_mounts"] = {dst: str(ROOT / src) for dst, src in cfg.get("file_mounts", {}).items()}
     envs.update({k: v for k, v in loader_env.items() if k in envs})
     envs.update(options.envs)
     res = cfg["resources"]
@@ -142,6 +147,8 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, sou
     res["disk_size"] = options.disk_size or max(res.get("disk_size", 256), int(model_bytes * 2.5 / 1e9) + 64)
     if options.image:
         res["image_id"] = options.image
+    elif options.vllm_version != LaunchOptions.vllm_version:
+        res["image_id"] = f"docker:vllm/vllm-openai:v{options.vllm_version}"
     if options.pip_setup:
         res.pop("image_id", None)
         cfg["setup"] = f"pip install -q 'vllm[runai]=={options.vllm_version}'\n" + cfg["setup"]

@@ -86,3 +86,39 @@ def test_the_node_tool_runs_on_the_standard_library_alone_and_never_fails_the_no
     broken = subprocess.run(["/usr/bin/python3", "-I", str(TOOL), "restore", "k"],
                             env={**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, capture_output=True, text=True)
     assert broken.returncode == 0  # a failed restore is logged, the server starts anyway
+
+
+def test_generated_task_carries_the_cache_steps(sky_home):
+    from tasks import sky
+    from tasks.settings import loader_env
+
+    args = dict(model_uri="s3://b/models/acme/m/abc/", served_name="acme/m", model_bytes=10**9, source="r2",
+                loader_env=loader_env("https://acct.r2.cloudflarestorage.com"), bucket="b", revision="abc")
+    on = sky.build_task_config(options=sky.LaunchOptions(), **args)
+    task = sky.validate(on, {"AWS_ACCESS_KEY_ID": "k1", "AWS_SECRET_ACCESS_KEY": "s1", "VLLM_API_KEY": "a1"})
+    assert task.file_mounts == {"/modelferry/compile_cache.py": str(TOOL)}
+    assert on["envs"]["COMPILE_CACHE"] == "on" and on["envs"]["COMPILE_CACHE_BUCKET"] == "b"
+    assert "restore" in on["run"] and "save-when-ready" in on["run"] and "s5cmd" in on["setup"]
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(on["envs"])
+    for part in ("setup", "run"):
+        assert subprocess.run(["bash", "-n", "-c", on[part]]).returncode == 0
+    off = sky.build_task_config(options=sky.LaunchOptions(compile_cache=False), **args)
+    assert off["envs"]["COMPILE_CACHE"] == "off"
+
+
+def test_list_and_gc_see_stored_caches(node_env, tmp_path, cli, s3):
+    key = cc.derive_key(**{**BASE, "revision": f"listed-{os.getpid()}"})
+    make_tree(tmp_path / "n")
+    assert cc.save(key, {"vllm": tmp_path / "n" / "vllm"}).startswith("saved")
+    rows = {r["key"]: r for r in cli("list", "--compile-caches", "--json").json()}
+    assert rows[key]["files"] == 201 and rows[key]["bytes"] > 0
+    dropped = cli("gc", "--compile-cache-days", "0", "--json").json()
+    assert key in dropped["removed_compile_caches"]
+    assert s3.listing(f"compile-cache/{key}/") == {}
+
+
+def test_parser_reads_our_restore_line():
+    from tasks.bench import parse_vllm_log
+
+    assert parse_vllm_log("modelferry compile cache: hit\n")["compile_cache"] == "hit"
+    assert parse_vllm_log("modelferry compile cache: refused: 1 file(s) don't match")["compile_cache"] == "refused"
