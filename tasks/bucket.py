@@ -62,9 +62,16 @@ class Bucket:
     def uri(self, key: str) -> str:
         return f"s3://{self.name}/{key}"
 
-    def _call(self, op: str, **kwargs):
+    def _call(self, op: str, tolerate: tuple[str, ...] = (), **kwargs):
+        """Call an S3 operation on this bucket; None when the error code is one of `tolerate`."""
+        from botocore.exceptions import ClientError
+
         try:
             return getattr(self.s3, op)(Bucket=self.name, **kwargs)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in tolerate:
+                return None
+            raise translate(exc, self.settings) from exc
         except Exception as exc:
             raise translate(exc, self.settings) from exc
 
@@ -87,16 +94,9 @@ class Bucket:
         return {k.lower(): v for k, v in head.get("Metadata", {}).items()}
 
     def get_bytes(self, key: str) -> bytes | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            return self.s3.get_object(Bucket=self.name, Key=key)["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise translate(exc, self.settings) from exc
-        except Exception as exc:
-            raise translate(exc, self.settings) from exc
+        """The object's bytes, or None when there is no such object."""
+        response = self._call("get_object", Key=key, tolerate=("NoSuchKey", "404"))
+        return None if response is None else response["Body"].read()
 
     def get_json(self, key: str):
         data = self.get_bytes(key)
@@ -113,17 +113,8 @@ class Bucket:
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Create `key` only if it doesn't exist (If-None-Match: *). False when it exists. R2 and S3
         honour the condition; a server that ignores it (rclone serve s3) just overwrites."""
-        from botocore.exceptions import ClientError
-
-        try:
-            self.s3.put_object(Bucket=self.name, Key=key, Body=data, ContentType="application/json", IfNoneMatch="*")
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
-            raise translate(exc, self.settings) from exc
-        except Exception as exc:
-            raise translate(exc, self.settings) from exc
+        return self._call("put_object", Key=key, Body=data, ContentType="application/json", IfNoneMatch="*",
+                          tolerate=("PreconditionFailed", "ConditionalRequestConflict")) is not None
 
     def delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
@@ -146,18 +137,12 @@ class Bucket:
 
     def multipart_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
         """Unfinished multipart uploads under `prefix`: (key, upload id, initiated epoch seconds)."""
-        from botocore.exceptions import ClientError
-
         out, marks = [], {}
         while True:
-            try:
-                page = self.s3.list_multipart_uploads(Bucket=self.name, Prefix=prefix, **marks)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
-                    return out  # rclone serve s3's answer when there are none
-                raise translate(exc, self.settings) from exc
-            except Exception as exc:
-                raise translate(exc, self.settings) from exc
+            # rclone serve s3 answers NoSuchUpload when there are none
+            page = self._call("list_multipart_uploads", Prefix=prefix, tolerate=("NoSuchUpload",), **marks)
+            if page is None:
+                return out
             out += [(u["Key"], u["UploadId"], u["Initiated"].timestamp()) for u in page.get("Uploads", [])]
             if not page.get("IsTruncated"):
                 return out

@@ -76,12 +76,16 @@ def test_lock_refuses_a_second_holder_and_breaks_a_stale_one(moto):
     assert s3.listing("locks/") == {}
 
 
+def small_model(root):
+    root.mkdir()
+    (root / "model.safetensors").write_bytes(os.urandom(MiB))
+    (root / "config.json").write_text("{}")
+    return root
+
+
 def test_gc_aborts_leftover_multipart_uploads_and_unpublished_revisions(cli, moto, tmp_path):
     s3 = Bucket(config.load(moto.env()))
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "model.safetensors").write_bytes(os.urandom(MiB))
-    (model / "config.json").write_text("{}")
+    model = small_model(tmp_path / "m")
     assert cli("stage", str(model), "--name", "acme/kept", "--allow-unloadable", extra_env=moto.env()).rc == 0
     # What killed runs leave: an unfinished multipart upload, and objects of a revision never published.
     s3.s3.create_multipart_upload(Bucket=moto.bucket, Key="models/acme/killed/r1/model.safetensors")
@@ -99,10 +103,7 @@ def test_gc_aborts_leftover_multipart_uploads_and_unpublished_revisions(cli, mot
 
 def test_stage_aborts_its_own_revisions_leftover_multipart_upload(cli, moto, tmp_path):
     s3 = Bucket(config.load(moto.env()))
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "model.safetensors").write_bytes(os.urandom(MiB))
-    (model / "config.json").write_text("{}")
+    model = small_model(tmp_path / "m")
     first = cli("stage", str(model), "--name", "acme/leftover", "--allow-unloadable", extra_env=moto.env())
     assert first.rc == 0
     rev = catalog.current_revision(s3, "acme/leftover")
