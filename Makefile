@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test ui venv browser clean
+.PHONY: demo test ui venv tools clean
 
 OLAH_VERSION := 0.5.4
 
@@ -34,13 +34,15 @@ $(OLAH_VENV)/.stamp-$(OLAH_VERSION):
 demo: venv
 	$(BIN)/python -m flows.demo
 
-# The Prefect UI test drives Debian's chromium; install it when this machine lets us.
-browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-	  echo "chromium not installed: the Prefect UI test will be skipped"; }
+# The Prefect UI test drives Debian's chromium and the task scripts are checked with shellcheck;
+# install them when this machine lets us.
+tools:
+	@command -v chromium >/dev/null && command -v shellcheck >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium shellcheck >/dev/null; } || \
+	  echo "chromium/shellcheck not installed: the tests that need them will be skipped"; }
 
-test: venv browser
+test: venv tools
 	$(BIN)/python -m pytest -q -ra
 
 # The Prefect UI with both deployments and a worker, on the local stand-ins; Ctrl-C stops it all.

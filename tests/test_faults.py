@@ -155,3 +155,15 @@ def test_disk_full_in_the_cache_is_a_clear_error(cli, s3, tiny_disk):
     assert run.rc == 1, run
     assert "not enough space in" in run.err and str(tiny_disk) in run.err and "MODELFERRY_CACHE" in run.err
     assert s3.listing("models/acme/no-room/") == {} and s3.listing("manifests/acme/no-room/") == {}
+
+
+def test_verify_during_a_stage_never_calls_it_good(cli, env, slow_bucket, tmp_path):
+    bucket, _, _ = slow_bucket
+    model, _ = model_dir(tmp_path / "m")
+    proc = start_stage({**env, **bucket.env()}, str(model), "--name", "acme/inflight", "--allow-unloadable")
+    wait_for_line(proc, "upload 1/5")
+    during = cli("verify", "acme/inflight", extra_env=bucket.env())
+    assert during.rc == 1 and "is not staged" in during.err, during
+    proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    assert cli("verify", "acme/inflight", extra_env=bucket.env()).rc == 0

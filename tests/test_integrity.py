@@ -94,3 +94,11 @@ def test_malformed_setting_is_named(var, value):
 def test_settings_repr_hides_keys():
     s = config.load(GOOD)
     assert "secretexample1" not in repr(s) and "AKIAEXAMPLE1" not in repr(s)
+
+
+def test_object_keys_longer_than_s3_allows_are_refused():
+    from tasks.integrity import check_key_length
+
+    assert check_key_length("models/a/b/r/" + "x" * 900)
+    with pytest.raises(SourceError, match="1,024|1024"):
+        check_key_length("models/a/b/r/" + "x" * 1100)

@@ -1,5 +1,6 @@
 """The generated SkyPilot task: SkyPilot's own schema, secrets only in `secrets`, clear option errors."""
 
+import shutil
 import subprocess
 
 import pytest
@@ -103,3 +104,13 @@ def test_names_are_deterministic_per_run():
 def test_task_scripts_are_valid_bash(part):
     script = build()[part]
     assert subprocess.run(["bash", "-n", "-c", script], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck not installed (make test installs it)")
+@pytest.mark.parametrize("compile_cache", [True, False])
+@pytest.mark.parametrize("part", ["setup", "run"])
+def test_task_scripts_are_shellcheck_clean(part, compile_cache, tmp_path):
+    script = tmp_path / f"{part}.sh"
+    script.write_text("#!/bin/bash\n" + build(options=sky.LaunchOptions(compile_cache=compile_cache))[part])
+    out = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
