@@ -14,6 +14,7 @@ import fnmatch
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,6 +94,20 @@ class StepStats:
 
     def row(self) -> dict:
         return asdict(self)
+
+
+def _hash_progress(path: str, size: int, every_s: float = 5.0):
+    """Log hashing progress of a big file every few seconds (small files say nothing)."""
+    state = {"done": 0, "last": time.monotonic()}
+
+    def report(n: int) -> None:
+        state["done"] += n
+        now = time.monotonic()
+        if now - state["last"] >= every_s:
+            state["last"] = now
+            log.info("hashing %s: %.1f/%.1f GB", path, state["done"] / 1e9, size / 1e9)
+
+    return report
 
 
 def release(plan: Plan | None) -> None:
@@ -250,7 +265,7 @@ def _resolve_local(root: Path, name: str | None, include, exclude) -> Plan:
         if entry and entry.get("mtime_ns") == p.stat().st_mtime_ns:
             f.hashes = _cached_hashes(entry, f, part_size)
         if f.hashes is None:
-            f.hashes = hash_file(p, part_size)
+            f.hashes = hash_file(p, part_size, progress=_hash_progress(rel, sizes[rel]))
         f.sha256, f.git_sha1 = f.hashes.sha256, f.hashes.git_sha1
         files.append(f)
     revision = local_revision([(f.path, f.size, f.sha256) for f in files])
@@ -397,7 +412,7 @@ def local_verify(plan: Plan) -> StepStats:
             if st.st_size != f.size:
                 bad.append(f"{f.path} (changed since resolve)")
             continue
-        f.hashes = hash_file(f.local, plan.part_size, git=not f.sha256)
+        f.hashes = hash_file(f.local, plan.part_size, progress=_hash_progress(f.path, f.size), git=not f.sha256)
         if f.sha256 and f.hashes.sha256 != f.sha256:
             bad.append(f"{f.path} (sha256 {f.hashes.sha256[:12]}... != Hub {f.sha256[:12]}...)")
         elif not f.sha256 and f.git_sha1 and f.hashes.git_sha1 != f.git_sha1:
