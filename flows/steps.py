@@ -88,7 +88,7 @@ class Steps:
         started = time.perf_counter()
         try:
             out = step_task(*args, **kwargs)
-        except BaseException as exc:
+        except Exception as exc:
             stats = StepStats(name, status="failed", note=scrub(str(exc)).splitlines()[0][:300] if str(exc) else type(exc).__name__)
             self._record(stats, started, name)
             self.publish()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,9 @@ def upload(settings: Settings, items: Iterable[Upload], part_size: int, *, worke
     sent = 0
     args = [which("s5cmd"), "--json", "--endpoint-url", settings.endpoint, "--numworkers", str(workers),
             "run", str(commands)]
+    errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty stderr can't stall s5cmd
     try:
-        proc = subprocess.Popen(args, env=settings.s5cmd_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(args, env=settings.s5cmd_env(), stdout=subprocess.PIPE, stderr=errors, text=True)
         for line in proc.stdout:
             try:
                 event = json.loads(line)
@@ -75,9 +76,11 @@ def upload(settings: Settings, items: Iterable[Upload], part_size: int, *, worke
             elif item:
                 failed.append(item.key)
                 log.warning("upload of %s failed: %s", item.key, scrub(str(event.get("error", event))))
-        stderr = proc.stderr.read()
         rc = proc.wait()
+        errors.seek(0)
+        stderr = errors.read()
     finally:
+        errors.close()
         commands.unlink(missing_ok=True)
     if rc != 0 or failed:
         detail = scrub(stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {rc}")
