@@ -28,10 +28,11 @@ log = logging.getLogger("modelferry.launch")
 
 def _stage(model, revision, include, exclude):
     rows = stage_model(model, revision=revision, include=include, exclude=exclude)
+    staged = catalog.current_revision(Bucket(config.load()), model)  # the commit a branch or tag resolved to
     stats = StepStats("stage", files=max(r["files"] for r in rows), attempts=1,
                       bytes=sum(r["bytes"] for r in rows if r["step"] in ("download", "upload")),
                       note=f"sent {sum(r['bytes'] for r in rows if r['step'] == 'upload'):,} bytes")
-    return None, stats
+    return staged, stats
 
 
 @step("verify")
@@ -49,6 +50,9 @@ def launch(model, revision, target, source, options_dict, run_id):
     else:
         _deployments.append(dep)
     launcher.start(dep)
+    if dep.options.mode == "job":  # managed jobs expose no endpoint; SkyPilot's controller owns the job
+        dep.kept = True
+        return launcher.measure(dep, "cold", 1), StepStats("launch", note=f"managed job {dep.name} submitted")
     launcher.wait_ready(dep, dep.options.ready_timeout)
     text = launcher.first_token(dep)
     log.info("%s answers at %s: %r", dep.name, dep.url, text[:120])
@@ -89,7 +93,7 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
     _deployments.clear()
     try:
         if stage:
-            steps(_stage, model, revision, include or [], exclude or [], name="stage")
+            revision = steps(_stage, model, revision, include or [], exclude or [], name="stage")
         if source != "hub":
             try:
                 revision = steps(verify, model, revision)
@@ -104,13 +108,19 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
         if runs > 1:
             phase_rows += steps(warm_runs, runs)
     finally:
-        if not keep:
-            for dep in _deployments:
+        for dep in _deployments:
+            if keep or dep.kept:
+                log.info("kept: %s (take down with `modelferry down %s`)", dep.name, dep.name)
+                continue
+            try:
                 launcher.teardown(dep)
-        elif _deployments:
-            log.info("kept: %s (take down with `modelferry down NAME`)", ", ".join(d.name for d in _deployments))
+            except Exception as exc:  # noqa: BLE001 - take down the others, then say what is left
+                log.error("teardown of %s failed: %s; take it down with `modelferry down %s`", dep.name, exc, dep.name)
         if phase_rows:
-            _report(steps, phase_rows, model, Path(results_dir), run_id)
+            try:
+                _report(steps, phase_rows, model, Path(results_dir), run_id)
+            except Exception as exc:  # noqa: BLE001 - the runs happened; don't hide them or the cause
+                log.error("could not write the results: %s", exc)
     steps.publish()
     return phase_rows
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -137,12 +138,17 @@ def publish(bucket: Bucket, manifest: Manifest, set_current: bool = True) -> int
     """Write the manifest (the revision now exists as a model), its verification record, then the
     current pointer. Returns bytes written."""
     sent = bucket.put_json(manifest_key(manifest.name, manifest.revision), manifest.to_json())
-    sent += bucket.put_json(verified_key(manifest.name, manifest.revision), {
-        "name": manifest.name, "revision": manifest.revision, "ok": True, "deep": False, "checked_at": now(),
-        "files": len(manifest.files), "bytes": manifest.total_bytes, "bad": {}, "unexpected": [], "by": "stage"})
+    sent += record_verified(bucket, manifest, by="stage")
     if set_current:
         sent += bucket.put_json(current_key(manifest.name), {"revision": manifest.revision, "updated_at": now()})
     return sent
+
+
+def record_verified(bucket: Bucket, manifest: Manifest, by: str) -> int:
+    """Record that every object was just proven against `manifest` (bytes written)."""
+    return bucket.put_json(verified_key(manifest.name, manifest.revision), {
+        "name": manifest.name, "revision": manifest.revision, "ok": True, "deep": False, "checked_at": now(),
+        "files": len(manifest.files), "bytes": manifest.total_bytes, "bad": {}, "unexpected": [], "by": by})
 
 
 def list_models(bucket: Bucket) -> list[dict]:
@@ -219,6 +225,8 @@ class Lock:
         while True:
             body = json.dumps({**self.owner, "since": time.time()}).encode()
             if self.bucket.put_if_absent(self.key, body) and (self.bucket.get_json(self.key) or {}).get("id") == self.owner["id"]:
+                self._beat = threading.Event()
+                threading.Thread(target=self._heartbeat, daemon=True).start()
                 return
             held = self.bucket.get_json(self.key)
             if held and self._stale(held):
@@ -233,6 +241,14 @@ class Lock:
                 announced = True
             time.sleep(poll)
 
+    def _heartbeat(self) -> None:
+        """Keep `since` fresh while we hold the lock, so a long stage is never taken for a dead one."""
+        while not self._beat.wait(self.ttl / 4):
+            held = self.bucket.get_json(self.key)
+            if not held or held.get("id") != self.owner["id"]:
+                return
+            self.bucket.put_bytes(self.key, json.dumps({**self.owner, "since": time.time()}).encode(), "application/json")
+
     def _stale(self, held: dict) -> bool:
         if time.time() - held.get("since", 0) > self.ttl:
             return True
@@ -246,6 +262,8 @@ class Lock:
         return False
 
     def release(self) -> None:
+        if getattr(self, "_beat", None):
+            self._beat.set()
         held = self.bucket.get_json(self.key)
         if held and held.get("id") == self.owner["id"]:
             self.bucket.delete([self.key])

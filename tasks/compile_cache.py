@@ -77,14 +77,15 @@ def save(key: str, dirs: dict[str, Path] | None = None) -> str:
     dirs = dirs or local_dirs()
     if _s5cmd("ls", f"{_root()}/{key}/manifest.json", check=False).returncode == 0:
         return "already stored"
-    files = _walk(dirs)
-    if not files:
-        return "nothing to save"
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / "files"
         for name, base in dirs.items():
             if base.is_dir():
                 shutil.copytree(base, stage / name, symlinks=False)
+        # hash the frozen copy we upload, not the live dirs vLLM may still be writing
+        files = _walk({name: stage / name for name in dirs})
+        if not files:
+            return "nothing to save"
         upload = _s5cmd("cp", f"{stage}/*", f"{_root()}/{key}/files/", check=False)
         if upload.returncode:
             denied = "AccessDenied" in upload.stderr or "403" in upload.stderr
@@ -114,6 +115,8 @@ def restore(key: str, dirs: dict[str, Path] | None = None) -> str:
             return "refused: download failed"
         bad = []
         for f in files:
+            if f["path"].startswith("/") or ".." in Path(f["path"]).parts:
+                return f"refused: unsafe path {f['path']!r} in the manifest"
             p = fetched / f["path"]
             if f["size"] == 0 and not p.exists():  # zero-byte objects some tools skip
                 p.parent.mkdir(parents=True, exist_ok=True)
@@ -122,10 +125,12 @@ def restore(key: str, dirs: dict[str, Path] | None = None) -> str:
                 bad.append(f["path"])
         if bad:
             return f"refused: {len(bad)} file(s) don't match the manifest ({', '.join(bad[:3])})"
-        for name, base in dirs.items():
-            if (fetched / name).is_dir():
-                base.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(fetched / name, base, dirs_exist_ok=True)
+        for f in files:  # only what the manifest lists and we just checked
+            name, _, rel = f["path"].partition("/")
+            if name in dirs:
+                dest = dirs[name] / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(fetched / f["path"], dest)
     return "hit"
 
 

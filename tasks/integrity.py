@@ -29,7 +29,7 @@ def part_size_for(largest_file: int, minimum_mib: int = DEFAULT_PART_MIB) -> int
     """Smallest part size (whole MiB, at least `minimum_mib`) that fits the largest file in 10,000 parts."""
     if largest_file > MAX_OBJECT:
         raise SourceError(f"a file of {largest_file} bytes exceeds S3's 5 TiB object limit")
-    need = -(-largest_file // MAX_PARTS)
+    need = largest_file // MAX_PARTS + 1  # the SDK grows the part size once size/part reaches 10,000
     return max(minimum_mib, -(-need // MiB)) * MiB
 
 

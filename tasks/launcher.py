@@ -42,6 +42,7 @@ class Deployment:
     cfg: dict
     secrets: dict[str, str] = field(repr=False)
     url: str | None = None
+    kept: bool = False  # left running on purpose (managed jobs: SkyPilot's controller owns them)
     node: local_target.LocalNode | None = None
     marks: dict[str, float] = field(default_factory=dict)
 
@@ -61,6 +62,8 @@ def plan(settings: Settings, model: str, revision: str | None, target: str, sour
     """Decide where the weights come from and build (and schema-check) the SkyPilot task."""
     if target not in TARGETS:
         raise SettingsError(f"unknown --target {target!r}: choose one of {', '.join(TARGETS)}")
+    if target == "local" and options.mode != "cluster":
+        raise SettingsError(f"--mode {options.mode} needs --target sky: the local target is one node")
     if source not in sky.SOURCES:
         raise SettingsError(f"unknown --source {source!r}: choose one of {', '.join(sky.SOURCES)}")
     options.check()
@@ -91,7 +94,7 @@ def plan(settings: Settings, model: str, revision: str | None, target: str, sour
                                 options=options, loader_env=loader_env(settings.endpoint), bucket=bucket.name,
                                 revision=rev)
     sky.validate(cfg)
-    secret_values = dict(loader_secrets(settings)) if use == "r2" else {}
+    secret_values = dict(loader_secrets(settings))  # the weights (r2) and the compile cache read the bucket
     api_key = os.environ.get("VLLM_API_KEY")
     if not api_key:
         if target == "sky":
@@ -101,6 +104,9 @@ def plan(settings: Settings, model: str, revision: str | None, target: str, sour
     if use == "hub" and settings.hf_token:
         secret_values["HF_TOKEN"] = settings.hf_token
     redact(list(secret_values.values()))
+    # A null secret is one SkyPilot must be given at launch: list only those we will give.
+    cfg["secrets"] = {k: None for k in cfg["secrets"] if k in secret_values}
+    sky.validate(cfg, secret_values)
     return Deployment(sky.run_name(model, rev, run_id), model, rev, target, use, options, cfg, secret_values)
 
 

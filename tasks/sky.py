@@ -164,10 +164,22 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, sou
     return cfg
 
 
+def _sky():
+    """Import SkyPilot with its console log handlers on stderr (they hold stdout from import on)."""
+    import logging as _logging
+
+    import sky
+
+    for handler in _logging.getLogger("sky").handlers:
+        if isinstance(handler, _logging.StreamHandler) and getattr(handler, "stream", None) is sys.stdout:
+            handler.setStream(sys.stderr)
+    return sky
+
+
 def validate(cfg: dict, secrets: dict[str, str] | None = None):
     """Validate with SkyPilot's own schema (offline). Returns the sky.Task, with `secrets` filled in
     the way `sky launch --secret NAME=value` does (a null secret is a reference resolved at launch)."""
-    import sky
+    sky = _sky()
     from sky import exceptions
 
     overrides = [(k, v) for k, v in (secrets or {}).items() if v and k in cfg.get("secrets", {})]
@@ -201,7 +213,7 @@ _BlockDumper.add_representer(str, _str)
 def launch(cfg: dict, name: str, mode: str, secrets: dict[str, str], idle_minutes: int = 30) -> None:
     """Launch on SkyPilot. Blocks until SkyPilot has submitted the run (cluster/job) or the service.
     SkyPilot's progress goes to stderr, so `--json` output on stdout stays clean."""
-    import sky
+    sky = _sky()
     from sky import exceptions
 
     task = validate(cfg, secrets)
@@ -224,7 +236,7 @@ def launch(cfg: dict, name: str, mode: str, secrets: dict[str, str], idle_minute
 
 def endpoint(name: str, mode: str) -> str | None:
     """The server's base URL, or None while it has none."""
-    import sky
+    sky = _sky()
     from sky import exceptions
 
     try:
@@ -242,7 +254,7 @@ def endpoint(name: str, mode: str) -> str | None:
 
 def down(name: str, mode: str) -> bool:
     """Take down what `launch` started under `name`. True if something was taken down."""
-    import sky
+    sky = _sky()
     from sky import exceptions
 
     try:
@@ -259,6 +271,5 @@ def down(name: str, mode: str) -> bool:
 
 
 def clusters() -> list[str]:
-    import sky
-
+    sky = _sky()
     return [c["name"] for c in sky.get(sky.status())]

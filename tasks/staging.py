@@ -262,10 +262,13 @@ def _resolve_local(root: Path, name: str | None, include, exclude) -> Plan:
     for rel, p in found:
         f = PlanFile(rel, sizes[rel], local=p)
         entry = hc.get(str(p))
-        if entry and entry.get("mtime_ns") == p.stat().st_mtime_ns:
+        if entry and entry.get("stat") == _identity(p):
             f.hashes = _cached_hashes(entry, f, part_size)
         if f.hashes is None:
+            before = _identity(p)
             f.hashes = hash_file(p, part_size, progress=_hash_progress(rel, sizes[rel]))
+            if _identity(p) != before:
+                raise SourceError(f"{rel} changed while it was being hashed: stage it once it is written")
         f.sha256, f.git_sha1 = f.hashes.sha256, f.hashes.git_sha1
         files.append(f)
     revision = local_revision([(f.path, f.size, f.sha256) for f in files])
@@ -275,11 +278,18 @@ def _resolve_local(root: Path, name: str | None, include, exclude) -> Plan:
     return plan
 
 
+def _identity(path: Path) -> list[int]:
+    """What must be unchanged for cached hashes to still describe the file: a copy over it with the
+    same size and mtime (cp -p, tar x) still changes the inode or the ctime."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
 def _save_local_hash_cache(plan: Plan) -> None:
     path = plan.cache_dir.with_name("_.hashes.json")
     data = _load_hash_cache(path)
     for f in plan.files:
-        data[str(f.local)] = {**asdict(f.hashes), "part_size": plan.part_size, "mtime_ns": f.local.stat().st_mtime_ns}
+        data[str(f.local)] = {**asdict(f.hashes), "part_size": plan.part_size, "stat": _identity(f.local)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
 
@@ -373,8 +383,9 @@ def download(settings: Settings, plan: Plan) -> StepStats:
     need = sum(f.size for f in todo)
     plan.cache_dir.mkdir(parents=True, exist_ok=True)
     free = _free_bytes(plan.cache_dir)
-    if free < need:
-        raise SourceError(f"not enough space in {plan.cache_dir}: need {need / 1e9:.2f} GB, "
+    missing = sum(f.size - _present(plan.cache_dir / f.path, f.size) for f in todo)  # a retry resumes
+    if free < missing:
+        raise SourceError(f"not enough space in {plan.cache_dir}: need {missing / 1e9:.2f} GB, "
                           f"{free / 1e9:.2f} GB free; set MODELFERRY_CACHE to a bigger disk")
     done_bytes = 0
     for i, f in enumerate(todo, 1):
@@ -388,6 +399,11 @@ def download(settings: Settings, plan: Plan) -> StepStats:
         log.info("download %d/%d files, %.1f/%.1f MB: %s", i, len(todo), done_bytes / 1e6, need / 1e6, f.path)
     stats.files = len(todo)
     return stats
+
+
+def _present(path: Path, size: int) -> int:
+    """Bytes of `path` already on disk (a complete file, or none: partial downloads live elsewhere)."""
+    return size if path.is_file() and path.stat().st_size == size else 0
 
 
 def _free_bytes(path: Path) -> int:
@@ -509,10 +525,10 @@ def publish(settings: Settings, plan: Plan, manifest: Manifest, set_current: boo
     stats = StepStats("publish")
     if plan.published and _same_files(plan.published, manifest):
         stats.status, stats.note = "skipped", "same manifest already published"
-        if set_current:
-            bucket = Bucket(settings)
-            if catalog.current_revision(bucket, plan.name) is None:
-                stats.bytes = bucket.put_json(catalog.current_key(plan.name), {"revision": plan.revision, "updated_at": catalog.now()})
+        bucket = Bucket(settings)
+        stats.bytes = catalog.record_verified(bucket, manifest, by="stage")  # a repaired revision is ok again
+        if set_current and catalog.current_revision(bucket, plan.name) != plan.revision:
+            stats.bytes += bucket.put_json(catalog.current_key(plan.name), {"revision": plan.revision, "updated_at": catalog.now()})
         return stats
     stats.bytes = catalog.publish(Bucket(settings), manifest, set_current)
     stats.files = 1

