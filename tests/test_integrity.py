@@ -38,6 +38,7 @@ def test_git_blob_sha1_is_gits():
 
 def test_part_size_fits_10000_parts():
     assert part_size_for(10 * MiB) == 50 * MiB
+    assert part_size_for(10_000 * 50 * MiB) == 51 * MiB  # exactly 10,000 parts: the SDK would grow them
     big = 1024**4  # 1 TiB needs parts over 100 MiB
     size = part_size_for(big)
     assert size % MiB == 0 and -(-big // size) <= 10_000

@@ -80,6 +80,7 @@ def test_dry_run_prints_the_task_with_secrets_redacted(cli, staged):
     ([TINY, "--target", "sky"], {}, "VLLM_API_KEY is not set"),
     ([TINY, "--target", "moon"], {}, "invalid choice: 'moon'"),
     ([TINY, "--mode", "batch"], {}, "unknown --mode"),
+    ([TINY, "--mode", "serve"], {}, "needs --target sky"),
     ([TINY, "--concurrency", "-4"], {}, "--concurrency -4"),
     ([TINY, "--accelerators", "TPU9"], {}, "unknown accelerator"),
 ])
@@ -88,3 +89,15 @@ def test_launch_refuses_bad_input_clearly(cli, staged, args, extra, message):
     assert run.rc != 0 and message in run.err, run
     assert "Traceback" not in run.err
     assert not local_servers()
+
+
+def test_hub_source_task_lists_only_the_secrets_it_is_given(cli, staged):
+    run = cli("launch", TINY, "--target", "sky", "--source", "hub", "--dry-run",
+              extra_env={"VLLM_API_KEY": "mf-api-key-5e7d"})
+    assert run.rc == 0, run
+    import yaml
+
+    cfg = yaml.safe_load(run.out.split("\n", 1)[1])
+    assert cfg["envs"]["LOAD_STRATEGY"] == "hub" and cfg["envs"]["MODEL_URI"] == TINY
+    assert "HF_TOKEN" not in cfg["secrets"]  # no token set: nothing SkyPilot would have to ask for
+    assert set(cfg["secrets"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "VLLM_API_KEY"}
