@@ -63,10 +63,10 @@ def stop(proc: subprocess.Popen, grace: float = 5) -> None:
         proc.wait()
 
 
-def _start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+def _start(args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
 
 
 @dataclass
@@ -183,7 +183,9 @@ def olah_mirror(mirror: Path, workdir: Path):
         f'[basic]\nhost = "127.0.0.1"\nport = {port}\nrepos-path = "{workdir / "repos"}"\n'
         f'mirrors-path = ["{mirror}"]\n\n[accessibility]\noffline = true\n'
     )
-    proc = _start([str(OLAH), "-c", str(config)], workdir / "olah.log", dict(os.environ, HF_HUB_OFFLINE="0"))
+    # olah writes logs/olah.log under its working directory: keep it in the work dir, not the repo
+    proc = _start([str(OLAH), "-c", str(config)], workdir / "olah.log", dict(os.environ, HF_HUB_OFFLINE="0"),
+                  cwd=workdir)
     try:
         wait_http(f"http://127.0.0.1:{port}/", 40, proc, ok=None)  # its index page answers 500
         yield f"http://127.0.0.1:{port}"
