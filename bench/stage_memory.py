@@ -15,12 +15,11 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.stage_throughput import make_checkpoint  # noqa: E402
+from bench.stage_throughput import in_scratch_dir, make_checkpoint  # noqa: E402
 from tasks import standins  # noqa: E402
 
 
@@ -39,11 +38,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=int, default=8)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="mf-mem-"))
-    try:
-        return run(work, args)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return in_scratch_dir("mf-mem-", run, args)
 
 
 def run(work: Path, args) -> int:

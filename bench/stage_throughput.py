@@ -74,9 +74,14 @@ def main() -> int:
     ap.add_argument("--gib", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="mf-bench-"))
+    return in_scratch_dir("mf-bench-", run, args)
+
+
+def in_scratch_dir(prefix: str, fn, args) -> int:
+    """Run `fn(work_dir, args)` in a fresh temporary directory, removed afterwards (GBs of data)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        return run(work, args)
+        return fn(work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

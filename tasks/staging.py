@@ -119,8 +119,8 @@ def release(plan: Plan | None) -> None:
 
 # --- the local hash cache: hashes taken from verified bytes, reused across runs ------------------
 
-def _hash_cache_path(plan: Plan) -> Path:
-    return plan.cache_dir.with_name(plan.cache_dir.name + ".hashes.json")
+def _hash_cache_path(cache_dir: Path) -> Path:
+    return cache_dir.with_name(cache_dir.name + ".hashes.json")
 
 
 def _load_hash_cache(path: Path) -> dict:
@@ -131,14 +131,20 @@ def _load_hash_cache(path: Path) -> dict:
 
 
 def _save_hash_cache(plan: Plan) -> None:
-    entries = {f.path: {**asdict(f.hashes), "part_size": plan.part_size, "mtime_ns": f.local.stat().st_mtime_ns}
-               for f in plan.files if f.hashes and f.local and f.local.exists()}
-    old = _load_hash_cache(_hash_cache_path(plan))
-    old.update(entries)
-    path = _hash_cache_path(plan)
+    """Merge the plan's hashes into its cache: a Hub file by its path (checked against the Hub's
+    hashes on reuse), a local file by its absolute path with the stat that must still hold."""
+    if plan.is_hub:
+        entries = {f.path: {**asdict(f.hashes), "part_size": plan.part_size}
+                   for f in plan.files if f.hashes and f.local and f.local.exists()}
+    else:
+        entries = {str(f.local): {**asdict(f.hashes), "part_size": plan.part_size, "stat": _identity(f.local)}
+                   for f in plan.files}
+    path = _hash_cache_path(plan.cache_dir)
+    data = _load_hash_cache(path)
+    data.update(entries)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(old))
+    tmp.write_text(json.dumps(data))
     tmp.replace(path)
 
 
@@ -257,7 +263,7 @@ def _resolve_local(root: Path, name: str | None, include, exclude) -> Plan:
     sizes = {rel: p.stat().st_size for rel, p in found}
     part_size = part_size_for(max(sizes.values()))
     cache_dir = cache_root() / "local" / name / "_"
-    hc = _load_hash_cache(cache_dir.with_name("_.hashes.json"))
+    hc = _load_hash_cache(_hash_cache_path(cache_dir))
     files = []
     for rel, p in found:
         f = PlanFile(rel, sizes[rel], local=p)
@@ -274,7 +280,7 @@ def _resolve_local(root: Path, name: str | None, include, exclude) -> Plan:
     revision = local_revision([(f.path, f.size, f.sha256) for f in files])
     plan = Plan(name, revision, {"kind": "local", "path": str(root.resolve())}, files, part_size, cache_dir,
                 include, exclude)
-    _save_local_hash_cache(plan)
+    _save_hash_cache(plan)
     return plan
 
 
@@ -283,15 +289,6 @@ def _identity(path: Path) -> list[int]:
     same size and mtime (cp -p, tar x) still changes the inode or the ctime."""
     st = path.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
-def _save_local_hash_cache(plan: Plan) -> None:
-    path = plan.cache_dir.with_name("_.hashes.json")
-    data = _load_hash_cache(path)
-    for f in plan.files:
-        data[str(f.local)] = {**asdict(f.hashes), "part_size": plan.part_size, "stat": _identity(f.local)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
 
 
 def _hashes_from_metadata(meta: dict[str, str], f: PlanFile) -> FileHashes | None:
@@ -314,7 +311,7 @@ def object_metadata(h: FileHashes) -> tuple[tuple[str, str], ...]:
 
 def _mark_proven(plan: Plan, listing, bucket: Bucket) -> None:
     known = {f.path: f for f in plan.published.files} if plan.published else {}
-    hc = _load_hash_cache(_hash_cache_path(plan)) if plan.is_hub else {}
+    hc = _load_hash_cache(_hash_cache_path(plan.cache_dir)) if plan.is_hub else {}
     wanted = set()
     for f in plan.files:
         key = plan.prefix + f.path
