@@ -44,12 +44,18 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Stage SOURCE (a Hub repo id org/name, or a local checkpoint directory) into "
                     "s3://$R2_BUCKET/models/<org>/<name>/<revision>/ with the Prefect flow `stage-model`: "
-                    "resolve, download, local_verify, upload, remote_verify, publish. Files already proven "
-                    "in the bucket are not sent again, so a re-run resumes and an unchanged model sends 0 bytes.",
+                    "resolve, then download, local_verify and upload pipelined per file (a file goes up as soon "
+                    "as its own bytes are verified, while the next one downloads), remote_verify, publish. Files "
+                    "already proven in the bucket are not sent again, so a re-run resumes and an unchanged model "
+                    "sends 0 bytes. A model too big for one machine's disk or NIC can be sharded over a Dask "
+                    "cluster: each worker moves its own share of the files.",
         epilog="examples:\n"
                "  modelferry stage sentence-transformers/all-MiniLM-L6-v2\n"
                "  modelferry stage meta-llama/Llama-3.1-8B-Instruct --revision main --exclude 'original/*'\n"
-               "  modelferry stage ./checkpoints/step-1000 --name acme/llama-ft\n")
+               "  modelferry stage ./checkpoints/step-1000 --name acme/llama-ft\n"
+               "  modelferry stage deepseek-ai/DeepSeek-V3 --task-runner dask --dask-address tcp://10.0.0.5:8786\n"
+               "\nSet PREFECT_API_URL to a running Prefect server to skip starting a temporary one; the log says\n"
+               "how long orchestration took to start, apart from the work.")
     s.add_argument("source", help="Hub repo id (org/name) or local directory (an existing path wins)")
     s.add_argument("--revision", help="branch, tag or commit sha on the Hub (default: main)")
     s.add_argument("--include", action="append", default=[], metavar="GLOB", help="stage only matching files (repeatable)")
@@ -61,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="restage a published revision with different include/exclude globs")
     s.add_argument("--no-set-current", dest="set_current", action="store_false",
                    help="don't move the model's current pointer to this revision")
+    s.add_argument("--task-runner", choices=("thread", "dask"), default="thread",
+                   help="thread: this machine moves every file (default); dask: shard the files over a Dask cluster")
+    s.add_argument("--dask-address", metavar="ADDR",
+                   help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (default with "
+                        "--task-runner dask: a local cluster on this machine). Each worker needs the R2_* settings "
+                        "(and HF_TOKEN) in its environment and must reach the bucket, the Hub and the Prefect API")
     s.add_argument("--json", action="store_true", help="print the per-step rows as JSON on stdout (logs on stderr)")
 
     v = sub.add_parser("verify", help="check the bucket against a published manifest",
@@ -213,18 +225,20 @@ def cmd_stage(args) -> int:
     from tasks import settings as config
 
     config.load()  # fail on settings before paying for Prefect's start-up
-    t0 = time.perf_counter()
+    if args.dask_address and args.task_runner != "dask":
+        raise SettingsError("--dask-address needs --task-runner dask")
+    t0, cpu0 = time.perf_counter(), time.process_time()
     from flows.stage_model import stage_model
-    from flows.steps import StepFailed
+    from flows.steps import StepFailed, startup_report
 
     try:
         rows = stage_model(args.source, revision=args.revision, include=args.include, exclude=args.exclude,
                            name=args.name, allow_unloadable=args.allow_unloadable, replace=args.replace,
-                           set_current=args.set_current)
+                           set_current=args.set_current, task_runner=args.task_runner, dask_address=args.dask_address)
         failure = None
     except StepFailed as exc:
         rows, failure = exc.rows, exc
-    logging.getLogger("modelferry").info("stage finished in %.1f s", time.perf_counter() - t0)
+    logging.getLogger("modelferry").info("stage: %s", startup_report(t0, cpu0))
     if args.json:
         print(json.dumps(rows))
     else:

@@ -1,12 +1,20 @@
-"""Flow `stage-model`: resolve -> download -> local_verify -> upload -> remote_verify -> publish."""
+"""Flow `stage-model`: resolve -> download -> local_verify -> upload -> remote_verify -> publish.
+
+download, local_verify and upload run as one pipelined task (`transfer`): each file is uploaded as
+soon as its own bytes are verified, while the next is downloaded or hashed. It still reports one row
+per step."""
 
 from __future__ import annotations
 
+import logging
+
 from prefect import flow
 
-from flows.steps import Steps, progress_reporter, step
+from flows.steps import Steps, mark_work, progress_reporter, step
 from tasks import settings as config
 from tasks import staging
+
+log = logging.getLogger("modelferry.stage")
 
 
 @step("resolve")
@@ -14,19 +22,46 @@ def resolve(source, revision, include, exclude, name, allow_unloadable, replace)
     return staging.resolve(config.load(), source, revision, include, exclude, name, allow_unloadable, replace)
 
 
-@step("download")
-def download(plan):
-    return staging.download(config.load(), plan)
+@step("transfer")
+def transfer(plan, replace):
+    return staging.transfer(config.load(), plan, progress_reporter(f"upload {plan.name}@{plan.revision[:12]}"), replace)
 
 
-@step("local_verify", retries=0)
-def local_verify(plan):
-    return staging.local_verify(plan)
+@step("transfer-shard")
+def transfer_shard(part, replace):
+    """One Dask worker's share: its files downloaded, verified, uploaded and proven, then deleted."""
+    part = staging.on_this_machine(part)
+    rows = staging.transfer(config.load(), part, replace=replace, keep_downloads=False)
+    return part.files, rows
 
 
-@step("upload")
-def upload(plan, replace):
-    return staging.upload(config.load(), plan, progress_reporter(f"upload {plan.name}@{plan.revision[:12]}"), replace)
+def transfer_on_dask(plan, replace, address: str | None):
+    """Shard the files to fetch across the Dask cluster at `address` (a local one when None), one
+    share of about equal bytes per worker. Returns one row per step, summed over the shares."""
+    from prefect_dask import DaskTaskRunner
+
+    from tasks.bucket import Bucket
+
+    copied = staging.prepare(Bucket(config.load()), plan, replace)
+    todo = plan.to_fetch()
+    if not todo:
+        return staging.transfer(config.load(), plan, replace=replace)
+    with DaskTaskRunner(address=address) as runner:
+        workers = len(runner.client.scheduler_info()["workers"])
+        parts = staging.split(todo, workers)
+        log.info("%d file(s) in %d share(s) over %d Dask worker(s)", len(todo), len(parts), workers)
+        futures = [runner.submit(transfer_shard, {"part": staging.shard(plan, p), "replace": replace}) for p in parts]
+        results, errors = [], []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except Exception as exc:  # noqa: BLE001 - every share finishes; the first error is reported
+                errors.append(exc)
+    for files, _ in results:
+        staging.merge(plan, files)
+    if errors:
+        raise errors[0]
+    return staging.combine([rows for _, rows in results], copied, f"{len(parts)} shards on Dask")
 
 
 @step("remote_verify", retries=1)
@@ -42,21 +77,28 @@ def publish(plan, manifest, set_current):
 @flow(name="stage-model", log_prints=False)
 def stage_model(source: str, revision: str | None = None, include: list[str] | None = None,
                 exclude: list[str] | None = None, name: str | None = None, allow_unloadable: bool = False,
-                replace: bool = False, set_current: bool = True) -> list[dict]:
+                replace: bool = False, set_current: bool = True, task_runner: str = "thread",
+                dask_address: str | None = None) -> list[dict]:
     """Stage a Hub repo (org/name) or a local checkpoint directory into the bucket, verified.
 
-    Credentials come from the environment (R2_*, HF_TOKEN), never from parameters."""
+    `task_runner="dask"` shards the transfer across the Dask cluster at `dask_address` (a local
+    cluster when empty): each worker downloads, verifies, uploads and proves its own files, and the
+    manifest is still written once, last, here. Credentials come from the environment (R2_*,
+    HF_TOKEN) of each process, never from parameters."""
+    mark_work("started")
     steps = Steps("stage-steps", f"stage {source}")
     include, exclude = list(include or []), list(exclude or [])
     plan = steps(resolve, source, revision, include, exclude, name, allow_unloadable, replace)
     try:  # resolve took the revision's lock in the bucket: one writer per revision
-        steps(download, plan)
-        steps(local_verify, plan)
-        steps(upload, plan, replace)
+        if task_runner == "dask":
+            steps(transfer_on_dask, plan, replace, dask_address, name="transfer")
+        else:
+            steps(transfer, plan, replace)
         manifest = steps(remote_verify, plan)
         steps(publish, plan, manifest, set_current)
     finally:
         staging.release(plan)
+        mark_work("ended")
     steps.publish(summary=_summary(plan, steps))
     return steps.rows
 

@@ -3,6 +3,7 @@ throughput, attempts), shown as a table artifact. Only errors marked transient a
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -52,17 +53,39 @@ def step(name: str, retries: int = 3):
     errors. The function returns StepStats, or (value, StepStats)."""
 
     def wrap(fn):
+        @functools.wraps(fn)  # keeps the signature: Prefect binds parameters by name (Dask submits)
         def counted(*args, **kwargs):
             _attempts[(flow_run.id, name)] += 1
             return fn(*args, **kwargs)
 
-        counted.__name__ = counted.__qualname__ = fn.__name__
-        counted.__doc__ = fn.__doc__
         base = float(os.environ.get("MODELFERRY_RETRY_BASE_S", "2"))
         return task(counted, name=name, retries=retries, retry_delay_seconds=exponential_backoff(base),
                     retry_condition_fn=_transient, cache_policy=NO_CACHE, persist_result=False)
 
     return wrap
+
+
+work_clock: dict[str, float] = {}  # perf_counter when a flow's body started and ended, in this process
+
+
+def mark_work(edge: str) -> None:
+    work_clock[edge] = time.perf_counter()
+    work_clock[f"{edge}_cpu"] = time.process_time()
+
+
+def startup_report(t0: float, cpu0: float) -> str:
+    """How long orchestration took to start (imports, Prefect API, flow run) against the work itself,
+    given `t0` and `cpu0` (perf_counter and process_time) taken before the flow's module was imported."""
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    where = f"Prefect API at {api}" if api else "a temporary Prefect server (set PREFECT_API_URL to reuse a running one)"
+    start, end = work_clock.get("started"), work_clock.get("ended")
+    if start is None:
+        return f"finished in {time.perf_counter() - t0:.1f} s ({where})"
+    work = (end or time.perf_counter()) - start
+    cpu = work_clock["started_cpu"] - cpu0
+    return f"orchestration start-up {start - t0:.2f} s, {cpu:.2f} CPU-s ({where}), work {work:.2f} s"
 
 
 class StepFailed(ModelferryError):
@@ -83,23 +106,29 @@ class Steps:
         self.title = title
 
     def __call__(self, step_task, *args, name: str | None = None, **kwargs):
-        """Run `step_task` (a step, or any callable returning StepStats / (value, StepStats))."""
+        """Run `step_task` (a step, or any callable returning StepStats / (value, StepStats)). A task
+        that runs several steps at once returns a list of StepStats timed by itself, and names the
+        step an error belongs to in the error's `step` attribute."""
         name = name or step_task.name
         started = time.perf_counter()
         try:
             out = step_task(*args, **kwargs)
         except Exception as exc:
-            stats = StepStats(name, status="failed", note=scrub(str(exc)).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+            failed = getattr(exc, "step", None) or name
+            stats = StepStats(failed, status="failed", note=scrub(str(exc)).splitlines()[0][:300] if str(exc) else type(exc).__name__)
             self._record(stats, started, name)
             self.publish()
-            raise StepFailed(f"step {name} failed: {scrub(str(exc))}", self.rows, exc) from exc
+            raise StepFailed(f"step {failed} failed: {scrub(str(exc))}", self.rows, exc) from exc
         value, stats = out if isinstance(out, tuple) else (None, out)
-        self._record(stats, started, name)
+        attempts = max(1, _attempts.pop((flow_run.id, name), 1))
+        for one in stats if isinstance(stats, list) else [stats]:
+            self._record(one, started, name, attempts, timed=isinstance(stats, list))
         return value
 
-    def _record(self, stats: StepStats, started: float, name: str) -> None:
-        stats.seconds = round(time.perf_counter() - started, 3)
-        stats.attempts = max(1, _attempts.pop((flow_run.id, name), 1))
+    def _record(self, stats: StepStats, started: float, name: str, attempts: int | None = None, timed: bool = False) -> None:
+        if not timed:
+            stats.seconds = round(time.perf_counter() - started, 3)
+        stats.attempts = attempts or max(1, _attempts.pop((flow_run.id, name), 1))
         stats.mb_per_s = round(stats.bytes / 1e6 / stats.seconds, 1) if stats.bytes and stats.seconds else None
         self.rows.append(stats.row())
 

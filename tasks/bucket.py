@@ -88,6 +88,13 @@ class Bucket:
                 return out
             token = page["NextContinuationToken"]
 
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and ETag of one object, or None when there is no such object."""
+        head = self._call("head_object", Key=key, tolerate=("404", "NoSuchKey", "NotFound"))
+        if head is None:
+            return None
+        return ObjectInfo(head["ContentLength"], head["ETag"].strip('"'), head["LastModified"].timestamp())
+
     def head_metadata(self, key: str) -> dict[str, str]:
         """The object's user metadata (x-amz-meta-*), lower-cased keys."""
         head = self._call("head_object", Key=key)
@@ -122,9 +129,10 @@ class Bucket:
 
     def copy(self, source_key: str, key: str, size: int, part_size: int) -> None:
         """Server-side copy inside the bucket: no byte passes through this machine. Objects over
-        5 GiB go part by part at `part_size`, so their ETag stays the one we predict."""
+        one part go part by part at `part_size`, so an S3-style bucket gives the copy the same
+        md5-of-parts ETag as the source (a single CopyObject would get a whole-object MD5)."""
         source = {"Bucket": self.name, "Key": source_key}
-        if size <= 5 * 1024**3:
+        if size <= part_size:
             self._call("copy_object", CopySource=source, Key=key, MetadataDirective="COPY")
             return
         from boto3.s3.transfer import TransferConfig

@@ -5,6 +5,7 @@ Layout (one bucket):
     manifests/<org>/<name>/revisions/<revision>.json  written last, only after remote verification
     manifests/<org>/<name>/verified/<revision>.json   the latest `verify` result, for `list`
     manifests/<org>/<name>/current.json               the revision `launch` uses by default
+    modelferry/bucket.json                            what we learned about this bucket (its ETag style)
 Manifests live outside the prefix vLLM loads, so a loader listing the weights never sees them, and a
 revision without a manifest is never a model here.
 """
@@ -23,7 +24,7 @@ from datetime import datetime, timezone
 
 from tasks.bucket import Bucket, ObjectInfo
 from tasks.errors import IntegrityError, ModelferryError, NotStaged
-from tasks.integrity import Manifest
+from tasks.integrity import PARTS, WHOLE, FileHashes, Manifest
 
 
 def model_prefix(name: str, revision: str) -> str:
@@ -64,6 +65,28 @@ def find_manifest(bucket: Bucket, name: str, revision: str | None) -> Manifest:
         what = f"{name}@{rev}" if rev else name
         raise NotStaged(f"{what} is not staged in bucket {bucket.name!r}: run `modelferry stage {name}` first")
     return manifest
+
+
+BUCKET_FACTS = "modelferry/bucket.json"
+
+
+def etag_styles(bucket: Bucket) -> set[str]:
+    """The multipart ETag style(s) worth hashing for: the one this bucket was seen to use, or both
+    until a stage has seen it (each costs an MD5 pass over every multipart file)."""
+    facts = bucket.get_json(BUCKET_FACTS) or {}
+    style = facts.get("multipart_etag")
+    return {style} if style in (WHOLE, PARTS) else {WHOLE, PARTS}
+
+
+def learn_etag_style(bucket: Bucket, hashes: FileHashes, etag: str) -> str | None:
+    """Record which style a proven multipart object's ETag has, when both were predicted and exactly
+    one matched. Returns the style learned, if any."""
+    if not (hashes.md5 and hashes.multipart_etag) or hashes.md5 == hashes.multipart_etag:
+        return None
+    style = WHOLE if etag == hashes.md5 else PARTS if etag == hashes.multipart_etag else None
+    if style:
+        bucket.put_json(BUCKET_FACTS, {"multipart_etag": style, "learned_at": now()})
+    return style
 
 
 @dataclass
@@ -177,8 +200,6 @@ def list_models(bucket: Bucket) -> list[dict]:
             "license": manifest.license,
         })
     return rows
-
-
 
 
 def set_current(bucket: Bucket, name: str, revision: str) -> None:

@@ -75,29 +75,38 @@ class _PartMD5:
 
 _pool = ThreadPoolExecutor(2, thread_name_prefix="hash")
 
+WHOLE, PARTS = "whole-md5", "md5-of-parts"  # how a bucket forms a multipart object's ETag
 
-def hash_file(path: Path, part_size: int, progress=None, git: bool = True) -> FileHashes:
-    """Read `path` once and return every hash the chain needs. The whole-file MD5 runs on a second
-    thread (hashlib releases the GIL), so two cores share the work. `git=False` skips the git blob
-    sha1, which only files kept in git (not LFS) are checked against. `progress(n)` runs per chunk."""
+
+def hash_file(path: Path, part_size: int, progress=None, *, sha256: bool = True, git: bool = True,
+              etag_styles: frozenset[str] | set[str] = frozenset({WHOLE, PARTS})) -> FileHashes:
+    """Read `path` once and return the hashes asked for: sha256, the git blob sha1 (only files kept
+    in git, not LFS, are checked against it), and the MD5s behind the ETag styles in `etag_styles`
+    (`WHOLE`: rclone's whole-file MD5; `PARTS`: S3's and R2's part MD5s at `part_size`). Hashes not
+    asked for come back empty. The whole-file MD5 runs on a second thread (hashlib releases the GIL),
+    so two cores share the work. `progress(n)` runs per chunk."""
     size = path.stat().st_size
-    sha256, md5 = hashlib.sha256(), hashlib.md5()
+    single = size <= part_size  # one PUT: its ETag is the whole MD5 on every server
+    want_whole = single or WHOLE in etag_styles
+    sha = hashlib.sha256() if sha256 else None
+    md5 = hashlib.md5() if want_whole and etag_styles else None
     git_sha1 = hashlib.sha1(b"blob %d\0" % size) if git else None
-    parts = _PartMD5(part_size)
-    single = size <= part_size  # one PUT: the part MD5 would be the whole MD5
+    parts = _PartMD5(part_size) if not single and PARTS in etag_styles else None
+    inline = [h.update for h in (sha, git_sha1, parts) if h is not None]
 
     def main_thread(chunk):
-        sha256.update(chunk)
-        if git_sha1:
-            git_sha1.update(chunk)
-        if not single:
-            parts.update(chunk)
+        for update in inline:
+            update(chunk)
 
     read = 0
+    buf = bytearray(CHUNK)  # one buffer for the whole file: a fresh 8 MiB object per read costs page faults
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(CHUNK):
-            read += len(chunk)
-            if len(chunk) < MiB:
+        while n := f.readinto(buf):
+            chunk = memoryview(buf)[:n]
+            read += n
+            if md5 is None:
+                main_thread(chunk)
+            elif len(chunk) < MiB or not inline:
                 md5.update(chunk)
                 main_thread(chunk)
             else:
@@ -108,14 +117,14 @@ def hash_file(path: Path, part_size: int, progress=None, git: bool = True) -> Fi
                 progress(len(chunk))
     if read != size:
         raise IntegrityError(f"{path} changed size while being hashed ({size} -> {read} bytes)", [str(path)])
-    multipart = None if single else multipart_etag(parts.finish())
-    return FileHashes(size, sha256.hexdigest(), git_sha1.hexdigest() if git_sha1 else "", md5.hexdigest(), multipart)
+    return FileHashes(size, sha.hexdigest() if sha else "", git_sha1.hexdigest() if git_sha1 else "",
+                      md5.hexdigest() if md5 else "", multipart_etag(parts.finish()) if parts else None)
 
 
 def etag_forms(md5: str, multipart: str | None) -> set[str]:
     """ETags a correct upload may show. S3, R2 and moto: the MD5 for a single PUT, `md5(part md5s)-N`
     for multipart. rclone serve s3 stores a whole-file MD5 even for multipart uploads."""
-    return {md5} | ({multipart} if multipart else set())
+    return ({md5} if md5 else set()) | ({multipart} if multipart else set())
 
 
 MAX_KEY_BYTES = 1024  # S3 and R2 object key limit

