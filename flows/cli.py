@@ -192,13 +192,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_table(rows: list[dict]) -> None:
-    import pandas as pd
+    from tabulate import tabulate
 
-    if not rows:
-        print("(none)")
-        return
-    df = pd.DataFrame(rows)
-    print(df.to_string(index=False))
+    print(tabulate(rows, headers="keys", tablefmt="plain", missingval="None") if rows else "(none)")
 
 
 def _setup_logging(verbose: bool, json_out: bool) -> None:

@@ -108,4 +108,4 @@ def _summary(plan, steps: Steps) -> str:
     return (f"## Staged `{plan.name}` @ `{plan.revision}`\n\n"
             f"- load it with: `vllm serve {uri} --load-format runai_streamer`\n"
             f"- files: {len(plan.files)}, bytes: {sum(f.size for f in plan.files):,}\n\n"
-            + steps.table().to_markdown(index=False))
+            + steps.markdown())

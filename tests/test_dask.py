@@ -16,8 +16,19 @@ def test_stage_shards_files_over_dask_workers_and_publishes_once(cli, env, mirro
     files |= {f"model-{i:05d}-of-00006.safetensors": os.urandom((i + 1) * MiB) for i in range(6)}
     standins.commit_files(mirror, repo, files, lfs_files={p for p in files if p.endswith(".safetensors")})
     total = sum(len(b) for b in files.values())
+    tampered = "acme/sharded-tampered"
+    standins.commit_files(mirror, tampered, files, lfs_files={p for p in files if p.endswith(".safetensors")},
+                          lfs_bytes={"model-00002-of-00006.safetensors": os.urandom(2 * MiB)})
     with standins.dask_cluster(tmp_path / "dask", env, workers=2) as address:
+        failed = cli("stage", tampered, "--task-runner", "dask", "--dask-address", address, "--json")
         run = cli("stage", repo, "--task-runner", "dask", "--dask-address", address, "--json")
+    # A share that meets a bad file fails the run naming it; nothing is published.
+    assert failed.rc == 1, failed
+    assert failed.json()[-1]["step"] == "local_verify" and failed.json()[-1]["status"] == "failed"
+    assert "model-00002-of-00006.safetensors" in failed.err and "sha256" in failed.err
+    assert s3.listing(f"manifests/{tampered}/") == {}
+    assert "model-00002-of-00006.safetensors" not in {k.rsplit("/", 1)[-1] for k in s3.listing(f"models/{tampered}/")}
+
     assert run.rc == 0, run
     by = steps_by_name(run.json())
     assert by["download"]["bytes"] == total and by["upload"]["bytes"] == total and by["upload"]["files"] == 7

@@ -22,7 +22,8 @@ MiB = 2**20
 
 def model_dir(root: Path) -> tuple[Path, int]:
     root.mkdir(parents=True)
-    sizes = {"config.json": 0, "a.safetensors": 1, "b.safetensors": 2, "c.safetensors": 8, "d.safetensors": 8}
+    # c and d outgrow loopback socket buffers: a killed client can't have handed them over whole.
+    sizes = {"config.json": 0, "a.safetensors": 1, "b.safetensors": 2, "c.safetensors": 24, "d.safetensors": 24}
     for name, mib in sizes.items():
         (root / name).write_bytes(os.urandom(mib * MiB) if mib else b"{}")
     return root, sum(p.stat().st_size for p in root.iterdir())
@@ -170,3 +171,24 @@ def test_verify_during_a_stage_never_calls_it_good(cli, env, slow_bucket, tmp_pa
     proc.communicate(timeout=300)
     assert proc.returncode == 0
     assert cli("verify", "acme/inflight", extra_env=bucket.env()).rc == 0
+
+
+def test_local_file_rewritten_after_resolve_is_refused(env, tmp_path, monkeypatch):
+    from tasks import staging
+    from tasks.errors import IntegrityError
+
+    monkeypatch.setenv("MODELFERRY_CACHE", str(tmp_path / "cache"))
+    model, _ = model_dir(tmp_path / "m")
+    settings = config.load(env)
+    plan, _ = staging.resolve(settings, str(model), None, [], [], "acme/rewritten", allow_unloadable=True)
+    try:
+        (model / "c.safetensors").write_bytes(os.urandom(24 * MiB))  # same size, other bytes
+        with pytest.raises(IntegrityError) as caught:
+            staging.transfer(settings, plan)
+    finally:
+        staging.release(plan)
+    assert caught.value.step == "local_verify"
+    assert "c.safetensors (changed since resolve hashed it)" in str(caught.value)
+    s3 = Bucket(settings)
+    assert "c.safetensors" not in {k.rsplit("/", 1)[-1] for k in s3.listing("models/acme/rewritten/")}
+    assert s3.listing("manifests/acme/rewritten/") == {}
