@@ -13,6 +13,7 @@ from prefect import flow
 from flows.steps import Steps, mark_work, progress_reporter, step
 from tasks import settings as config
 from tasks import staging
+from tasks.errors import SettingsError
 
 log = logging.getLogger("modelferry.stage")
 
@@ -86,6 +87,8 @@ def stage_model(source: str, revision: str | None = None, include: list[str] | N
     manifest is still written once, last, here. Credentials come from the environment (R2_*,
     HF_TOKEN) of each process, never from parameters."""
     mark_work("started")
+    if task_runner not in ("thread", "dask"):
+        raise SettingsError(f"unknown task_runner {task_runner!r}: choose thread or dask")
     steps = Steps("stage-steps", f"stage {source}")
     include, exclude = list(include or []), list(exclude or [])
     plan = steps(resolve, source, revision, include, exclude, name, allow_unloadable, replace)

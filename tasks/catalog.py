@@ -247,7 +247,8 @@ class Lock:
             body = json.dumps({**self.owner, "since": time.time()}).encode()
             if self.bucket.put_if_absent(self.key, body) and (self.bucket.get_json(self.key) or {}).get("id") == self.owner["id"]:
                 self._beat = threading.Event()
-                threading.Thread(target=self._heartbeat, daemon=True).start()
+                self._beater = threading.Thread(target=self._heartbeat, daemon=True)
+                self._beater.start()
                 return
             held = self.bucket.get_json(self.key)
             if held and self._stale(held):
@@ -264,7 +265,7 @@ class Lock:
 
     def _heartbeat(self) -> None:
         """Keep `since` fresh while we hold the lock, so a long stage is never taken for a dead one."""
-        while not self._beat.wait(self.ttl / 4):
+        while not self._beat.wait(max(self.ttl / 4, 1.0)):
             held = self.bucket.get_json(self.key)
             if not held or held.get("id") != self.owner["id"]:
                 return
@@ -285,6 +286,7 @@ class Lock:
     def release(self) -> None:
         if getattr(self, "_beat", None):
             self._beat.set()
+            self._beater.join()  # a heartbeat caught mid-write must not put the lock back after we delete it
         held = self.bucket.get_json(self.key)
         if held and held.get("id") == self.owner["id"]:
             self.bucket.delete([self.key])

@@ -33,7 +33,7 @@ def model_dir(root: Path) -> tuple[Path, int]:
 def slow_bucket(tmp_path):
     """A bucket of its own behind rclone's bandwidth limit, so uploads take seconds."""
     port = standins.free_port()
-    args = ("--bwlimit", "4M")
+    args = ("--bwlimit", "8M")
     with standins.rclone_bucket(tmp_path / "slow", "mf-slow", "slow-access-1", "slow-secret-1", port, args) as b:
         yield b, port, args
 
