@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.stage_throughput import in_scratch_dir  # noqa: E402
+from bench.stage_throughput import in_scratch_dir, stage_report  # noqa: E402
 from bench.throttle import throttled  # noqa: E402
 from tasks import standins  # noqa: E402
 
@@ -88,10 +87,10 @@ def run(work: Path, args) -> int:
             cpu_busy.append(busy)
             if proc.returncode:
                 raise SystemExit(f"stage failed: {proc.stderr[-3000:]}")
-            found = re.search(r"orchestration start-up ([\d.]+) s, .*, work ([\d.]+) s", proc.stderr)
-            results["modelferry stage"].append(float(found.group(2)))
+            start_s, _, work_s = stage_report(proc.stderr)
+            results["modelferry stage"].append(work_s)
             shutil.rmtree(work / f"cache-{r}", ignore_errors=True)
-            print(f"round {r + 1}/{args.rounds}: start-up {found.group(1)} s", file=sys.stderr, flush=True)
+            print(f"round {r + 1}/{args.rounds}: start-up {start_s} s", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
     slower = max(med["download alone"], med["upload alone"])
     naive = med["download alone"] + med["upload alone"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.stage_throughput import stage_report  # noqa: E402
 from tasks import standins  # noqa: E402
 
 
@@ -34,8 +34,7 @@ def stage(env: dict, ckpt: Path) -> tuple[float, float, int]:
         raise SystemExit(out.stderr[-2000:])
     rows = json.loads(out.stdout)
     sent = sum(r["bytes"] for r in rows if r["step"] == "upload")
-    work = float(re.search(r"orchestration start-up [\d.]+ s, .*, work ([\d.]+) s", out.stderr).group(1))
-    return wall, work, sent
+    return wall, stage_report(out.stderr)[2], sent
 
 
 def main() -> int:

@@ -1,10 +1,12 @@
 """Staging throughput and client CPU against raw s5cmd, on the same data and the same local bucket.
 
 Data: a local checkpoint of GIB x 1 GiB shards plus 50 small files. Bucket: `rclone serve s3` on
-loopback (started here). Per round, interleaved: raw `s5cmd cp` (the baseline, hashes nothing),
-`modelferry stage` (verification included, fresh name and cache each time; Prefect API reused, and
-the orchestration start-up it reports is shown apart from the work), and boto3's default `upload_file`. Prints medians of ROUNDS,
-ratios to s5cmd, and client CPU-seconds per GB against s5cmd's plus one hashlib.sha256 pass.
+loopback (started here). Per round, interleaved: raw `s5cmd cp` (the baseline; it verifies nothing,
+though it sends a Content-MD5 with every part), the same plus one listing (the bucket computing its
+ETags), `modelferry stage` (verification included, fresh name and cache each time; Prefect API
+reused, and the orchestration start-up it reports is shown apart from the work), and boto3's
+default `upload_file`. Prints medians of ROUNDS, ratios to s5cmd, and client CPU-seconds per GB
+against s5cmd's plus one hashlib.sha256 pass, and against the floor of an ETag-proven stage.
 
     .venv/bin/python bench/stage_throughput.py [--gib 4] [--rounds 3]
 """
@@ -13,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -86,6 +88,15 @@ def in_scratch_dir(prefix: str, fn, args) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def stage_report(stderr: str) -> tuple[float, float, float]:
+    """(start-up s, start-up CPU-s, work s) from the line `modelferry stage` logs when it ends."""
+    found = re.search(r"orchestration start-up ([\d.]+) s, ([\d.]+) CPU-s .*, work ([\d.]+) s", stderr)
+    if not found:
+        raise SystemExit(f"no start-up/work report in the stage's log: {stderr[-2000:]}")
+    start_s, start_cpu, work_s = (float(x) for x in found.groups())
+    return start_s, start_cpu, work_s
+
+
 def hash_pass(root: Path, algo: str) -> float:
     """CPU-seconds of one hashlib pass over every file under `root`."""
     t = time.process_time()
@@ -136,8 +147,7 @@ def run(work: Path, args) -> int:
             shutil.rmtree(bucket.root / "bench" / f"raw-{r}", ignore_errors=True)  # keep the disk from filling
             wall, cpu, proc = timed([sys.executable, "-m", "flows", "stage", str(work / "ckpt"), "--name",
                                      f"bench/run-{r}", "--json"], {**env, "MODELFERRY_CACHE": str(work / f"cache-{r}")})
-            found = re.search(r"orchestration start-up ([\d.]+) s, ([\d.]+) CPU-s .*, work ([\d.]+) s", proc.stderr)
-            start_s, start_cpu, work_s = (float(x) for x in found.groups())
+            start_s, start_cpu, work_s = stage_report(proc.stderr)
             results["modelferry stage"].append((work_s, cpu - start_cpu))
             results.setdefault("modelferry stage, incl. start-up", []).append((wall, cpu))
             startup.append((start_s, start_cpu))

@@ -41,6 +41,10 @@ class FileHashes:
     md5: str
     multipart_etag: str | None  # None when the file goes up in one PUT
 
+    def etags(self) -> set[str]:
+        """The ETags these hashes predict (empty when no MD5 was taken)."""
+        return etag_forms(self.md5, self.multipart_etag)
+
 
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()

@@ -16,17 +16,17 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tasks import catalog, hub
 from tasks import transfer as transfer_
-from tasks.bucket import Bucket
+from tasks.bucket import Bucket, ObjectInfo
 from tasks.errors import IntegrityError, SourceError
-from tasks.integrity import (PARTS, WHOLE, FileEntry, FileHashes, Manifest, check_key_length, check_relpath, etag_forms,
-                             hash_file, local_revision, part_size_for)
+from tasks.integrity import (FileEntry, FileHashes, Manifest, check_key_length, check_relpath, hash_file, local_revision,
+                             part_size_for)
 from tasks.settings import Settings
 
 log = logging.getLogger("modelferry.stage")
@@ -314,6 +314,12 @@ def object_metadata(h: FileHashes) -> tuple[tuple[str, str], ...]:
     return tuple((k, v) for k, v in meta if v)
 
 
+def _holds(obj: ObjectInfo | None, f: PlanFile) -> bool:
+    """Whether the bucket's object is proven to hold `f`: its size, and the ETag the bucket computed
+    matching one our hashes predict."""
+    return bool(obj and f.hashes and obj.size == f.size and obj.etag in f.hashes.etags())
+
+
 def _mark_proven(plan: Plan, listing, bucket: Bucket) -> None:
     known = {f.path: f for f in plan.published.files} if plan.published else {}
     hc = _load_hash_cache(_hash_cache_path(plan.cache_dir)) if plan.is_hub else {}
@@ -330,11 +336,11 @@ def _mark_proven(plan: Plan, listing, bucket: Bucket) -> None:
             else:
                 f.hashes = _cached_hashes(hc.get(f.path), f, plan.part_size)
         obj = listing.get(key)
-        if f.hashes and obj and obj.size == f.size and obj.etag in etag_forms(f.hashes.md5, f.hashes.multipart_etag):
+        if _holds(obj, f):
             f.proven, f.etag = True, obj.etag
     plan.unexpected = sorted(k[len(plan.prefix):] for k in listing if k not in wanted)
     # Left by an interrupted run whose ETag hashes this machine doesn't have: ask the objects (HEADs).
-    unknown = [f for f in plan.files if not f.proven and not (f.hashes and etag_forms(f.hashes.md5, f.hashes.multipart_etag))
+    unknown = [f for f in plan.files if not f.proven and not (f.hashes and f.hashes.etags())
                and (o := listing.get(plan.prefix + f.path)) and o.size == f.size]
     if unknown:
         with ThreadPoolExecutor(16) as pool:
@@ -342,7 +348,7 @@ def _mark_proven(plan: Plan, listing, bucket: Bucket) -> None:
         for f, meta in zip(unknown, metas):
             h = _hashes_from_metadata(meta, f)
             etag = listing[plan.prefix + f.path].etag
-            if h and etag in etag_forms(h.md5, h.multipart_etag):
+            if h and etag in h.etags():
                 f.hashes, f.proven, f.etag = h, True, etag
 
 
@@ -444,12 +450,12 @@ def transfer(settings: Settings, plan: Plan, progress=None, replace: bool = Fals
     def prove(f: PlanFile) -> None:
         with spans["upload"]:
             obj = bucket.head(plan.prefix + f.path)
-            if obj is not None and obj.size == f.size and obj.etag in etag_forms(f.hashes.md5, f.hashes.multipart_etag):
+            if _holds(obj, f):
                 f.proven, f.etag = True, obj.etag
                 if plan.is_hub and not keep_downloads:
                     f.local.unlink(missing_ok=True)
-                if len(styles) > 1 and catalog.learn_etag_style(bucket, f.hashes, obj.etag):
-                    styles.intersection_update({WHOLE if obj.etag == f.hashes.md5 else PARTS})
+                if len(styles) > 1 and (style := catalog.learn_etag_style(bucket, f.hashes, obj.etag)):
+                    styles.intersection_update({style})
 
     def uploaded(item: transfer_.Upload) -> None:
         f = by_key[item.key]
@@ -587,7 +593,7 @@ def prepare(bucket: Bucket, plan: Plan, replace: bool) -> int:
     def copy_and_prove(f: PlanFile) -> bool:
         bucket.copy(f.copy_from, plan.prefix + f.path, f.size, plan.part_size)
         obj = bucket.head(plan.prefix + f.path)
-        if obj and obj.size == f.size and obj.etag in etag_forms(f.hashes.md5, f.hashes.multipart_etag):
+        if _holds(obj, f):
             f.proven, f.etag = True, obj.etag
             return True
         # The server formed the copy's ETag in a way the recorded hashes don't predict: send the file.
@@ -627,7 +633,7 @@ def _fetch(settings: Settings, plan: Plan, f: PlanFile, counts: dict, lock, n_fi
 def _check(plan: Plan, f: PlanFile, styles: set[str]) -> str | None:
     """Hash `f` for what its upload must be proven against. Returns why it may not go up, or None."""
     if not plan.is_hub:
-        if f.hashes and etag_forms(f.hashes.md5, f.hashes.multipart_etag) and _identity(f.local) == f.stat:
+        if f.hashes and f.hashes.etags() and _identity(f.local) == f.stat:
             return None
         h = hash_file(f.local, plan.part_size, _hash_progress(f.path, f.size), sha256=False, git=False,
                       etag_styles=styles)
