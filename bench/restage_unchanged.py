@@ -21,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.stage_throughput import stage_report  # noqa: E402
-from tasks import standins  # noqa: E402
+from modelferry.tasks import embedded  # noqa: E402
 
 
 def stage(env: dict, ckpt: Path) -> tuple[float, float, int]:
     """(wall, work, bytes sent): work is the flow's own report, orchestration start-up excluded."""
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "flows", "stage", str(ckpt), "--name", "bench/hundred", "--json"],
+    out = subprocess.run([sys.executable, "-m", "modelferry.flows", "stage", str(ckpt), "--name", "bench/hundred", "--json"],
                          env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if out.returncode:
@@ -48,8 +48,8 @@ def main() -> int:
         (ckpt / "shards" / f"part-{i:03d}.safetensors").write_bytes(os.urandom(256 * 1024))
     (ckpt / "config.json").write_text("{}")
     (ckpt / "tokenizer.json").write_bytes(os.urandom(2 * 2**20))
-    with standins.rclone_bucket(work / "data", "bench", "bench-access-2", "bench-secret-2") as bucket, \
-            standins.prefect_server(work / "prefect") as api:
+    with embedded.rclone_bucket(work / "data", "bench", "bench-access-2", "bench-secret-2") as bucket, \
+            embedded.prefect_server(work / "prefect") as api:
         env = dict(os.environ, **bucket.env(), PREFECT_API_URL=api, MODELFERRY_CACHE=str(work / "cache"))
         first = stage(env, ckpt)
         again = [stage(env, ckpt) for _ in range(args.rounds)]

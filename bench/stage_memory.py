@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.stage_throughput import in_scratch_dir, make_checkpoint  # noqa: E402
-from tasks import standins  # noqa: E402
+from modelferry.tasks import embedded, processes  # noqa: E402
 
 
 def peak_rss_mib(cmd: list[str], env: dict) -> tuple[float, float]:
@@ -41,14 +41,14 @@ def main() -> int:
 
 def run(work: Path, args) -> int:
     total = make_checkpoint(work / "ckpt", args.gib)
-    with standins.rclone_bucket(work / "data", "bench", "bench-access-3", "bench-secret-3") as bucket, \
-            standins.prefect_server(work / "prefect") as api:
+    with embedded.rclone_bucket(work / "data", "bench", "bench-access-3", "bench-secret-3") as bucket, \
+            embedded.prefect_server(work / "prefect") as api:
         env = dict(os.environ, **bucket.env(), PREFECT_API_URL=api, MODELFERRY_CACHE=str(work / "cache"),
                    AWS_ACCESS_KEY_ID=bucket.access_key, AWS_SECRET_ACCESS_KEY=bucket.secret_key, AWS_REGION="auto")
-        raw = peak_rss_mib([standins.which("s5cmd"), "--endpoint-url", bucket.endpoint, "cp", f"{work / 'ckpt'}/*",
+        raw = peak_rss_mib([processes.which("s5cmd"), "--endpoint-url", bucket.endpoint, "cp", f"{work / 'ckpt'}/*",
                             "s3://bench/raw/"], env)
         shutil.rmtree(bucket.root / "bench" / "raw", ignore_errors=True)
-        ours = peak_rss_mib([sys.executable, "-m", "flows", "stage", str(work / "ckpt"), "--name", "bench/mem"], env)
+        ours = peak_rss_mib([sys.executable, "-m", "modelferry.flows", "stage", str(work / "ckpt"), "--name", "bench/mem"], env)
     print(f"{total / 2**30:.2f} GiB in {args.gib} shards + 51 small files, loopback rclone")
     print(f"raw s5cmd cp (baseline): {raw[0]:.1f} s, peak RSS {raw[1]:.0f} MiB")
     print(f"modelferry stage:        {ours[0]:.1f} s, peak RSS {ours[1]:.0f} MiB of any process (goal < 512 MiB)")

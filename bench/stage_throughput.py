@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tasks import standins  # noqa: E402
+from modelferry.tasks import embedded, processes  # noqa: E402
 
 MiB = 2**20
 
@@ -126,8 +126,8 @@ def run(work: Path, args) -> int:
     results: dict[str, list[tuple[float, float]]] = {"s5cmd cp (baseline)": [], "modelferry stage": [],
                                                      "boto3 upload_file": []}
     startup: list[tuple[float, float]] = []
-    with standins.rclone_bucket(work / "data", "bench", "bench-access-1", "bench-secret-1") as bucket, \
-            standins.prefect_server(work / "prefect") as api:
+    with embedded.rclone_bucket(work / "data", "bench", "bench-access-1", "bench-secret-1") as bucket, \
+            embedded.prefect_server(work / "prefect") as api:
         env = dict(os.environ, **bucket.env(), PREFECT_API_URL=api, PREFECT_HOME=str(work / "prefect"),
                    AWS_ACCESS_KEY_ID=bucket.access_key, AWS_SECRET_ACCESS_KEY=bucket.secret_key, AWS_REGION="auto")
         # A bucket's ETag style is learned by its first multipart stage (then one MD5 per file, not two).
@@ -135,17 +135,17 @@ def run(work: Path, args) -> int:
         warm.mkdir()
         (warm / "config.json").write_text("{}")
         (warm / "weights.safetensors").write_bytes(os.urandom(51 * MiB))
-        timed([sys.executable, "-m", "flows", "stage", str(warm), "--name", "bench/warm-up"],
+        timed([sys.executable, "-m", "modelferry.flows", "stage", str(warm), "--name", "bench/warm-up"],
               {**env, "MODELFERRY_CACHE": str(work / "cache-warm")})
         for r in range(args.rounds):
-            wall, cpu, _ = timed([standins.which("s5cmd"), "--endpoint-url", bucket.endpoint, "cp",
+            wall, cpu, _ = timed([processes.which("s5cmd"), "--endpoint-url", bucket.endpoint, "cp",
                                   f"{work / 'ckpt'}/*", f"s3://bench/raw-{r}/"], env)
             results["s5cmd cp (baseline)"].append((wall, cpu))
             # What any ETag proof costs here at least: rclone computes an object's MD5 when first asked.
             list_wall, list_cpu, _ = timed([sys.executable, "-c", LISTING, "bench", f"raw-{r}/"], env)
             results.setdefault("s5cmd cp + bucket ETags (floor)", []).append((wall + list_wall, cpu + list_cpu))
             shutil.rmtree(bucket.root / "bench" / f"raw-{r}", ignore_errors=True)  # keep the disk from filling
-            wall, cpu, proc = timed([sys.executable, "-m", "flows", "stage", str(work / "ckpt"), "--name",
+            wall, cpu, proc = timed([sys.executable, "-m", "modelferry.flows", "stage", str(work / "ckpt"), "--name",
                                      f"bench/run-{r}", "--json"], {**env, "MODELFERRY_CACHE": str(work / f"cache-{r}")})
             start_s, start_cpu, work_s = stage_report(proc.stderr)
             results["modelferry stage"].append((work_s, cpu - start_cpu))

@@ -1,3 +1,3 @@
-from flows.cli import main
+from modelferry.flows.cli import main
 
 raise SystemExit(main())

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from tasks.errors import ModelferryError, SettingsError
+from modelferry.tasks.errors import ModelferryError, SettingsError, require_extra
 
 EPILOG = """settings (environment):
   R2_ENDPOINT    https://<account-id>.r2.cloudflarestorage.com (any S3-compatible endpoint)
@@ -205,8 +205,8 @@ def _setup_logging(verbose: bool, json_out: bool) -> None:
 
 
 def cmd_check_r2(args) -> int:
-    from tasks import settings as config
-    from tasks.bucket import check_r2
+    from modelferry.tasks import settings as config
+    from modelferry.tasks.bucket import check_r2
 
     result = check_r2(config.load())
     if args.json:
@@ -218,14 +218,16 @@ def cmd_check_r2(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from tasks import settings as config
+    from modelferry.tasks import settings as config
 
     config.load()  # fail on settings before paying for Prefect's start-up
     if args.dask_address and args.task_runner != "dask":
         raise SettingsError("--dask-address needs --task-runner dask")
+    if args.task_runner == "dask":
+        require_extra("prefect_dask", "dask", "--task-runner dask")
     t0, cpu0 = time.perf_counter(), time.process_time()
-    from flows.stage_model import stage_model
-    from flows.steps import StepFailed, startup_report
+    from modelferry.flows.stage_model import stage_model
+    from modelferry.flows.steps import StepFailed, startup_report
 
     try:
         rows = stage_model(args.source, revision=args.revision, include=args.include, exclude=args.exclude,
@@ -247,10 +249,10 @@ def cmd_stage(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from tasks import catalog
-    from tasks import settings as config
-    from tasks.bucket import Bucket
-    from tasks.errors import IntegrityError
+    from modelferry.tasks import catalog
+    from modelferry.tasks import settings as config
+    from modelferry.tasks.bucket import Bucket
+    from modelferry.tasks.errors import IntegrityError
 
     bucket = Bucket(config.load())
     try:
@@ -269,9 +271,9 @@ def cmd_verify(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from tasks import catalog
-    from tasks import settings as config
-    from tasks.bucket import Bucket
+    from modelferry.tasks import catalog
+    from modelferry.tasks import settings as config
+    from modelferry.tasks.bucket import Bucket
 
     if args.compile_caches:
         rows = catalog.compile_caches(Bucket(config.load()))
@@ -294,7 +296,7 @@ def _launch_options(args) -> dict:
 
 def _validate_launch(args) -> None:
     """Check options before paying for Prefect's start-up."""
-    from tasks.sky import LaunchOptions, parse_accelerators
+    from modelferry.tasks.sky import LaunchOptions, parse_accelerators
 
     strategies = ["stream", "prefetch"] if args.strategy == "both" else [args.strategy]
     for strategy in strategies:
@@ -309,12 +311,12 @@ def _validate_launch(args) -> None:
 
 
 def _run_flow(args, **params) -> int:
-    from tasks import settings as config
+    from modelferry.tasks import settings as config
 
     config.load()
     _validate_launch(args)
-    from flows.stage_and_launch import _last_results, stage_and_launch
-    from flows.steps import StepFailed
+    from modelferry.flows.stage_and_launch import _last_results, stage_and_launch
+    from modelferry.flows.steps import StepFailed
 
     try:
         rows = stage_and_launch(args.name, revision=args.revision, **_launch_options(args), **params)
@@ -340,8 +342,8 @@ def cmd_launch(args) -> int:
     if args.strategy == "both":
         raise SettingsError("--strategy both is for `bench`; launch takes stream or prefetch")
     if args.dry_run:
-        from tasks import launcher, sky
-        from tasks import settings as config
+        from modelferry.tasks import launcher, sky
+        from modelferry.tasks import settings as config
 
         _validate_launch(args)
         dep = launcher.plan(config.load(), args.name, args.revision, args.target, args.source,
@@ -364,7 +366,7 @@ def cmd_stage_and_launch(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from tasks import launcher
+    from modelferry.tasks import launcher
 
     if not args.name and not args.all:
         raise SettingsError("name a deployment (or model), or pass --all")
@@ -374,9 +376,9 @@ def cmd_down(args) -> int:
 
 
 def cmd_cost(args) -> int:
-    from tasks import catalog, cost
-    from tasks import settings as config
-    from tasks.bucket import Bucket
+    from modelferry.tasks import catalog, cost
+    from modelferry.tasks import settings as config
+    from modelferry.tasks.bucket import Bucket
 
     manifest = catalog.find_manifest(Bucket(config.load()), args.name, args.revision)
     prices = cost.Prices(s3_egress_per_gb=args.s3_egress_per_gb, r2_storage_per_gb_month=args.r2_storage_per_gb_month,
@@ -399,9 +401,9 @@ def cmd_cost(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from tasks import catalog
-    from tasks import settings as config
-    from tasks.bucket import Bucket
+    from modelferry.tasks import catalog
+    from modelferry.tasks import settings as config
+    from modelferry.tasks.bucket import Bucket
 
     if args.grace_hours < 0:
         raise SettingsError("--grace-hours must be 0 or more")
@@ -424,7 +426,7 @@ def cmd_gc(args) -> int:
 
 
 def cmd_blocks(args) -> int:
-    from tasks import settings as config
+    from modelferry.tasks import settings as config
 
     if not os.environ.get("PREFECT_API_URL"):
         raise SettingsError("PREFECT_API_URL is not set: point it at the Prefect server that should hold the blocks")

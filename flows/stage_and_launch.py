@@ -15,13 +15,13 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.stage_model import stage_model
-from flows.steps import Steps, step
-from tasks import bench, catalog, launcher
-from tasks import settings as config
-from tasks.bucket import Bucket
-from tasks.sky import LaunchOptions
-from tasks.staging import StepStats
+from modelferry.flows.stage_model import stage_model
+from modelferry.flows.steps import Steps, step
+from modelferry.tasks import bench, catalog, launcher
+from modelferry.tasks import settings as config
+from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.sky import LaunchOptions
+from modelferry.tasks.staging import StepStats
 
 log = logging.getLogger("modelferry.launch")
 

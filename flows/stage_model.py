@@ -10,10 +10,10 @@ import logging
 
 from prefect import flow
 
-from flows.steps import Steps, mark_work, progress_reporter, step
-from tasks import settings as config
-from tasks import staging
-from tasks.errors import SettingsError
+from modelferry.flows.steps import Steps, mark_work, progress_reporter, step
+from modelferry.tasks import settings as config
+from modelferry.tasks import staging
+from modelferry.tasks.errors import SettingsError, require_extra
 
 log = logging.getLogger("modelferry.stage")
 
@@ -41,7 +41,7 @@ def transfer_on_dask(plan, replace, address: str | None):
     share of about equal bytes per worker. Returns one row per step, summed over the shares."""
     from prefect_dask import DaskTaskRunner
 
-    from tasks.bucket import Bucket
+    from modelferry.tasks.bucket import Bucket
 
     copied = staging.prepare(Bucket(config.load()), plan, replace)
     todo = plan.to_fetch()
@@ -89,6 +89,8 @@ def stage_model(source: str, revision: str | None = None, include: list[str] | N
     mark_work("started")
     if task_runner not in ("thread", "dask"):
         raise SettingsError(f"unknown task_runner {task_runner!r}: choose thread or dask")
+    if task_runner == "dask":
+        require_extra("prefect_dask", "dask", "task_runner dask")
     steps = Steps("stage-steps", f"stage {source}")
     include, exclude = list(include or []), list(exclude or [])
     plan = steps(resolve, source, revision, include, exclude, name, allow_unloadable, replace)

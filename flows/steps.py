@@ -15,9 +15,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 from prefect.tasks import exponential_backoff
 
-from tasks.errors import ModelferryError
-from tasks.settings import scrub
-from tasks.staging import StepStats
+from modelferry.tasks.errors import ModelferryError
+from modelferry.tasks.settings import scrub
+from modelferry.tasks.staging import StepStats
 
 _attempts: dict[tuple, int] = defaultdict(int)
 

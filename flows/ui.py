@@ -13,8 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from flows.demo import REPO
-from tasks import standins
+from modelferry.flows.demo import REPO
+from modelferry.tasks import embedded, processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,14 +23,14 @@ def main() -> int:
     root = ROOT / ".ui"
     mirror = root / "hub-mirror"
     if not (mirror / "models" / REPO).exists():
-        standins.commit_files(mirror, REPO, standins.tiny_model_files(), "all-MiniLM-L6-v2")
+        embedded.commit_files(mirror, REPO, embedded.tiny_model_files(), "all-MiniLM-L6-v2")
     port = int(os.environ.get("MODELFERRY_UI_PORT", "4200"))
-    with standins.olah_mirror(mirror, root / "olah") as hub, \
-            standins.rclone_bucket(root / "bucket", "modelferry-ui", "ui-access-key", "ui-secret-key") as bucket, \
-            standins.prefect_server(root / "prefect", port) as api:
-        env = dict(standins.prefect_env(root / "prefect"), **bucket.env(), HF_ENDPOINT=hub, PREFECT_API_URL=api,
+    with embedded.olah_mirror(mirror, root / "olah") as hub, \
+            embedded.rclone_bucket(root / "bucket", "modelferry-ui", "ui-access-key", "ui-secret-key") as bucket, \
+            embedded.prefect_server(root / "prefect", port) as api:
+        env = dict(embedded.prefect_env(root / "prefect"), **bucket.env(), HF_ENDPOINT=hub, PREFECT_API_URL=api,
                    MODELFERRY_CACHE=str(root / "cache"), PROJECT_ROOT=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="2")
-        prefect = str(standins.BIN / "prefect")
+        prefect = str(processes.BIN / "prefect")
         for args in (["work-pool", "create", "local", "--type", "process", "--overwrite"],
                      ["--no-prompt", "deploy", "--all"]):
             subprocess.run([prefect, *args], env=env, cwd=ROOT, check=True, capture_output=True)
@@ -51,7 +51,7 @@ or press "Run" on the deployment in the UI. Ctrl-C here stops everything.""", fl
         except KeyboardInterrupt:
             pass
         finally:
-            standins.stop(worker, grace=10)
+            processes.stop(worker, grace=10)
     return 0
 
 

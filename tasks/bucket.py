@@ -8,9 +8,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from tasks.errors import (AccessDenied, BadCredentials, BucketError, BucketNotFound, EndpointUnreachable,
+from modelferry.tasks.errors import (AccessDenied, BadCredentials, BucketError, BucketNotFound, EndpointUnreachable,
                           TransientBucketError)
-from tasks.settings import Settings, s3_client
+from modelferry.tasks.settings import Settings, s3_client
 
 
 def translate(exc: Exception, settings: Settings) -> Exception:

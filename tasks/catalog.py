@@ -22,9 +22,9 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from tasks.bucket import Bucket, ObjectInfo
-from tasks.errors import IntegrityError, ModelferryError, NotStaged
-from tasks.integrity import PARTS, WHOLE, FileHashes, Manifest
+from modelferry.tasks.bucket import Bucket, ObjectInfo
+from modelferry.tasks.errors import IntegrityError, ModelferryError, NotStaged
+from modelferry.tasks.integrity import PARTS, WHOLE, FileHashes, Manifest
 
 
 def model_prefix(name: str, revision: str) -> str:

@@ -78,3 +78,15 @@ class TransferError(ModelferryError):
 
 class NotStaged(ModelferryError):
     """No published manifest exists for that model/revision."""
+
+
+class MissingExtra(SettingsError):
+    """An optional part of modelferry is not installed."""
+
+
+def require_extra(module: str, extra: str, for_what: str) -> None:
+    """Raise MissingExtra, naming the extra to install, when `module` cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtra(f"{for_what} needs the `{extra}` extra: pip install 'modelferry[{extra}]'")

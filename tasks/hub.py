@@ -9,8 +9,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import GatedRepo, HubError, RepoNotFound, RevisionNotFound, SourceError, TransientHubError
-from tasks.integrity import check_relpath
+from modelferry.tasks.errors import GatedRepo, HubError, RepoNotFound, RevisionNotFound, SourceError, TransientHubError
+from modelferry.tasks.integrity import check_relpath
 
 log = logging.getLogger("modelferry.hub")
 

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks.errors import IntegrityError, SourceError
+from modelferry.tasks.errors import IntegrityError, SourceError
 
 SCHEMA_VERSION = 1
 MiB = 1024 * 1024

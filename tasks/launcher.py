@@ -17,11 +17,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks import bench, catalog, local_target, sky
-from tasks.bucket import Bucket
-from tasks.errors import ModelferryError, NotStaged, SettingsError
-from tasks.settings import Settings, loader_env, loader_secrets, redact
-from tasks.standins import free_port
+from modelferry.tasks import bench, catalog, local_target, sky
+from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.errors import ModelferryError, NotStaged, SettingsError
+from modelferry.tasks.settings import Settings, loader_env, loader_secrets, redact
+from modelferry.tasks.processes import free_port
 
 log = logging.getLogger("modelferry.launch")
 TARGETS = ("sky", "local")
@@ -52,7 +52,7 @@ class Deployment:
 
 
 def state_dir() -> Path:
-    from tasks.staging import cache_root
+    from modelferry.tasks.staging import cache_root
 
     return cache_root() / "launches"
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tasks.errors import ModelferryError
+from modelferry.tasks.errors import ModelferryError
 
 LABEL = "[modelferry local target, not vLLM]"
 
@@ -194,13 +194,13 @@ def run_setup(node: LocalNode, cfg: dict, timeout: float = 1800) -> None:
 def start_server(node: LocalNode) -> None:
     node.log = node.workdir / f"server-{time.time_ns()}.log"
     with open(node.log, "wb") as out:
-        node.proc = subprocess.Popen([sys.executable, "-m", "tasks.local_target"], env=node.env, stdout=out,
+        node.proc = subprocess.Popen([sys.executable, "-m", "modelferry.tasks.local_target"], env=node.env, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True,
                                      cwd=Path(__file__).resolve().parent.parent)
 
 
 def stop_server(node: LocalNode) -> None:
-    from tasks.standins import stop
+    from modelferry.tasks.processes import stop
 
     if node.proc is not None:
         stop(node.proc)

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from tasks.errors import SettingsError
+from modelferry.tasks.errors import SettingsError
 
 R2_REGION = "auto"
 REQUIRED = ("R2_ENDPOINT", "R2_BUCKET", "R2_ACCESS_KEY", "R2_SECRET_KEY")

@@ -14,17 +14,17 @@ import hashlib
 import logging
 import re
 import sys
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from tasks.errors import ModelferryError, SettingsError
+from modelferry.tasks.errors import ModelferryError, SettingsError
 
 log = logging.getLogger("modelferry.sky")
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = ROOT / "deployments" / "vllm.yaml"
+TEMPLATE = resources.files("modelferry.deployments") / "vllm.yaml"
 
 # GPU memory (GiB) of the accelerators we offer by default, by SkyPilot's names. SkyPilot itself
 # accepts unknown GPU names offline (only its optimizer would catch them), so we check here.
@@ -124,6 +124,13 @@ def run_name(model: str, revision: str, run_id: str) -> str:
     return f"mf-{slug}-{hashlib.sha1(f'{model}@{revision}#{run_id}'.encode()).hexdigest()[:8]}"
 
 
+def packaged_file(path: str) -> str:
+    """A template's file-mount source, written as its path in the repo (`tasks/compile_cache.py`),
+    as the file of the installed package."""
+    folder, _, name = path.partition("/")
+    return str(resources.files(f"modelferry.{folder}") / name)
+
+
 def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, source: str, options: LaunchOptions,
                       loader_env: dict[str, str], revision: str = "", bucket: str = "",
                       template: Path = TEMPLATE) -> dict:
@@ -136,7 +143,7 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, sou
                 LOADER_CONCURRENCY=str(options.concurrency), LOADER_MEMORY_LIMIT=str(options.memory_limit),
                 EXTRA_VLLM_ARGS=options.extra_args, COMPILE_CACHE="on" if options.compile_cache else "off",
                 COMPILE_CACHE_BUCKET=bucket, VLLM_VERSION=options.vllm_version)
-    cfg["file_mounts"] = {dst: str(ROOT / src) for dst, src in cfg.get("file_mounts", {}).items()}
+    cfg["file_mounts"] = {dst: packaged_file(src) for dst, src in cfg.get("file_mounts", {}).items()}
     envs.update({k: v for k, v in loader_env.items() if k in envs})
     envs.update(options.envs)
     res = cfg["resources"]

@@ -21,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks import catalog, hub
-from tasks import transfer as transfer_
-from tasks.bucket import Bucket, ObjectInfo
-from tasks.errors import IntegrityError, SourceError
-from tasks.integrity import (FileEntry, FileHashes, Manifest, check_key_length, check_relpath, hash_file, local_revision,
+from modelferry.tasks import catalog, hub
+from modelferry.tasks import transfer as transfer_
+from modelferry.tasks.bucket import Bucket, ObjectInfo
+from modelferry.tasks.errors import IntegrityError, SourceError
+from modelferry.tasks.integrity import (FileEntry, FileHashes, Manifest, check_key_length, check_relpath, hash_file, local_revision,
                              part_size_for)
-from tasks.settings import Settings
+from modelferry.tasks.settings import Settings
 
 log = logging.getLogger("modelferry.stage")
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tasks.errors import SettingsError, TransferError
-from tasks.integrity import MiB
-from tasks.settings import Settings, scrub
-from tasks.standins import which
+from modelferry.tasks.errors import SettingsError, TransferError
+from modelferry.tasks.integrity import MiB
+from modelferry.tasks.settings import Settings, scrub
+from modelferry.tasks.processes import which
 
 log = logging.getLogger("modelferry.transfer")
 

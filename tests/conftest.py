@@ -11,13 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from tasks import standins
+from modelferry.tasks import embedded, processes
 
 ACCESS_KEY = "mf-test-access-7f3a1c"
 SECRET_KEY = "mf-test-secret-9c1e55d2"
 HF_TOKEN = "hf_mftesttoken4b8e2a"
 BUCKET = "mf-test"
 TINY = "sentence-transformers/all-MiniLM-L6-v2"
+ROOT = Path(__file__).resolve().parent.parent
+
+# The suite runs from a checkout: its tools are the ones `make` built there, handed to the product
+# through the same settings a user would set.
+os.environ.setdefault("MODELFERRY_OLAH", str(ROOT / ".venv-olah" / "bin" / "olah-cli"))
 
 
 @pytest.fixture(scope="session")
@@ -27,27 +32,27 @@ def session_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def bucket(session_dir):
-    with standins.rclone_bucket(session_dir / "bucket", BUCKET, ACCESS_KEY, SECRET_KEY) as b:
+    with embedded.rclone_bucket(session_dir / "bucket", BUCKET, ACCESS_KEY, SECRET_KEY) as b:
         yield b
 
 
 @pytest.fixture(scope="session")
 def mirror(session_dir) -> Path:
     m = session_dir / "hub-mirror"
-    standins.commit_files(m, TINY, standins.tiny_model_files(), "all-MiniLM-L6-v2")
+    embedded.commit_files(m, TINY, embedded.tiny_model_files(), "all-MiniLM-L6-v2")
     return m
 
 
 @pytest.fixture(scope="session")
 def hub(mirror, session_dir):
-    with standins.olah_mirror(mirror, session_dir / "olah") as url:
+    with embedded.olah_mirror(mirror, session_dir / "olah") as url:
         yield url
 
 
 @pytest.fixture(scope="session")
 def prefect_api(session_dir):
     home = session_dir / "prefect"
-    with standins.prefect_server(home) as api:
+    with embedded.prefect_server(home) as api:
         os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home))
         yield api
 
@@ -76,7 +81,7 @@ class Run:
 @pytest.fixture
 def cli(env):
     def run(*args: str, timeout: float = 300, extra_env: dict | None = None) -> Run:
-        return Run(subprocess.run([sys.executable, "-m", "flows", *args], env={**env, **(extra_env or {})},
+        return Run(subprocess.run([sys.executable, "-m", "modelferry.flows", *args], env={**env, **(extra_env or {})},
                                   capture_output=True, text=True, timeout=timeout))
 
     return run
@@ -84,8 +89,8 @@ def cli(env):
 
 @pytest.fixture
 def s3(bucket):
-    from tasks import settings as config
-    from tasks.bucket import Bucket
+    from modelferry.tasks import settings as config
+    from modelferry.tasks.bucket import Bucket
 
     return Bucket(config.load(bucket.env()))
 
@@ -102,7 +107,19 @@ def sky_home(tmp_path_factory):
     os.environ["HOME"] = str(home)
     yield home
     # Stop SkyPilot's local API server if anything started it under this HOME.
-    subprocess.run([str(standins.BIN / "sky"), "api", "stop"], env=dict(os.environ, HOME=str(home)),
+    subprocess.run([str(processes.BIN / "sky"), "api", "stop"], env=dict(os.environ, HOME=str(home)),
                    capture_output=True, timeout=120)
     if old is not None:
         os.environ["HOME"] = old
+
+
+SERVICE_FIXTURES = {"bucket", "hub", "mirror", "prefect_api", "env", "cli", "s3", "moto", "sky_env", "slow_bucket",
+                    "worker"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tiers: a test that uses a real local service is in the full tier only (`make test`); the rest
+    are the fast tier (`make test-fast`)."""
+    for item in items:
+        if SERVICE_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.services)

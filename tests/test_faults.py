@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import catalog, standins
-from tasks import settings as config
-from tasks.bucket import Bucket
+from modelferry.tasks import catalog, embedded, processes
+from modelferry.tasks import settings as config
+from modelferry.tasks.bucket import Bucket
 from tests.conftest import TINY, steps_by_name
 
 MiB = 2**20
@@ -32,14 +32,14 @@ def model_dir(root: Path) -> tuple[Path, int]:
 @pytest.fixture
 def slow_bucket(tmp_path):
     """A bucket of its own behind rclone's bandwidth limit, so uploads take seconds."""
-    port = standins.free_port()
+    port = processes.free_port()
     args = ("--bwlimit", "8M")
-    with standins.rclone_bucket(tmp_path / "slow", "mf-slow", "slow-access-1", "slow-secret-1", port, args) as b:
+    with embedded.rclone_bucket(tmp_path / "slow", "mf-slow", "slow-access-1", "slow-secret-1", port, args) as b:
         yield b, port, args
 
 
 def start_stage(env, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows", "stage", *args], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "modelferry.flows", "stage", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -79,9 +79,9 @@ def test_bucket_restart_mid_upload_is_retried(cli, env, slow_bucket, tmp_path):
     model, _ = model_dir(tmp_path / "m")
     proc = start_stage({**env, **bucket.env()}, str(model), "--name", "acme/bumpy", "--allow-unloadable", "--json")
     wait_for_line(proc, "upload 1/5")
-    standins.stop(bucket.proc, grace=0.1)  # the connection drops mid-transfer
+    processes.stop(bucket.proc, grace=0.1)  # the connection drops mid-transfer
     time.sleep(1)
-    with standins.rclone_bucket(bucket.root, bucket.bucket, bucket.access_key, bucket.secret_key, port, args):
+    with embedded.rclone_bucket(bucket.root, bucket.bucket, bucket.access_key, bucket.secret_key, port, args):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
         assert cli("verify", "acme/bumpy", "--deep", extra_env=bucket.env()).rc == 0
@@ -89,8 +89,8 @@ def test_bucket_restart_mid_upload_is_retried(cli, env, slow_bucket, tmp_path):
 
 def test_hub_going_away_mid_download_fails_clearly_without_publishing(cli, env, mirror, s3, tmp_path):
     repo = "acme/vanishing"
-    standins.commit_files(mirror, repo, standins.tiny_model_files())
-    with standins.olah_mirror(mirror, tmp_path / "olah") as hub:
+    embedded.commit_files(mirror, repo, embedded.tiny_model_files())
+    with embedded.olah_mirror(mirror, tmp_path / "olah") as hub:
         proc = start_stage({**env, "HF_ENDPOINT": hub}, repo, "--json")
         wait_for_line(proc, "download 1/")
     # leaving the `with` stopped olah while the download was running
@@ -174,8 +174,8 @@ def test_verify_during_a_stage_never_calls_it_good(cli, env, slow_bucket, tmp_pa
 
 
 def test_local_file_rewritten_after_resolve_is_refused(env, tmp_path, monkeypatch):
-    from tasks import staging
-    from tasks.errors import IntegrityError
+    from modelferry.tasks import staging
+    from modelferry.tasks.errors import IntegrityError
 
     monkeypatch.setenv("MODELFERRY_CACHE", str(tmp_path / "cache"))
     model, _ = model_dir(tmp_path / "m")

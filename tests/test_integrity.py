@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from tasks import settings as config
-from tasks.errors import IntegrityError, SettingsError, SourceError
-from tasks.integrity import (MiB, FileEntry, Manifest, check_relpath, git_blob_sha1, hash_file, local_revision,
+from modelferry.tasks import settings as config
+from modelferry.tasks.errors import IntegrityError, SettingsError, SourceError
+from modelferry.tasks.integrity import (MiB, FileEntry, Manifest, check_relpath, git_blob_sha1, hash_file, local_revision,
                              multipart_etag, part_size_for)
 
 
@@ -98,7 +98,7 @@ def test_settings_repr_hides_keys():
 
 
 def test_object_keys_longer_than_s3_allows_are_refused():
-    from tasks.integrity import check_key_length
+    from modelferry.tasks.integrity import check_key_length
 
     assert check_key_length("models/a/b/r/" + "x" * 900)
     with pytest.raises(SourceError, match="1,024|1024"):

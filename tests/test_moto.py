@@ -5,10 +5,11 @@ import os
 
 import pytest
 
-from tasks import catalog, standins
-from tasks import settings as config
-from tasks.bucket import Bucket
-from tasks.integrity import MiB
+from modelferry.tasks import catalog
+from modelferry.tasks import settings as config
+from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.integrity import MiB
+from tests import standins
 from tests.conftest import steps_by_name
 
 
@@ -50,7 +51,7 @@ def test_two_stages_of_one_revision_at_once_send_it_once(env, moto, tmp_path):
     model.mkdir()
     (model / "model.safetensors").write_bytes(os.urandom(30 * MiB))
     (model / "config.json").write_text("{}")
-    args = [sys.executable, "-m", "flows", "stage", str(model), "--name", "acme/twice", "--allow-unloadable", "--json"]
+    args = [sys.executable, "-m", "modelferry.flows", "stage", str(model), "--name", "acme/twice", "--allow-unloadable", "--json"]
     procs = [subprocess.Popen(args, env={**env, **moto.env(), "MODELFERRY_CACHE": str(tmp_path / f"c{i}")},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import catalog, standins
+from modelferry.tasks import catalog, embedded, processes
 from tests.conftest import ACCESS_KEY, SECRET_KEY, TINY
 
 ROOT = Path(__file__).resolve().parent.parent
-PREFECT = str(standins.BIN / "prefect")
+PREFECT = str(processes.BIN / "prefect")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def worker(bucket, hub, prefect_api, sky_home, tmp_path_factory):
     try:
         yield env, prefect, work
     finally:
-        standins.stop(proc, grace=10)
+        processes.stop(proc, grace=10)
 
 
 def run_deployment(prefect, name: str, *params: str) -> subprocess.CompletedProcess:
@@ -97,8 +97,8 @@ def test_nightly_refresh_has_its_schedule(worker):
 def test_refresh_stages_only_changes_then_is_a_noop(worker, mirror, s3, tmp_path):
     _, prefect, _ = worker
     repo = "acme/refresh-me"
-    files = {k: v.read_bytes() for k, v in standins.tiny_model_files().items()}
-    first = standins.commit_files(mirror, repo, files, "v1")
+    files = {k: v.read_bytes() for k, v in embedded.tiny_model_files().items()}
+    first = embedded.commit_files(mirror, repo, files, "v1")
     watch = tmp_path / "watch.yaml"
     watch.write_text(yaml.safe_dump({"models": [{"model": repo, "follow": "main", "keep": 2}]}))
 
@@ -114,7 +114,7 @@ def test_refresh_stages_only_changes_then_is_a_noop(worker, mirror, s3, tmp_path
     assert catalog.current_revision(s3, repo) == first
 
     changed = b'{"architectures": ["BertModel"], "refreshed": true}'
-    second = standins.commit_files(mirror, repo, {"config.json": changed}, "v2")
+    second = embedded.commit_files(mirror, repo, {"config.json": changed}, "v2")
     row = refresh()
     assert row["status"] == "staged" and row["revision"] == second
     assert row["bytes_sent"] == len(changed) and row["files_copied"] == len(files) - 1

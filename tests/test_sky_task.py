@@ -6,9 +6,9 @@ import subprocess
 import pytest
 import yaml
 
-from tasks import sky
-from tasks.errors import SettingsError
-from tasks.settings import loader_env
+from modelferry.tasks import sky
+from modelferry.tasks.errors import SettingsError
+from modelferry.tasks.settings import loader_env
 
 ENDPOINT = "https://acct.r2.cloudflarestorage.com"
 GB = 10**9
@@ -82,7 +82,7 @@ def test_bad_options_are_clear_errors(options, kw, message):
 
 
 def test_read_only_keys_go_to_nodes_when_set(monkeypatch):
-    from tasks import settings as config
+    from modelferry.tasks import settings as config
 
     s = config.load({"R2_ENDPOINT": ENDPOINT, "R2_BUCKET": "models", "R2_ACCESS_KEY": "writekey1", "R2_SECRET_KEY": "writesecret1"})
     assert config.loader_secrets(s)["AWS_ACCESS_KEY_ID"] == "writekey1"

@@ -11,14 +11,14 @@ import sys
 import pytest
 from prefect.client.orchestration import get_client
 
-from tasks import catalog, standins
+from modelferry.tasks import catalog, embedded
 from tests.conftest import ACCESS_KEY, SECRET_KEY, TINY, steps_by_name
 
 STEPS = ["resolve", "download", "local_verify", "upload", "remote_verify", "publish"]
 
 
 def tiny_size() -> int:
-    return sum(p.stat().st_size for p in standins.tiny_model_files().values())
+    return sum(p.stat().st_size for p in embedded.tiny_model_files().values())
 
 
 def test_stage_from_hub_then_unchanged_restage_sends_nothing(cli, bucket, s3):
@@ -37,7 +37,7 @@ def test_stage_from_hub_then_unchanged_restage_sends_nothing(cli, bucket, s3):
     # Every object holds exactly the source bytes (read from rclone's own directory).
     commit = catalog.current_revision(s3, NAME)
     stored = bucket.root / bucket.bucket / "models" / NAME / commit
-    for rel, src in standins.tiny_model_files().items():
+    for rel, src in embedded.tiny_model_files().items():
         assert hashlib.sha256((stored / rel).read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest(), rel
 
     manifest = catalog.read_manifest(s3, NAME, commit)
@@ -91,11 +91,11 @@ def test_runai_streamer_streams_staged_weights(cli, bucket, s3, tmp_path):
     """vLLM's loader reads the staged safetensors with exactly the environment the launcher generates."""
     assert cli("stage", TINY).rc == 0
     commit = catalog.current_revision(s3, TINY)
-    from tasks import settings as config
+    from modelferry.tasks import settings as config
 
     cfg = config.load(bucket.env())
     env = {**config.loader_env(cfg.endpoint), **config.loader_secrets(cfg), "PATH": "/usr/bin:/bin"}
-    src = standins.tiny_model_files()["model.safetensors"]
+    src = embedded.tiny_model_files()["model.safetensors"]
     script = f"""
 import torch
 from safetensors.torch import load_file
@@ -140,10 +140,10 @@ def test_corrupted_object_is_named_by_verify_and_repaired_by_stage(cli, bucket, 
 
 def test_hub_file_not_matching_its_sha256_is_refused(cli, mirror, s3):
     repo = "acme/tampered"
-    files = {k: v.read_bytes() for k, v in standins.tiny_model_files().items() if k in ("config.json", "model.safetensors")}
+    files = {k: v.read_bytes() for k, v in embedded.tiny_model_files().items() if k in ("config.json", "model.safetensors")}
     bad = bytearray(files["model.safetensors"])
     bad[-100] ^= 0xFF
-    standins.commit_files(mirror, repo, files, lfs_files={"model.safetensors"}, lfs_bytes={"model.safetensors": bytes(bad)})
+    embedded.commit_files(mirror, repo, files, lfs_files={"model.safetensors"}, lfs_bytes={"model.safetensors": bytes(bad)})
     run = cli("stage", repo, "--json")
     assert run.rc == 1, run
     rows = run.json()
@@ -157,7 +157,7 @@ def test_hub_file_not_matching_its_sha256_is_refused(cli, mirror, s3):
 
 
 def test_interrupted_stage_resumes_sending_only_what_is_missing(cli, s3):
-    repo_files = standins.tiny_model_files()
+    repo_files = embedded.tiny_model_files()
     assert cli("stage", TINY, "--no-set-current").rc == 0
     rev = next(r["revision"] for r in catalog.list_models(s3) if r["name"] == TINY)
     # What an interrupted run leaves: some objects, no manifest.

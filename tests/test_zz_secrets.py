@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ACCESS_KEY, HF_TOKEN, SECRET_KEY
+
+pytestmark = pytest.mark.services
 
 DEMO_SECRETS = {"key": "mf-demo-access-ZQ81", "secret": "mf-demo-secret-XK42", "hf": "hf_mfdemotokenRW77",
                 "api": "mf-demo-api-key-PL93"}
@@ -33,7 +37,7 @@ def test_the_demo_leaks_no_secret(tmp_path):
     env = dict(os.environ, MODELFERRY_DEMO_DIR=str(tmp_path / "demo"), MODELFERRY_DEMO_ACCESS_KEY=DEMO_SECRETS["key"],
                MODELFERRY_DEMO_SECRET_KEY=DEMO_SECRETS["secret"], HF_TOKEN=DEMO_SECRETS["hf"],
                VLLM_API_KEY=DEMO_SECRETS["api"], PREFECT_API_URL="")
-    run = subprocess.run([sys.executable, "-m", "flows.demo"], env=env, cwd=ROOT, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "modelferry.flows.demo"], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "demo done" in run.stdout and "prefetch" in run.stdout

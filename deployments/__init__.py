@@ -1,0 +1,1 @@
+"""SkyPilot task templates and the default watch list: package data, read through importlib.resources."""

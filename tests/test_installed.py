@@ -1,0 +1,86 @@
+"""What a user gets from `pip install modelferry`: the wheel built from this checkout, installed with
+its core dependencies only (resolved from pyproject's ranges, as a user's pip would) into a fresh
+venv, run from a directory outside the checkout against the local bucket."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.services
+CORE_LIMIT = 2**30  # the core install stays under 1 GiB
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    """A loadable-looking checkpoint: config.json and one small safetensors file."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    data = bytes(range(256)) * 64
+    header = json.dumps({"w": {"dtype": "U8", "shape": [len(data)], "data_offsets": [0, len(data)]}}).encode()
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@pytest.fixture(scope="module")
+def core_venv(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("installed")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work / "dist"), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next((work / "dist").glob("modelferry-*.whl"))
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    out = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return venv
+
+
+def test_core_install_is_lean(core_venv):
+    size = du(core_venv)
+    print(f"core install: {size / 2**20:.0f} MiB in {core_venv}")
+    assert size < CORE_LIMIT
+    names = subprocess.run([str(core_venv / "bin" / "pip"), "list", "--format=json"], capture_output=True,
+                           text=True, check=True).stdout
+    installed = {p["name"].lower() for p in json.loads(names)}
+    assert not installed & {"torch", "runai-model-streamer", "safetensors", "prefect-dask", "dask", "moto", "pytest"}
+
+
+def test_installed_commands_work_from_anywhere(core_venv, bucket, tmp_path):
+    """--help, a stage against the local bucket and a SkyPilot dry run, from outside the checkout."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MODELFERRY_", "VIRTUAL_ENV"))}
+    env.update(bucket.env(), HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
+               MODELFERRY_CACHE=str(tmp_path / "cache"), PATH=f"{core_venv / 'bin'}:/usr/bin:/bin",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90", VLLM_API_KEY="mf-installed-api-key",
+               PYTHONNOUSERSITE="1")
+    modelferry = str(core_venv / "bin" / "modelferry")
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([modelferry, *args], cwd=elsewhere, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    out = run("--help")
+    assert out.returncode == 0 and "stage" in out.stdout and "R2_ENDPOINT" in out.stdout, out.stderr
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    out = run("stage", str(ckpt), "--name", "acme/installed", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert {r["step"] for r in json.loads(out.stdout)} >= {"resolve", "upload", "publish"}
+    out = run("launch", "acme/installed", "--target", "sky", "--dry-run")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "runai_streamer" in out.stdout and "s3://" in out.stdout
+    assert str(ROOT) not in out.stdout  # the compile-cache tool mounts from the installed package
+    out = run("stage", str(ckpt), "--name", "acme/installed", "--task-runner", "dask")
+    assert out.returncode == 2 and "modelferry[dask]" in out.stderr and "Traceback" not in out.stderr
