@@ -184,6 +184,36 @@ def _parser() -> argparse.ArgumentParser:
     gcp.add_argument("--compile-cache-days", type=float, metavar="DAYS",
                      help="also drop compile caches saved more than DAYS ago")
     gcp.add_argument("--json", action="store_true")
+    re_ = sub.add_parser("refresh", help="re-stage the watched models whose branch moved (flow model-refresh)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Runs the flow `model-refresh` once: for each model in the watch list, resolve "
+                                     "its branch on the Hub; if it moved, stage the new commit (files unchanged since "
+                                     "the current revision are copied inside the bucket), verify it, make it current "
+                                     "and keep the newest `keep` revisions. The scheduled deployment runs the same flow.",
+                         epilog="examples:\n  modelferry refresh\n  modelferry refresh --watchlist ./watched-models.yaml")
+    re_.add_argument("--watchlist", metavar="PATH",
+                     help="YAML list of models to watch (default: the list packaged with modelferry)")
+    re_.add_argument("--json", action="store_true", help="print one row per model as JSON")
+
+    de = sub.add_parser("deploy", help="create the Prefect deployments from the installed package",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Creates (or updates) `stage-and-launch/default` and the scheduled "
+                                    "`model-refresh/nightly` on the Prefect server at PREFECT_API_URL, in a process "
+                                    "work pool (created if missing). Their entrypoints are module paths, so a worker "
+                                    "needs only `pip install modelferry` and the R2_*/HF_* settings (or the Secret "
+                                    "blocks from `modelferry blocks`); no checkout. From a checkout, prefect.yaml "
+                                    "does the same with `prefect deploy --all`.",
+                        epilog="example:\n  export PREFECT_API_URL=http://127.0.0.1:4200/api\n"
+                               "  modelferry deploy --pool local --watchlist /etc/modelferry/watched-models.yaml\n"
+                               "  prefect worker start --pool local\n"
+                               "  prefect deployment run stage-and-launch/default -p model=org/name --watch")
+    de.add_argument("--pool", default="local", help="process work pool to deploy to (default local)")
+    de.add_argument("--watchlist", metavar="PATH",
+                    help="watch list path on the worker's machine for model-refresh (default: the packaged list)")
+    de.add_argument("--cron", default="0 2 * * *", help="model-refresh schedule, UTC (default '0 2 * * *'; '' for none)")
+    de.add_argument("--launch-name", default="default", help="name of the stage-and-launch deployment")
+    de.add_argument("--refresh-name", default="nightly", help="name of the model-refresh deployment")
+
     li = sub.add_parser("list", help="list staged models", description="One row per published model revision.")
     li.add_argument("--json", action="store_true", help="print rows as JSON")
     li.add_argument("--compile-caches", action="store_true",
@@ -437,9 +467,35 @@ def cmd_blocks(args) -> int:
     return 0
 
 
+def cmd_refresh(args) -> int:
+    from modelferry.tasks import settings as config
+
+    config.load()
+    if args.watchlist and not os.path.isfile(args.watchlist):
+        raise SettingsError(f"--watchlist {args.watchlist}: no such file")
+    from modelferry.flows.model_refresh import load_watchlist, model_refresh
+
+    if args.watchlist:
+        load_watchlist(args.watchlist)  # a malformed list fails here, before Prefect starts
+    rows = model_refresh(args.watchlist)
+    print(json.dumps(rows)) if args.json else _print_table(rows)
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    if not os.environ.get("PREFECT_API_URL"):
+        raise SettingsError("PREFECT_API_URL is not set: point it at the Prefect server the workers poll")
+    from modelferry.flows.deploy import deploy
+
+    names = deploy(args.pool, args.watchlist, args.cron, args.launch_name, args.refresh_name)
+    print(f"deployed to work pool {args.pool}: " + ", ".join(names))
+    print(f"start a worker where modelferry is installed:  prefect worker start --pool {args.pool}")
+    return 0
+
+
 COMMANDS = {"check-r2": cmd_check_r2, "stage": cmd_stage, "verify": cmd_verify, "list": cmd_list,
             "launch": cmd_launch, "bench": cmd_bench, "stage-and-launch": cmd_stage_and_launch, "down": cmd_down,
-            "cost": cmd_cost, "blocks": cmd_blocks, "gc": cmd_gc}
+            "cost": cmd_cost, "blocks": cmd_blocks, "gc": cmd_gc, "refresh": cmd_refresh, "deploy": cmd_deploy}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("command", ["check-r2", "stage", "verify", "list"])
+@pytest.mark.parametrize("command", ["check-r2", "stage", "verify", "list", "refresh", "deploy", "gc", "cost"])
 def test_every_command_has_help_with_an_example_or_description(command):
     out = subprocess.run([sys.executable, "-m", "modelferry.flows", command, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0

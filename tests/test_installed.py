@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from modelferry.tasks import catalog, embedded, processes
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.services
@@ -57,8 +59,10 @@ def test_core_install_is_lean(core_venv):
     assert not installed & {"torch", "runai-model-streamer", "safetensors", "prefect-dask", "dask", "moto", "pytest"}
 
 
-def test_installed_commands_work_from_anywhere(core_venv, bucket, tmp_path):
-    """--help, a stage against the local bucket and a SkyPilot dry run, from outside the checkout."""
+@pytest.fixture
+def installed(core_venv, bucket, tmp_path):
+    """Run the installed `modelferry` (or another of its console scripts) from a directory outside the
+    checkout, with nothing of the checkout's environment but the bucket settings."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MODELFERRY_", "VIRTUAL_ENV"))}
@@ -66,21 +70,50 @@ def test_installed_commands_work_from_anywhere(core_venv, bucket, tmp_path):
                MODELFERRY_CACHE=str(tmp_path / "cache"), PATH=f"{core_venv / 'bin'}:/usr/bin:/bin",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90", VLLM_API_KEY="mf-installed-api-key",
                PYTHONNOUSERSITE="1")
-    modelferry = str(core_venv / "bin" / "modelferry")
 
-    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([modelferry, *args], cwd=elsewhere, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+    def run(*args: str, tool: str = "modelferry", timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+        return subprocess.run([str(core_venv / "bin" / tool), *args], cwd=elsewhere, env=env, capture_output=True,
+                              text=True, timeout=timeout, **popen)
 
-    out = run("--help")
+    run.env, run.cwd = env, elsewhere
+    return run
+
+
+def test_installed_commands_work_from_anywhere(installed, tmp_path):
+    """--help, a stage against the local bucket and a SkyPilot dry run, from outside the checkout."""
+    out = installed("--help")
     assert out.returncode == 0 and "stage" in out.stdout and "R2_ENDPOINT" in out.stdout, out.stderr
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
-    out = run("stage", str(ckpt), "--name", "acme/installed", "--json")
+    out = installed("stage", str(ckpt), "--name", "acme/installed", "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     assert {r["step"] for r in json.loads(out.stdout)} >= {"resolve", "upload", "publish"}
-    out = run("launch", "acme/installed", "--target", "sky", "--dry-run")
+    out = installed("launch", "acme/installed", "--target", "sky", "--dry-run")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "runai_streamer" in out.stdout and "s3://" in out.stdout
     assert str(ROOT) not in out.stdout  # the compile-cache tool mounts from the installed package
-    out = run("stage", str(ckpt), "--name", "acme/installed", "--task-runner", "dask")
+    out = installed("stage", str(ckpt), "--name", "acme/installed", "--task-runner", "dask")
     assert out.returncode == 2 and "modelferry[dask]" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_installed_package_deploys_and_its_worker_runs_a_refresh(installed, hub, mirror, prefect_api, s3, tmp_path):
+    """`modelferry deploy` from the installed package, a process worker of that venv, and a run of
+    model-refresh with a watch list given as a parameter: no checkout anywhere on the way."""
+    repo = "acme/installed-refresh"
+    ckpt = tiny_checkpoint(tmp_path / "refresh-ckpt")
+    commit = embedded.commit_files(mirror, repo, {p.name: p for p in ckpt.iterdir()}, "v1")
+    watch = tmp_path / "watch.yaml"
+    watch.write_text(yaml.safe_dump({"models": [{"model": repo, "follow": "main", "keep": 1}]}))
+    installed.env.update(HF_ENDPOINT=hub, PREFECT_API_URL=prefect_api, PREFECT_WORKER_QUERY_SECONDS="1")
+    out = installed("deploy", "--pool", "installed", "--watchlist", str(watch), "--launch-name", "installed",
+                    "--refresh-name", "installed")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "model-refresh/installed" in out.stdout
+    worker = processes.start([str(installed.env["PATH"].split(":")[0] + "/prefect"), "worker", "start", "--pool",
+                              "installed"], tmp_path / "worker.log", installed.env, installed.cwd)
+    try:
+        out = installed("deployment", "run", "model-refresh/installed", "--watch", "--watch-timeout", "300",
+                        tool="prefect", timeout=360)
+        assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    finally:
+        processes.stop(worker, grace=10)
+    assert catalog.current_revision(s3, repo) == commit
