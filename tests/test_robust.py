@@ -224,34 +224,87 @@ import json, sys, time
 from modelferry.tasks import catalog, settings
 from modelferry.tasks.bucket import Bucket
 s3 = Bucket(settings.load())
-start, rounds = float(sys.argv[1]), int(sys.argv[2])
+rounds = int(sys.argv[1])
+print("ready", flush=True)
+start = float(sys.stdin.readline())
 for r in range(rounds):
-    time.sleep(max(0.0, start + r * 0.5 - time.time()))
+    time.sleep(max(0.0, start + r * 1.5 - time.time()))
     lock = catalog.Lock(s3, "acme/raced", f"r{r}", ttl=3600)
     try:
         lock.acquire(wait=0)
-        print(json.dumps({"round": r, "won": True}), flush=True)
+        print(json.dumps({"round": r, "won": True, "t": time.time() - start - r * 1.5, "me": lock.owner["id"][:6],
+                          "stored": s3.get_json(catalog.lock_key("acme/raced", f"r{r}"))["id"][:6]}), flush=True)
     except catalog.Locked:
         print(json.dumps({"round": r, "won": False}), flush=True)
+time.sleep(max(0.0, start + rounds * 1.5 - time.time()))  # a holder that exits is dead: stay until both are done
 """
 
 
+class TakeoverDelay:
+    """A loopback proxy in front of moto that holds back the writes a lock takeover is made of (a
+    delete, or a write conditional on If-Match) by `delay` seconds: two waiters that both read the
+    same stale lock then write in a known order, as they would on a slow link."""
+
+    def __init__(self, upstream_port: int, delay: float):
+        import http.client
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers botocore's `Expect: 100-continue` at once
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "DELETE" or "delete" in self.path.split("?", 1)[-1].split("&") \
+                        or "If-Match" in self.headers:
+                    time.sleep(delay)
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                conn.request(self.command, self.path, body,
+                             {k: v for k, v in self.headers.items() if k.lower() != "expect"})
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 def test_two_waiters_cannot_both_take_over_a_stale_lock(moto):
+    """Before If-Match, takeover was read -> delete -> create: the later waiter's delete removed the
+    lock the first had just created, and both went on as its holder."""
     s3 = Bucket(config.load(moto.env()))
-    rounds = 12
+    rounds = 4
     for r in range(rounds):  # a killed holder's lock, long past its ttl
         s3.put_bytes(catalog.lock_key("acme/raced", f"r{r}"), json.dumps(
             {"id": "dead", "host": "elsewhere", "pid": 1, "since": 0}).encode(), "application/json")
-    start = time.time() + 3
-    env = {**os.environ, **moto.env()}
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(start), str(rounds)], env=env, stdout=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    moto_port = int(moto.endpoint.rsplit(":", 1)[1])
+    proxies = [TakeoverDelay(moto_port, 0.1), TakeoverDelay(moto_port, 0.5)]
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(rounds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, **moto.env(), "R2_ENDPOINT": f"http://127.0.0.1:{p.port}"})
+             for p in proxies]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+    start = time.time() + 0.5
+    for p in procs:
+        p.stdin.write(f"{start}\n")
+        p.stdin.flush()
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     won = [[json.loads(line)["won"] for line in out.splitlines()] for out in outs]
     both = [r for r in range(rounds) if won[0][r] and won[1][r]]
-    assert not both, f"both processes took over the stale lock in rounds {both}"
-    assert all(won[0][r] or won[1][r] for r in range(rounds))
+    assert not both, (f"both processes took over the stale lock in rounds {both}", outs)
+    assert all(won[0][r] or won[1][r] for r in range(rounds)), won
 
 
 @pytest.fixture(scope="module")
