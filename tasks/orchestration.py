@@ -10,6 +10,7 @@ output in a log file, waited for under a stated timeout with a one-line error, a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -73,13 +74,27 @@ def prefect_home() -> Path:
 @contextlib.contextmanager
 def prefect_api(verbose: bool = False):
     """The Prefect API this command uses: PREFECT_API_URL when set, else a temporary server of our
-    own for the length of the block. Yields a phrase saying which, for the start-up report.
-    Prefect is imported here, its terminal lines filtered unless `verbose`."""
+    own, started once per process (commands run in one process, as the demo does, share it) and
+    stopped when the process exits. Yields a phrase saying which, for the start-up report. Prefect
+    is imported here, its terminal lines filtered unless `verbose`."""
     offline_defaults()
-    if os.environ.get("PREFECT_API_URL"):
+    if _temporary.get("url") is None and os.environ.get("PREFECT_API_URL"):
         _import_prefect(verbose)
         yield f"Prefect API at {os.environ['PREFECT_API_URL']}"
         return
+    if _temporary.get("url") is None:
+        _start_temporary()
+    _import_prefect(verbose)
+    try:
+        yield "a temporary Prefect server (set PREFECT_API_URL to reuse a running one)"
+    finally:
+        _drain()
+
+
+_temporary: dict = {}
+
+
+def _start_temporary() -> None:
     timeout = startup_timeout()
     home = prefect_home()
     home.mkdir(parents=True, exist_ok=True)
@@ -89,25 +104,28 @@ def prefect_api(verbose: bool = False):
     proc = start([sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                   "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"], log_path, env)
     url = f"http://127.0.0.1:{port}/api"
+    began = time.perf_counter()
     try:
-        began = time.perf_counter()
-        try:
-            wait_http(f"{url}/health", timeout, proc, ok=(200,))
-        except (TimeoutError, RuntimeError):
-            raise OrchestrationError(
-                f"Prefect's temporary server did not answer within {timeout:.0f} s (log: {log_path}): run "
-                "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api, or raise "
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") from None
-        logging.getLogger("modelferry").debug("temporary Prefect server ready in %.1f s", time.perf_counter() - began)
-        os.environ["PREFECT_API_URL"] = url
-        _import_prefect(verbose)
-        try:
-            yield "a temporary Prefect server (set PREFECT_API_URL to reuse a running one)"
-        finally:
-            _drain()
-            os.environ.pop("PREFECT_API_URL", None)
-    finally:
-        stop(proc, grace=5)
+        wait_http(f"{url}/health", timeout, proc, ok=(200,))
+    except (TimeoutError, RuntimeError):
+        stop(proc, grace=1)
+        raise OrchestrationError(
+            f"Prefect's temporary server did not answer within {timeout:.0f} s (log: {log_path}): run "
+            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api, or raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") from None
+    except BaseException:  # Ctrl-C while it starts
+        stop(proc, grace=1)
+        raise
+    logging.getLogger("modelferry").debug("temporary Prefect server ready in %.1f s", time.perf_counter() - began)
+    # Prefect reads its settings once per process: this URL stays for the process's lifetime.
+    os.environ["PREFECT_API_URL"] = url
+    _temporary.update(url=url, proc=proc)
+    atexit.register(_stop_temporary)  # after Prefect's own exit handlers, which send their last logs
+
+
+def _stop_temporary() -> None:
+    _drain()
+    stop(_temporary["proc"], grace=5)
 
 
 def _import_prefect(verbose: bool) -> None:
