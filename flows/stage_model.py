@@ -116,12 +116,13 @@ def stage_model(source: str, revision: str | None = None, include: list[str] | N
     include, exclude = list(include or []), list(exclude or [])
     try:
         plan = steps(resolve, source, revision, include, exclude, name, allow_unloadable)
-        with catalog.Lock(bucket, plan.name, plan.revision).held(log=log):  # one writer per revision
+        with catalog.Lock(bucket, plan.name, plan.revision).held(log=log) as lock:  # one writer per revision
             if task_runner == "dask":
                 steps(transfer_on_dask, plan, replace, dask_address, name="transfer")
             else:
                 steps(transfer, plan, replace)
             manifest = steps(remote_verify, plan)
+            lock.check()
             steps(publish, plan, manifest, set_current)
     finally:
         mark_work("ended")

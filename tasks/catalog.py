@@ -396,6 +396,12 @@ class Lock:
         if self._still_mine():
             self.bucket.delete([self.key])
 
+    def check(self) -> None:
+        """Raise Locked when the heartbeat found another holder: whoever writes next must not publish."""
+        if self.lost.is_set():
+            raise Locked(f"{self.key} was taken over by another stage while this one ran: nothing published; "
+                         "check that stage, then stage again")
+
     @contextmanager
     def held(self, wait: float | None = None, log=None):
         """Hold the lock for the block. `wait` defaults to MODELFERRY_LOCK_WAIT_S (1800 s)."""

@@ -307,6 +307,20 @@ def test_two_waiters_cannot_both_take_over_a_stale_lock(moto):
     assert all(won[0][r] or won[1][r] for r in range(rounds)), won
 
 
+def test_a_heartbeat_never_overwrites_a_lock_someone_else_took(moto):
+    s3 = Bucket(config.load(moto.env()))
+    lock = catalog.Lock(s3, "acme/beaten", "r1", ttl=4)  # beats every second
+    lock.acquire(wait=0)
+    other = json.dumps({"id": "other", "host": "elsewhere", "pid": 1, "since": time.time()}).encode()
+    s3.put_bytes(catalog.lock_key("acme/beaten", "r1"), other, "application/json")  # taken over meanwhile
+    assert lock.lost.wait(5), "the heartbeat did not notice"
+    assert s3.get_bytes(catalog.lock_key("acme/beaten", "r1")) == other
+    with pytest.raises(catalog.Locked, match="nothing published"):
+        lock.check()
+    lock.release()  # not ours any more: left alone
+    assert s3.get_bytes(catalog.lock_key("acme/beaten", "r1")) == other
+
+
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):
     with standins.moto_bucket(tmp_path_factory.mktemp("moto-race"), "mf-race") as b:
