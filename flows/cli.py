@@ -202,7 +202,7 @@ def _print_table(rows: list[dict]) -> None:
 def _setup_logging(verbose: bool, json_out: bool) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "filelock"):
+    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "filelock", "alembic"):  # alembic: SkyPilot's state DB
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
