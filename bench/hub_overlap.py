@@ -83,7 +83,7 @@ def run(work: Path, args) -> int:
             shutil.rmtree(dest, ignore_errors=True)
             proc, busy = busy_fraction(lambda: subprocess.run(
                 [sys.executable, "-m", "modelferry.flows", "stage", REPO, "--name", f"bench/run-{r}", "--allow-unloadable", "--json"],
-                env={**env, "MODELFERRY_CACHE": str(work / f"cache-{r}")}, capture_output=True, text=True))
+                env={**env, "MODELFERRY_CACHE": str(work / f"cache-{r}"), "HF_HOME": str(work / f"hf-{r}")}, capture_output=True, text=True))
             cpu_busy.append(busy)
             if proc.returncode:
                 raise SystemExit(f"stage failed: {proc.stderr[-3000:]}")

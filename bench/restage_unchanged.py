@@ -50,7 +50,8 @@ def main() -> int:
     (ckpt / "tokenizer.json").write_bytes(os.urandom(2 * 2**20))
     with embedded.rclone_bucket(work / "data", "bench", "bench-access-2", "bench-secret-2") as bucket, \
             embedded.prefect_server(work / "prefect") as api:
-        env = dict(os.environ, **bucket.env(), PREFECT_API_URL=api, MODELFERRY_CACHE=str(work / "cache"))
+        env = dict(os.environ, **bucket.env(), PREFECT_API_URL=api, MODELFERRY_CACHE=str(work / "cache"),
+                   HF_HOME=str(work / "hf"))
         first = stage(env, ckpt)
         again = [stage(env, ckpt) for _ in range(args.rounds)]
     print(f"100 files, {sum(p.stat().st_size for p in ckpt.rglob('*') if p.is_file()) / 1e6:.1f} MB, loopback rclone")

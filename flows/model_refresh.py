@@ -3,6 +3,7 @@ head of the branch they follow. An unchanged model is a no-op that sends 0 bytes
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -16,7 +17,10 @@ from modelferry.flows.steps import step
 from modelferry.tasks import catalog, hub
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
-from modelferry.tasks.errors import SettingsError
+from modelferry.tasks.errors import ModelferryError, SettingsError
+from modelferry.tasks.settings import scrub
+
+log = logging.getLogger("modelferry.refresh")
 
 # The default watch list ships in the package; a deployment or `modelferry refresh --watchlist` gives another.
 WATCHLIST = resources.files("modelferry.deployments") / "watched-models.yaml"
@@ -55,24 +59,45 @@ def promote(model: str, revision: str, keep: int) -> list[str]:
 def model_refresh(watchlist: str | None = None) -> list[dict]:
     """For each watched model: if its branch moved, stage the new commit, verify it, make it current,
     and prune old revisions. `watchlist`: a YAML file on the worker (default: the packaged list).
-    Returns one row per model."""
+    Each model succeeds or fails on its own: the run goes through the whole list, reports one row
+    per model, and fails at the end naming every model that failed."""
     rows = []
     for entry in load_watchlist(watchlist or WATCHLIST):
-        model = entry["model"]
-        commit = head_commit(model, entry["follow"])
-        current = catalog.current_revision(Bucket(config.load()), model)
-        if current == commit:
-            rows.append({"model": model, "follow": entry["follow"], "revision": commit, "status": "unchanged",
-                         "bytes_sent": 0, "files_copied": 0, "pruned": ""})
-            continue
-        steps = stage_model(model, revision=commit, include=entry["include"], exclude=entry["exclude"],
-                            set_current=False)
-        pruned = promote(model, commit, entry["keep"])
-        upload = next(r for r in steps if r["step"] == "upload")
-        rows.append({"model": model, "follow": entry["follow"], "revision": commit, "status": "staged",
-                     "previous": current, "bytes_sent": upload["bytes"],
-                     "files_copied": upload["copied"], "pruned": ",".join(p[:12] for p in pruned)})
+        try:
+            rows.append(_refresh(entry))
+        except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the others
+            cause = getattr(exc, "cause", exc)
+            log.error("%s: %s", entry["model"], scrub(str(cause)))
+            rows.append({"model": entry["model"], "follow": entry["follow"], "revision": None, "status": "failed",
+                         "bytes_sent": 0, "files_copied": 0, "pruned": "", "error": scrub(str(cause))[:300]})
     if flow_run.id:
         create_table_artifact(table=rows, key="model-refresh", description="model-refresh: one row per watched model")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        raise RefreshFailed(f"{len(failed)} of {len(rows)} watched model(s) failed: "
+                            + "; ".join(f"{r['model']}: {r['error']}" for r in failed), rows)
     return rows
 
+
+def _refresh(entry: dict) -> dict:
+    model = entry["model"]
+    commit = head_commit(model, entry["follow"])
+    current = catalog.current_revision(Bucket(config.load()), model)
+    if current == commit:
+        return {"model": model, "follow": entry["follow"], "revision": commit, "status": "unchanged",
+                "bytes_sent": 0, "files_copied": 0, "pruned": ""}
+    staged = stage_model(model, revision=commit, include=entry["include"], exclude=entry["exclude"],
+                         set_current=False)
+    pruned = promote(model, staged.revision, entry["keep"])
+    upload = next(r for r in staged.rows if r["step"] == "upload")
+    return {"model": model, "follow": entry["follow"], "revision": staged.revision, "status": "staged",
+            "previous": current, "bytes_sent": upload["bytes"], "files_copied": upload["copied"],
+            "pruned": ",".join(p[:12] for p in pruned)}
+
+
+class RefreshFailed(ModelferryError):
+    """Some watched models failed; `rows` holds every model's outcome."""
+
+    def __init__(self, message: str, rows: list[dict]):
+        super().__init__(message)
+        self.rows = rows

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import flow
@@ -21,18 +21,18 @@ from modelferry.tasks import bench, catalog, launcher
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.sky import LaunchOptions
-from modelferry.tasks.staging import StepStats
+from modelferry.tasks.plan import StepStats
 
 log = logging.getLogger("modelferry.launch")
 
 
 def _stage(model, revision, include, exclude):
-    rows = stage_model(model, revision=revision, include=include, exclude=exclude)
-    staged = catalog.current_revision(Bucket(config.load()), model)  # the commit a branch or tag resolved to
+    staged = stage_model(model, revision=revision, include=include, exclude=exclude)
+    rows = staged.rows
     stats = StepStats("stage", files=max(r["files"] for r in rows), attempts=1,
                       bytes=sum(r["bytes"] for r in rows if r["step"] in ("download", "upload")),
                       note=f"sent {sum(r['bytes'] for r in rows if r['step'] == 'upload'):,} bytes")
-    return staged, stats
+    return staged.revision, stats
 
 
 @step("verify")
@@ -81,15 +81,16 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
                      runs: int = 1, stage: bool = True, include: list[str] | None = None,
                      exclude: list[str] | None = None, keep: bool = False, concurrency: int = 32,
                      results_dir: str = "results", ready_timeout: float = 1800,
-                     compile_cache: bool = True) -> list[dict]:
+                     compile_cache: bool = True) -> Launched:
     """Stage a model (optional), verify it, launch it where it streams its weights from the bucket,
-    and time every phase of each start. Returns the phase rows, one per run."""
+    and time every phase of each start. Returns the phase rows (one per run) and where they were saved."""
     if runs < 1:
         raise ValueError("runs must be at least 1")
     steps = Steps("stage-and-launch-steps", f"stage-and-launch {model}")
     run_id = str(flow_run.id or uuid.uuid4())
     strategies = ["stream", "prefetch"] if strategy == "both" else [strategy]
     phase_rows: list[dict] = []
+    saved: dict | None = None
     _deployments.clear()
     try:
         if stage:
@@ -118,15 +119,22 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
                 log.error("teardown of %s failed: %s; take it down with `modelferry down %s`", dep.name, exc, dep.name)
         if phase_rows:
             try:
-                _report(steps, phase_rows, model, Path(results_dir), run_id)
+                saved = _report(steps, phase_rows, model, Path(results_dir), run_id)
             except Exception as exc:  # noqa: BLE001 - the runs happened; don't hide them or the cause
                 log.error("could not write the results: %s", exc)
     steps.publish()
-    return phase_rows
+    return Launched(phase_rows, saved)
 
 
-def _report(steps: Steps, rows: list[dict], model: str, results_root: Path, run_id: str) -> None:
-    """Each run's rows to its own Parquet file (locally and under bench/ in the bucket), a plot, artifacts."""
+@dataclass(frozen=True)
+class Launched:
+    rows: list[dict]  # phase rows, one per run
+    saved: dict | None  # {"dir", "png", "note"} of the results written, None when none were
+
+
+def _report(steps: Steps, rows: list[dict], model: str, results_root: Path, run_id: str) -> dict:
+    """Each run's rows to its own Parquet file (locally and under bench/ in the bucket), a plot,
+    artifacts. Returns where they went."""
     import pandas as pd
 
     bench_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + run_id[:8]
@@ -147,7 +155,4 @@ def _report(steps: Steps, rows: list[dict], model: str, results_root: Path, run_
                               key="cold-start-phases", description=f"cold start phases of {model}")
         create_markdown_artifact(markdown=bench.markdown(df, png, note), key="cold-start-summary",
                                  description=f"cold start of {model}")
-    _last_results.update(dir=str(out), png=str(png), note=note)
-
-
-_last_results: dict = {}
+    return {"dir": str(out), "png": str(png), "note": note}

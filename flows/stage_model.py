@@ -7,33 +7,54 @@ per step."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from prefect import flow
 
 from modelferry.flows.steps import Steps, mark_work, progress_reporter, step
+from modelferry.tasks import catalog, in_bucket, pipeline, publish as publishing, resolve as resolving, shards
 from modelferry.tasks import settings as config
-from modelferry.tasks import staging
+from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import SettingsError, require_extra
+from modelferry.tasks.survey import survey
 
 log = logging.getLogger("modelferry.stage")
 
 
-@step("resolve")
-def resolve(source, revision, include, exclude, name, allow_unloadable, replace):
-    return staging.resolve(config.load(), source, revision, include, exclude, name, allow_unloadable, replace)
+@dataclass(frozen=True)
+class Staged:
+    """What one stage did: the revision it published (a branch or tag resolved to its commit) and
+    one row per step."""
+    name: str
+    revision: str
+    uri: str
+    rows: list[dict]
+
+
+@step("resolve", timeout_s=600)
+def resolve(source, revision, include, exclude, name, allow_unloadable):
+    return resolving.resolve(config.load(), source, revision, include, exclude, name, allow_unloadable)
+
+
+def _survey_and_prepare(plan, replace) -> tuple[int, str]:
+    """What the bucket already holds; strays removed, unchanged files copied inside it."""
+    bucket = Bucket(config.load())
+    note = survey(bucket, plan, replace)
+    log.info("%s@%s: %s", plan.name, plan.revision[:12], note)
+    return in_bucket.prepare(bucket, plan), note
 
 
 @step("transfer")
 def transfer(plan, replace):
-    return staging.transfer(config.load(), plan, progress_reporter(f"upload {plan.name}@{plan.revision[:12]}"), replace)
+    copied, _ = _survey_and_prepare(plan, replace)
+    return pipeline.transfer(config.load(), plan, progress_reporter(f"upload {plan.name}@{plan.revision[:12]}"),
+                             copied=copied)
 
 
 @step("transfer-shard")
-def transfer_shard(part, replace):
-    """One Dask worker's share: its files downloaded, verified, uploaded and proven, then deleted."""
-    part = staging.on_this_machine(part)
-    rows = staging.transfer(config.load(), part, replace=replace, keep_downloads=False)
-    return part.files, rows
+def transfer_shard(part):
+    """One Dask worker's share: its files downloaded, verified, uploaded and proven."""
+    return part.files, pipeline.transfer(config.load(), shards.on_this_machine(part), keep_downloads=False)
 
 
 def transfer_on_dask(plan, replace, address: str | None):
@@ -41,17 +62,15 @@ def transfer_on_dask(plan, replace, address: str | None):
     share of about equal bytes per worker. Returns one row per step, summed over the shares."""
     from prefect_dask import DaskTaskRunner
 
-    from modelferry.tasks.bucket import Bucket
-
-    copied = staging.prepare(Bucket(config.load()), plan, replace)
+    copied, _ = _survey_and_prepare(plan, replace)
     todo = plan.to_fetch()
     if not todo:
-        return staging.transfer(config.load(), plan, replace=replace)
+        return pipeline.transfer(config.load(), plan, copied=copied)
     with DaskTaskRunner(address=address) as runner:
         workers = len(runner.client.scheduler_info()["workers"])
-        parts = staging.split(todo, workers)
+        parts = shards.split(todo, workers)
         log.info("%d file(s) in %d share(s) over %d Dask worker(s)", len(todo), len(parts), workers)
-        futures = [runner.submit(transfer_shard, {"part": staging.shard(plan, p), "replace": replace}) for p in parts]
+        futures = [runner.submit(transfer_shard, {"part": shards.shard(plan, p)}) for p in parts]
         results, errors = [], []
         for future in futures:
             try:
@@ -59,27 +78,27 @@ def transfer_on_dask(plan, replace, address: str | None):
             except Exception as exc:  # noqa: BLE001 - every share finishes; the first error is reported
                 errors.append(exc)
     for files, _ in results:
-        staging.merge(plan, files)
+        shards.merge(plan, files)
     if errors:
         raise errors[0]
-    return staging.combine([rows for _, rows in results], copied, f"{len(parts)} shards on Dask")
+    return shards.combine([rows for _, rows in results], copied, f"{len(parts)} shards on Dask")
 
 
-@step("remote_verify", retries=1)
+@step("remote_verify", retries=1, timeout_s=600)
 def remote_verify(plan):
-    return staging.remote_verify(config.load(), plan)
+    return publishing.remote_verify(config.load(), plan)
 
 
-@step("publish")
+@step("publish", timeout_s=300)
 def publish(plan, manifest, set_current):
-    return staging.publish(config.load(), plan, manifest, set_current)
+    return publishing.publish(config.load(), plan, manifest, set_current)
 
 
 @flow(name="stage-model", log_prints=False)
 def stage_model(source: str, revision: str | None = None, include: list[str] | None = None,
                 exclude: list[str] | None = None, name: str | None = None, allow_unloadable: bool = False,
                 replace: bool = False, set_current: bool = True, task_runner: str = "thread",
-                dask_address: str | None = None) -> list[dict]:
+                dask_address: str | None = None) -> Staged:
     """Stage a Hub repo (org/name) or a local checkpoint directory into the bucket, verified.
 
     `task_runner="dask"` shards the transfer across the Dask cluster at `dask_address` (a local
@@ -91,25 +110,28 @@ def stage_model(source: str, revision: str | None = None, include: list[str] | N
         raise SettingsError(f"unknown task_runner {task_runner!r}: choose thread or dask")
     if task_runner == "dask":
         require_extra("prefect_dask", "dask", "task_runner dask")
+    bucket = Bucket(config.load())
+    bucket.probe()  # one request, not retried: a wrong endpoint or key fails here, in a second
     steps = Steps("stage-steps", f"stage {source}")
     include, exclude = list(include or []), list(exclude or [])
-    plan = steps(resolve, source, revision, include, exclude, name, allow_unloadable, replace)
-    try:  # resolve took the revision's lock in the bucket: one writer per revision
-        if task_runner == "dask":
-            steps(transfer_on_dask, plan, replace, dask_address, name="transfer")
-        else:
-            steps(transfer, plan, replace)
-        manifest = steps(remote_verify, plan)
-        steps(publish, plan, manifest, set_current)
+    try:
+        plan = steps(resolve, source, revision, include, exclude, name, allow_unloadable)
+        with catalog.Lock(bucket, plan.name, plan.revision).held(log=log) as lock:  # one writer per revision
+            if task_runner == "dask":
+                steps(transfer_on_dask, plan, replace, dask_address, name="transfer")
+            else:
+                steps(transfer, plan, replace)
+            manifest = steps(remote_verify, plan)
+            lock.check()
+            steps(publish, plan, manifest, set_current)
     finally:
-        staging.release(plan)
         mark_work("ended")
-    steps.publish(summary=_summary(plan, steps))
-    return steps.rows
+    uri = bucket.uri(plan.prefix)
+    steps.publish(summary=_summary(plan, uri, steps))
+    return Staged(plan.name, plan.revision, uri, steps.rows)
 
 
-def _summary(plan, steps: Steps) -> str:
-    uri = f"s3://{config.load().bucket}/{plan.prefix}"
+def _summary(plan, uri: str, steps: Steps) -> str:
     return (f"## Staged `{plan.name}` @ `{plan.revision}`\n\n"
             f"- load it with: `vllm serve {uri} --load-format runai_streamer`\n"
             f"- files: {len(plan.files)}, bytes: {sum(f.size for f in plan.files):,}\n\n"

@@ -17,7 +17,7 @@ from prefect.tasks import exponential_backoff
 
 from modelferry.tasks.errors import ModelferryError
 from modelferry.tasks.settings import scrub
-from modelferry.tasks.staging import StepStats
+from modelferry.tasks.plan import StepStats
 
 _attempts: dict[tuple, int] = defaultdict(int)
 
@@ -47,9 +47,11 @@ def _transient(task, run, state) -> bool:
     return False
 
 
-def step(name: str, retries: int = 3):
+def step(name: str, retries: int = 3, timeout_s: float | None = None):
     """Wrap a plain function as a pipeline step: a Prefect task with backoff retries on transient
-    errors. The function returns StepStats, or (value, StepStats)."""
+    errors, each attempt under `timeout_s` when given. These retries are the only retry layer: the
+    clients underneath (botocore, s5cmd) make one attempt each. The function returns StepStats,
+    or (value, StepStats)."""
 
     def wrap(fn):
         @functools.wraps(fn)  # keeps the signature: Prefect binds parameters by name (Dask submits)
@@ -59,7 +61,8 @@ def step(name: str, retries: int = 3):
 
         base = float(os.environ.get("MODELFERRY_RETRY_BASE_S", "2"))
         return task(counted, name=name, retries=retries, retry_delay_seconds=exponential_backoff(base),
-                    retry_condition_fn=_transient, cache_policy=NO_CACHE, persist_result=False)
+                    retry_condition_fn=_transient, cache_policy=NO_CACHE, persist_result=False,
+                    timeout_seconds=timeout_s)
 
     return wrap
 
@@ -72,13 +75,10 @@ def mark_work(edge: str) -> None:
     work_clock[f"{edge}_cpu"] = time.process_time()
 
 
-def startup_report(t0: float, cpu0: float) -> str:
+def startup_report(t0: float, cpu0: float, where: str) -> str:
     """How long orchestration took to start (imports, Prefect API, flow run) against the work itself,
-    given `t0` and `cpu0` (perf_counter and process_time) taken before the flow's module was imported."""
-    from prefect.settings import PREFECT_API_URL
-
-    api = PREFECT_API_URL.value()
-    where = f"Prefect API at {api}" if api else "a temporary Prefect server (set PREFECT_API_URL to reuse a running one)"
+    given `t0` and `cpu0` (perf_counter and process_time) taken before the flow's module was imported,
+    and `where` the Prefect API is."""
     start, end = work_clock.get("started"), work_clock.get("ended")
     if start is None:
         return f"finished in {time.perf_counter() - t0:.1f} s ({where})"

@@ -18,6 +18,9 @@ def translate(exc: Exception, settings: Settings) -> Exception:
     from botocore import exceptions as bx
 
     where = f"{settings.endpoint} (R2_ENDPOINT)"
+    if isinstance(exc, bx.SSLError):  # the same answer every time: not worth a retry
+        return BucketError(f"TLS failed with {where}: check the scheme (https:// for R2, http:// for a plain "
+                           f"local server) and the certificate ({str(exc).splitlines()[0][:160]})")
     if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError)):
         return EndpointUnreachable(f"cannot connect to {where}: {type(exc).__name__}; check R2_ENDPOINT and that the server is up")
     if isinstance(exc, (bx.ReadTimeoutError, bx.ConnectionClosedError)):
@@ -88,6 +91,11 @@ class Bucket:
                 return out
             token = page["NextContinuationToken"]
 
+    def probe(self) -> None:
+        """One cheap request that fails at once on a wrong endpoint, scheme, key or bucket: asked
+        before a stage starts, so a dead endpoint is an error in a second, not after the retries."""
+        self._call("list_objects_v2", Prefix="modelferry/", MaxKeys=1)
+
     def head(self, key: str) -> ObjectInfo | None:
         """Size and ETag of one object, or None when there is no such object."""
         head = self._call("head_object", Key=key, tolerate=("404", "NoSuchKey", "NotFound"))
@@ -117,11 +125,27 @@ class Bucket:
         self.put_bytes(key, data, "application/json")
         return len(data)
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        """Create `key` only if it doesn't exist (If-None-Match: *). False when it exists. R2 and S3
-        honour the condition; a server that ignores it (rclone serve s3) just overwrites."""
-        return self._call("put_object", Key=key, Body=data, ContentType="application/json", IfNoneMatch="*",
-                          tolerate=("PreconditionFailed", "ConditionalRequestConflict")) is not None
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create `key` only if it doesn't exist (If-None-Match: *). Returns the new ETag, None when
+        it exists. R2 and S3 honour the condition; a server that ignores it (rclone serve s3) just
+        overwrites."""
+        out = self._call("put_object", Key=key, Body=data, ContentType="application/json", IfNoneMatch="*",
+                         tolerate=("PreconditionFailed", "ConditionalRequestConflict"))
+        return out["ETag"].strip('"') if out else None
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace `key` only while it still has `etag` (If-Match). Returns the new ETag, None when
+        someone else changed or removed it first. R2 and S3 honour the condition."""
+        out = self._call("put_object", Key=key, Body=data, ContentType="application/json", IfMatch=f'"{etag}"',
+                         tolerate=("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"))
+        return out["ETag"].strip('"') if out else None
+
+    def get_bytes_and_etag(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes with the ETag they had, or None when there is no such object."""
+        response = self._call("get_object", Key=key, tolerate=("NoSuchKey", "404"))
+        if response is None:
+            return None
+        return response["Body"].read(), response["ETag"].strip('"')
 
     def delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
@@ -166,7 +190,7 @@ class Bucket:
 def check_r2(settings: Settings) -> dict:
     """Put, head, get and delete a probe object. Returns per-operation latency in milliseconds.
     Fails within seconds on a wrong endpoint: one attempt, 5 s connect timeout."""
-    bucket = Bucket(settings, attempts=1)
+    bucket = Bucket(settings)
     key = f".modelferry/probe-{uuid.uuid4().hex}"
     body = b"modelferry check-r2 probe\n"
     timings = {}

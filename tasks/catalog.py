@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -48,23 +49,70 @@ def now() -> str:
 
 
 def read_manifest(bucket: Bucket, name: str, revision: str) -> Manifest | None:
-    data = bucket.get_bytes(manifest_key(name, revision))
-    return None if data is None else Manifest.from_json(data)
+    """The published manifest, None when there is none. Raises CorruptManifest naming the object
+    when it is there but unreadable: one bad object must not pass for "not staged"."""
+    key = manifest_key(name, revision)
+    data = bucket.get_bytes(key)
+    if data is None:
+        return None
+    try:
+        return Manifest.from_json(data)
+    except (ValueError, TypeError, KeyError, ModelferryError) as exc:
+        raise CorruptManifest(f"{bucket.uri(key)} is corrupt ({_first_line(exc)}): restage it with "
+                              f"`modelferry stage <source> --name {name} --replace` to rewrite it") from None
 
 
 def current_revision(bucket: Bucket, name: str) -> str | None:
-    pointer = bucket.get_json(current_key(name))
-    return pointer["revision"] if pointer else None
+    """The revision `current.json` points at; None when there is no pointer. Raises CorruptManifest."""
+    key = current_key(name)
+    data = bucket.get_bytes(key)
+    if data is None:
+        return None
+    try:
+        revision = json.loads(data)["revision"]
+        if not isinstance(revision, str) or not revision:
+            raise ValueError("no revision in it")
+        return revision
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CorruptManifest(f"{bucket.uri(key)} is corrupt ({_first_line(exc)}): stage the model again to "
+                              f"rewrite it, or pass --revision") from None
+
+
+def staged_revisions(bucket: Bucket, name: str) -> list[str]:
+    """Revisions of `name` that have a manifest (readable or not), from one listing."""
+    prefix = f"manifests/{name}/revisions/"
+    return sorted(k[len(prefix):-len(".json")] for k in bucket.listing(prefix) if k.endswith(".json"))
 
 
 def find_manifest(bucket: Bucket, name: str, revision: str | None) -> Manifest:
-    """The published manifest for `name` at `revision` (default: the current one). Raises NotStaged."""
+    """The published manifest for `name` at `revision` (default: the current one). Raises NotStaged
+    when the model has no such revision, NoCurrentRevision when revisions exist but no pointer says
+    which one is current (the caller must not take that for "not staged": a launch would fall back
+    to a Hub repo that was never the source), CorruptManifest when the object is unreadable."""
     rev = revision or current_revision(bucket, name)
+    if rev is None:
+        staged = staged_revisions(bucket, name)
+        if staged:
+            raise NoCurrentRevision(
+                f"{name} has no current revision ({bucket.uri(current_key(name))} is missing) but {len(staged)} staged "
+                f"revision(s): {', '.join(staged[:5])}; pass --revision, or stage it again to restore the pointer")
     manifest = read_manifest(bucket, name, rev) if rev else None
     if manifest is None:
         what = f"{name}@{rev}" if rev else name
         raise NotStaged(f"{what} is not staged in bucket {bucket.name!r}: run `modelferry stage {name}` first")
     return manifest
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
+class CorruptManifest(IntegrityError):
+    """A manifest or pointer object exists but cannot be read."""
+
+
+class NoCurrentRevision(ModelferryError):
+    """Revisions are staged but none is marked current."""
 
 
 BUCKET_FACTS = "modelferry/bucket.json"
@@ -98,7 +146,8 @@ class Check:
 
 
 def compare(manifest: Manifest, listing: dict[str, ObjectInfo]) -> Check:
-    """Compare a listing of the revision prefix with the manifest: size and ETag per file."""
+    """Compare a listing of the revision prefix with the manifest: size and ETag per file, and every
+    object the manifest doesn't name (vLLM loads every safetensors file under the prefix)."""
     prefix = model_prefix(manifest.name, manifest.revision)
     check = Check(ok=True)
     expected = set()
@@ -117,6 +166,11 @@ def compare(manifest: Manifest, listing: dict[str, ObjectInfo]) -> Check:
     check.unexpected = sorted(k[len(prefix):] for k in listing if k not in expected)
     check.ok = not check.bad and not check.unexpected
     return check
+
+
+def check_listing(bucket: Bucket, manifest: Manifest) -> Check:
+    """The revision prefix as it is now against its manifest, from one listing (size + ETag)."""
+    return compare(manifest, bucket.listing(model_prefix(manifest.name, manifest.revision)))
 
 
 def deep_check(bucket: Bucket, manifest: Manifest) -> dict[str, str]:
@@ -141,7 +195,7 @@ def verify(bucket: Bucket, name: str, revision: str | None = None, deep: bool = 
     """Check the bucket against the manifest and record the result for `list`. Never downloads
     unless `deep`. Returns the record; raises IntegrityError naming every bad file."""
     manifest = find_manifest(bucket, name, revision)
-    check = compare(manifest, bucket.listing(model_prefix(name, manifest.revision)))
+    check = check_listing(bucket, manifest)
     bad = dict(check.bad)
     if deep:
         for path, why in deep_check(bucket, manifest).items():
@@ -175,31 +229,45 @@ def record_verified(bucket: Bucket, manifest: Manifest, by: str) -> int:
 
 
 def list_models(bucket: Bucket) -> list[dict]:
-    """One row per published model revision."""
+    """One row per published model revision. An unreadable manifest, record or pointer is a row
+    saying so, not a failure of the whole listing."""
     keys = bucket.listing("manifests/")
     rows = []
     for key in sorted(keys):
         if "/revisions/" not in key or not key.endswith(".json"):
             continue
         name, rev = key[len("manifests/"):-len(".json")].split("/revisions/")
-        manifest = Manifest.from_json(bucket.get_bytes(key))
-        record = bucket.get_json(verified_key(name, rev)) if verified_key(name, rev) in keys else None
-        current = bucket.get_json(current_key(name)) if current_key(name) in keys else None
-        rows.append({
-            "name": name,
-            "revision": rev,
-            "current": bool(current and current.get("revision") == rev),
-            "uri": bucket.uri(model_prefix(name, rev)),
-            "manifest": bucket.uri(key),
-            "files": len(manifest.files),
-            "bytes": manifest.total_bytes,
-            "verified": (("ok" if record["ok"] else "FAILED") + (" (deep)" if record.get("deep") else "")) if record else "never",
-            "verified_at": record["checked_at"] if record else None,
-            "staged_at": manifest.staged_at,
-            "gated": manifest.gated,
-            "license": manifest.license,
-        })
+        rows.append(_row(bucket, keys, name, rev, key))
     return rows
+
+
+def _row(bucket: Bucket, keys, name: str, rev: str, key: str) -> dict:
+    row = {"name": name, "revision": rev, "current": False, "uri": bucket.uri(model_prefix(name, rev)),
+           "manifest": bucket.uri(key), "files": None, "bytes": None, "verified": "never", "verified_at": None,
+           "staged_at": None, "gated": None, "license": None}
+    try:
+        row["current"] = current_key(name) in keys and current_revision(bucket, name) == rev
+    except CorruptManifest:
+        pass  # its own row says so when it matters: `verify`/`launch` name the object
+    try:
+        manifest = read_manifest(bucket, name, rev)
+    except CorruptManifest:
+        row["verified"] = "CORRUPT manifest"
+        return row
+    record = _json_or_none(bucket, verified_key(name, rev)) if verified_key(name, rev) in keys else None
+    row.update(files=len(manifest.files), bytes=manifest.total_bytes, staged_at=manifest.staged_at,
+               gated=manifest.gated, license=manifest.license)
+    if record:
+        row["verified"] = ("ok" if record.get("ok") else "FAILED") + (" (deep)" if record.get("deep") else "")
+        row["verified_at"] = record.get("checked_at")
+    return row
+
+
+def _json_or_none(bucket: Bucket, key: str):
+    try:
+        return bucket.get_json(key)
+    except ValueError:
+        return None
 
 
 def set_current(bucket: Bucket, name: str, revision: str) -> None:
@@ -233,26 +301,37 @@ def lock_key(name: str, revision: str) -> str:
 
 class Lock:
     """Who may write a revision: one stage at a time, across Prefect runs and plain CLI processes on
-    any machine, by a conditional create in the bucket. A lock older than `ttl` (its holder was
-    killed) is broken. On a server without conditional writes the read-back still catches most races."""
+    any machine, by conditional writes in the bucket. Created with If-None-Match; a lock older than
+    `ttl` (its holder was killed) is taken over, and kept fresh by its heartbeat, with If-Match on the
+    ETag last seen, so of two waiters only one takes a stale lock and nobody overwrites a live one.
+    On a server without conditional writes (rclone serve s3) the read-back still catches most races.
+
+        with Lock(bucket, name, revision).held(wait=1800):
+            ...  # write the revision"""
 
     def __init__(self, bucket: Bucket, name: str, revision: str, ttl: float = 3600):
         self.bucket, self.key, self.ttl = bucket, lock_key(name, revision), ttl
         self.owner = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self.etag: str | None = None
+        self.lost = threading.Event()  # set when the heartbeat finds another holder
+        self._beat: threading.Event | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({**self.owner, "since": time.time()}).encode()
 
     def acquire(self, wait: float = 1800, poll: float = 1.0, log=None) -> None:
         deadline = time.monotonic() + wait
         announced = False
         while True:
-            body = json.dumps({**self.owner, "since": time.time()}).encode()
-            if self.bucket.put_if_absent(self.key, body) and (self.bucket.get_json(self.key) or {}).get("id") == self.owner["id"]:
-                self._beat = threading.Event()
-                self._beater = threading.Thread(target=self._heartbeat, daemon=True)
-                self._beater.start()
-                return
-            held = self.bucket.get_json(self.key)
-            if held and self._stale(held):
-                self.bucket.delete([self.key])  # its holder died (killed, or past the ttl)
+            etag = self.bucket.put_if_absent(self.key, self._body())
+            if etag and self._still_mine():
+                return self._start()
+            read = self._read()
+            held = read[0] if read else None
+            if read and self._stale(held):
+                # its holder died (killed, or past the ttl): replace exactly the lock we read
+                if self.bucket.put_if_match(self.key, self._body(), read[1]) and self._still_mine():
+                    return self._start()
                 continue
             if time.monotonic() > deadline:
                 raise Locked(f"{self.key} is held by {held.get('host')} pid {held.get('pid')} since "
@@ -263,15 +342,41 @@ class Lock:
                 announced = True
             time.sleep(poll)
 
+    def _read(self) -> tuple[dict | None, str] | None:
+        """(holder, ETag) of the lock as stored now; holder None when unreadable. None: no lock."""
+        read = self.bucket.get_bytes_and_etag(self.key)
+        if read is None:
+            return None
+        try:
+            holder = json.loads(read[0])
+        except ValueError:
+            holder = None
+        return (holder if isinstance(holder, dict) else None), read[1]
+
+    def _still_mine(self) -> bool:
+        read = self._read()
+        if read and read[0] and read[0].get("id") == self.owner["id"]:
+            self.etag = read[1]
+            return True
+        return False
+
+    def _start(self) -> None:
+        self._beat = threading.Event()
+        self._beater = threading.Thread(target=self._heartbeat, name="lock-heartbeat", daemon=True)
+        self._beater.start()
+
     def _heartbeat(self) -> None:
         """Keep `since` fresh while we hold the lock, so a long stage is never taken for a dead one."""
         while not self._beat.wait(max(self.ttl / 4, 1.0)):
-            held = self.bucket.get_json(self.key)
-            if not held or held.get("id") != self.owner["id"]:
+            etag = self.bucket.put_if_match(self.key, self._body(), self.etag)
+            if etag is None:
+                self.lost.set()
                 return
-            self.bucket.put_bytes(self.key, json.dumps({**self.owner, "since": time.time()}).encode(), "application/json")
+            self.etag = etag
 
-    def _stale(self, held: dict) -> bool:
+    def _stale(self, held: dict | None) -> bool:
+        if held is None:
+            return True  # unreadable: no holder can be alive behind it
         if time.time() - held.get("since", 0) > self.ttl:
             return True
         if held.get("host") == self.owner["host"] and held.get("pid"):
@@ -284,12 +389,27 @@ class Lock:
         return False
 
     def release(self) -> None:
-        if getattr(self, "_beat", None):
+        if self._beat is not None:
             self._beat.set()
             self._beater.join()  # a heartbeat caught mid-write must not put the lock back after we delete it
-        held = self.bucket.get_json(self.key)
-        if held and held.get("id") == self.owner["id"]:
+            self._beat = None
+        if self._still_mine():
             self.bucket.delete([self.key])
+
+    def check(self) -> None:
+        """Raise Locked when the heartbeat found another holder: whoever writes next must not publish."""
+        if self.lost.is_set():
+            raise Locked(f"{self.key} was taken over by another stage while this one ran: nothing published; "
+                         "check that stage, then stage again")
+
+    @contextmanager
+    def held(self, wait: float | None = None, log=None):
+        """Hold the lock for the block. `wait` defaults to MODELFERRY_LOCK_WAIT_S (1800 s)."""
+        self.acquire(wait=float(os.environ.get("MODELFERRY_LOCK_WAIT_S", "1800")) if wait is None else wait, log=log)
+        try:
+            yield self
+        finally:
+            self.release()
 
 
 class Locked(ModelferryError):

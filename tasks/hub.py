@@ -71,7 +71,7 @@ def _translate(exc: Exception, repo_id: str, revision: str, token, endpoint) -> 
         return TransientHubError(f"lost the connection to the Hub{where} while talking to {repo_id}")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return SourceError(f"disk full while downloading {repo_id} into {exc.filename or 'the cache'}: "
-                           "free space or set MODELFERRY_CACHE to a bigger disk")
+                           "free space or set HF_HUB_CACHE to a bigger disk")
     if isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("requests", "httpx", "urllib3")):
         return TransientHubError(f"cannot reach the Hub{where or ' (huggingface.co)'}: {exc}")
     return exc
@@ -115,13 +115,29 @@ def resolve(repo_id: str, revision: str | None, include: list[str], exclude: lis
     return Resolved(repo_id, commit, sorted(files, key=lambda f: f.path), license_, info.gated or False)
 
 
-def download(repo_id: str, commit: str, path: str, dest: Path, token: str | None = None,
+def cache_dir() -> Path:
+    """The user's Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached(repo_id: str, commit: str, path: str, where: Path | None = None) -> Path | None:
+    """The file's path in the Hugging Face cache (`where`, default the user's), if it is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, path, cache_dir=where, revision=commit)
+    return Path(found) if isinstance(found, str) else None
+
+
+def download(repo_id: str, commit: str, path: str, where: Path | None = None, token: str | None = None,
              endpoint: str | None = None) -> Path:
-    """Download one file of `repo_id@commit` into `dest/path` (resuming a partial download)."""
+    """Download one file of `repo_id@commit` into the Hugging Face cache at `where` (default: the
+    user's), resuming a partial download; a file already there is not fetched again."""
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, path, revision=commit, local_dir=dest, token=token or False,
+        return Path(hf_hub_download(repo_id, path, revision=commit, cache_dir=where, token=token or False,
                                     endpoint=endpoint))
     except Exception as exc:
         raise _translate(exc, repo_id, commit, token, endpoint) from exc

@@ -52,7 +52,7 @@ class Deployment:
 
 
 def state_dir() -> Path:
-    from modelferry.tasks.staging import cache_root
+    from modelferry.tasks.plan import cache_root
 
     return cache_root() / "launches"
 

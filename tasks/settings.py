@@ -127,21 +127,9 @@ def _check_hf_endpoint(url: str) -> None:
         raise SettingsError(f"HF_ENDPOINT={url!r} is not a URL: leave it unset for huggingface.co")
 
 
-def hub_settings(env: dict[str, str] | None = None) -> tuple[str | None, str | None]:
-    """(token, endpoint) for the Hub; needs no bucket settings."""
-    env = os.environ if env is None else env
-    endpoint = env.get("HF_ENDPOINT") or None
-    if endpoint:
-        _check_hf_endpoint(endpoint)
-    token = env.get("HF_TOKEN") or None
-    if token:
-        redact([token])
-    return token, endpoint
-
-
-def s3_client(settings: Settings, *, connect_timeout: float = 5, attempts: int = 4):
-    """A boto3 S3 client with the R2 profile. Few attempts and a short connect timeout so a wrong
-    endpoint fails in seconds, not minutes."""
+def s3_client(settings: Settings, *, connect_timeout: float = 5, read_timeout: float = 60, attempts: int = 1):
+    """A boto3 S3 client with the R2 profile. One attempt under short timeouts: retries belong to
+    the Prefect step (one retry layer), so a wrong endpoint fails in seconds, not minutes."""
     import boto3
     from botocore.config import Config
 
@@ -151,7 +139,7 @@ def s3_client(settings: Settings, *, connect_timeout: float = 5, attempts: int =
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         connect_timeout=connect_timeout,
-        read_timeout=60,
+        read_timeout=read_timeout,
         retries={"max_attempts": attempts, "mode": "standard"},
         max_pool_connections=32,
     )

@@ -19,7 +19,7 @@ from typing import Callable
 from modelferry.tasks.errors import SettingsError, TransferError
 from modelferry.tasks.integrity import MiB
 from modelferry.tasks.settings import Settings, scrub
-from modelferry.tasks.processes import which
+from modelferry.tasks.processes import adopt, kill, which
 
 log = logging.getLogger("modelferry.transfer")
 
@@ -62,10 +62,13 @@ class Uploader:
         self._callback_error: BaseException | None = None
 
     def __enter__(self) -> "Uploader":
-        args = [which("s5cmd"), "--json", "--endpoint-url", self.settings.endpoint, "--numworkers", str(self.workers),
-                "run"]
-        self._proc = subprocess.Popen(args, env=self.settings.s5cmd_env(), stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._errors, text=True, bufsize=1)
+        # --retry-count 0: the transfer step's retries are the one retry layer. A session of its own:
+        # a terminal's Ctrl-C goes to our process group, and we stop s5cmd ourselves (in __exit__).
+        args = [which("s5cmd"), "--json", "--retry-count", "0", "--endpoint-url", self.settings.endpoint,
+                "--numworkers", str(self.workers), "run"]
+        self._proc = adopt(subprocess.Popen(args, env=self.settings.s5cmd_env(), stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=self._errors, text=True, bufsize=1,
+                                            start_new_session=True))
         self._reader = threading.Thread(target=self._read, name="s5cmd-events", daemon=True)
         self._reader.start()
         return self
@@ -122,9 +125,7 @@ class Uploader:
         return self.sent
 
     def __exit__(self, *exc) -> None:
-        if self._proc.poll() is None:  # leaving early: stop the upload too
-            self._proc.kill()
-            self._proc.wait()
+        kill(self._proc)  # leaving early stops the upload too; after close() it reaps what is left
         if self._reader is not None:
             self._reader.join(timeout=5)
         self._errors.close()

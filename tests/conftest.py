@@ -61,7 +61,7 @@ def prefect_api(session_dir):
 def env(bucket, hub, prefect_api, sky_home, tmp_path) -> dict[str, str]:
     """Environment for a `modelferry` child: local bucket, local Hub, the test Prefect server, and a
     throwaway HOME for SkyPilot."""
-    e = dict(os.environ, **bucket.env(), HF_ENDPOINT=hub, MODELFERRY_CACHE=str(tmp_path / "cache"), HOME=str(sky_home),
+    e = dict(os.environ, **bucket.env(), HF_ENDPOINT=hub, MODELFERRY_CACHE=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "hf"), HOME=str(sky_home),
              PREFECT_API_URL=prefect_api, MODELFERRY_RETRY_BASE_S="0.2", PYTHONUNBUFFERED="1")
     e.pop("HF_TOKEN", None)
     return e

@@ -34,7 +34,7 @@ def moto_bucket(workdir: Path, bucket: str, access_key: str = "motokey", secret_
 @contextlib.contextmanager
 def dask_cluster(workdir: Path, env: dict[str, str], workers: int = 2):
     """A real Dask cluster on loopback: `dask scheduler` and `workers` worker processes, each with
-    `env` and its own MODELFERRY_CACHE (workdir/worker-N), as separate machines would have. Yields
+    `env` and its own MODELFERRY_CACHE and HF_HOME (workdir/worker-N), as separate machines would have. Yields
     the scheduler address."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -46,7 +46,8 @@ def dask_cluster(workdir: Path, env: dict[str, str], workers: int = 2):
             procs.append(start([which("dask"), "worker", address, "--nworkers", "1", "--nthreads", "2",
                                 "--no-dashboard", "--local-directory", str(workdir / f"worker-{i}" / "dask")],
                                workdir / f"worker-{i}.log",
-                               dict(env, MODELFERRY_CACHE=str(workdir / f"worker-{i}" / "cache"))))
+                               dict(env, MODELFERRY_CACHE=str(workdir / f"worker-{i}" / "cache"),
+                                    HF_HOME=str(workdir / f"worker-{i}" / "hf"))))
         _wait_workers(address, workers, 60)
         yield address
     finally:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from modelferry.tasks import catalog, embedded
 from tests import standins
@@ -35,14 +37,19 @@ def test_stage_shards_files_over_dask_workers_and_publishes_once(cli, env, mirro
     assert by["download"]["bytes"] == total and by["upload"]["bytes"] == total and by["upload"]["files"] == 7
     assert "2 shards on Dask" in by["upload"]["note"]
 
-    # Each worker fetched its own share; together exactly the model, and no worker kept a weight file.
+    # Each worker fetched its own share into modelferry's own cache (its hash record names what it
+    # verified); together exactly the model. No worker kept a weight file, and no HF cache got one.
     fetched = []
     for i in range(2):
-        root = tmp_path / "dask" / f"worker-{i}" / "cache" / "hub" / repo
-        fetched.append({p.name[:-len(".metadata")] for p in root.rglob(".cache/huggingface/download/*.metadata")})
-        assert not list(root.rglob("*.safetensors")), f"worker {i} kept weights it had proven"
+        worker = tmp_path / "dask" / f"worker-{i}"
+        records = list((worker / "cache" / "hub" / repo).glob("*.hashes.json"))
+        fetched.append(set(json.loads(records[0].read_text())) if records else set())
+        kept = [p for p in (worker / "cache" / "hf").rglob("*") if p.is_file() and "blobs" in p.parts]
+        assert not kept, f"worker {i} kept weights it had proven: {kept}"
+        assert not list((worker / "hf").rglob("*.safetensors")), f"worker {i} wrote into its HF cache"
     assert fetched[0] and fetched[1] and not fetched[0] & fetched[1] and fetched[0] | fetched[1] == set(files)
-    assert not (tmp_path / "cache" / "hub" / repo).exists(), "the flow's own machine downloaded model files"
+    hf_name = "models--" + repo.replace("/", "--")
+    assert not (Path(env["HF_HOME"]) / "hub" / hf_name).exists(), "the flow's own machine downloaded model files"
 
     # The manifest was written once, by the flow, and the bucket holds exactly the model's bytes.
     assert [m for m in catalog.list_models(s3) if m["name"] == repo][0]["files"] == 7

@@ -155,9 +155,9 @@ def tiny_disk(tmp_path):
 
 
 def test_disk_full_in_the_cache_is_a_clear_error(cli, s3, tiny_disk):
-    run = cli("stage", TINY, "--name", "acme/no-room", extra_env={"MODELFERRY_CACHE": str(tiny_disk)})
+    run = cli("stage", TINY, "--name", "acme/no-room", extra_env={"HF_HUB_CACHE": str(tiny_disk)})
     assert run.rc == 1, run
-    assert "not enough space in" in run.err and str(tiny_disk) in run.err and "MODELFERRY_CACHE" in run.err
+    assert "not enough space in" in run.err and str(tiny_disk) in run.err and "HF_HUB_CACHE" in run.err
     assert s3.listing("models/acme/no-room/") == {} and s3.listing("manifests/acme/no-room/") == {}
 
 
@@ -174,21 +174,22 @@ def test_verify_during_a_stage_never_calls_it_good(cli, env, slow_bucket, tmp_pa
 
 
 def test_local_file_rewritten_after_resolve_is_refused(env, tmp_path, monkeypatch):
-    from modelferry.tasks import staging
+    from modelferry.tasks import pipeline, resolve
     from modelferry.tasks.errors import IntegrityError
+    from modelferry.tasks.survey import survey
 
     monkeypatch.setenv("MODELFERRY_CACHE", str(tmp_path / "cache"))
     model, _ = model_dir(tmp_path / "m")
     settings = config.load(env)
-    plan, _ = staging.resolve(settings, str(model), None, [], [], "acme/rewritten", allow_unloadable=True)
-    try:
+    plan, _ = resolve.resolve(settings, str(model), None, [], [], "acme/rewritten", allow_unloadable=True)
+    s3 = Bucket(settings)
+    with catalog.Lock(s3, plan.name, plan.revision).held(wait=0):
+        survey(s3, plan, replace=False)
         (model / "c.safetensors").write_bytes(os.urandom(24 * MiB))  # same size, other bytes
         with pytest.raises(IntegrityError) as caught:
-            staging.transfer(settings, plan)
-    finally:
-        staging.release(plan)
+            pipeline.transfer(settings, plan)
     assert caught.value.step == "local_verify"
     assert "c.safetensors (changed since resolve hashed it)" in str(caught.value)
-    s3 = Bucket(settings)
+    assert caught.value.bad_files == ["c.safetensors"]
     assert "c.safetensors" not in {k.rsplit("/", 1)[-1] for k in s3.listing("models/acme/rewritten/")}
     assert s3.listing("manifests/acme/rewritten/") == {}

@@ -67,7 +67,7 @@ def installed(core_venv, bucket, tmp_path):
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MODELFERRY_", "VIRTUAL_ENV"))}
     env.update(bucket.env(), HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
-               MODELFERRY_CACHE=str(tmp_path / "cache"), PATH=f"{core_venv / 'bin'}:/usr/bin:/bin",
+               MODELFERRY_CACHE=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "hf"), PATH=f"{core_venv / 'bin'}:/usr/bin:/bin",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90", VLLM_API_KEY="mf-installed-api-key",
                PYTHONNOUSERSITE="1")
 

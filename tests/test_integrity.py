@@ -103,3 +103,11 @@ def test_object_keys_longer_than_s3_allows_are_refused():
     assert check_key_length("models/a/b/r/" + "x" * 900)
     with pytest.raises(SourceError, match="1,024|1024"):
         check_key_length("models/a/b/r/" + "x" * 1100)
+
+
+def test_bad_files_keeps_paths_whole():
+    from modelferry.tasks.pipeline import bad_files
+
+    exc = bad_files({"w (v2).bin": "sha256 aa... != Hub bb...", "a.safetensors": "changed since resolve hashed it"})
+    assert exc.bad_files == ["a.safetensors", "w (v2).bin"] and exc.step == "local_verify"
+    assert "w (v2).bin (sha256 aa... != Hub bb...)" in str(exc)

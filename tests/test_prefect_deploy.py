@@ -25,7 +25,7 @@ PREFECT = str(processes.BIN / "prefect")
 def worker(bucket, hub, prefect_api, sky_home, tmp_path_factory):
     """Deployments applied and a process worker polling the `local` pool, with the test services' env."""
     work = tmp_path_factory.mktemp("worker")
-    env = dict(os.environ, **bucket.env(), HF_ENDPOINT=hub, MODELFERRY_CACHE=str(work / "cache"), HOME=str(sky_home),
+    env = dict(os.environ, **bucket.env(), HF_ENDPOINT=hub, MODELFERRY_CACHE=str(work / "cache"), HF_HOME=str(work / "hf"), HOME=str(sky_home),
                PREFECT_API_URL=prefect_api, PROJECT_ROOT=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="1",
                PREFECT_WORKER_PREFETCH_SECONDS="5", MODELFERRY_RETRY_BASE_S="0.2")
     env.pop("HF_TOKEN", None)

@@ -188,7 +188,7 @@ def make_local_model(root, extra: dict | None = None):
 def test_local_checkpoint_nested_spaces_empty_and_globs(cli, bucket, s3, tmp_path):
     model = make_local_model(tmp_path / "ckpt", {"optimizer.bin": b"\0" * 1000})
     missing_name = cli("stage", str(model))
-    assert missing_name.rc == 1 and "--name" in missing_name.err, missing_name
+    assert missing_name.rc == 2 and "--name" in missing_name.err, missing_name  # refused before Prefect starts
 
     run = cli("stage", str(model), "--name", "acme/local-toy", "--exclude", "*.bin", "--json")
     assert run.rc == 0, run
