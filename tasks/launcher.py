@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import secrets as pysecrets
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -257,7 +256,7 @@ def teardown(dep: Deployment) -> None:
         sky.down(dep.name, dep.options.mode)
     elif dep.node:
         local_target.stop_job(dep.node)
-        shutil.rmtree(dep.node.workdir, ignore_errors=True)  # a spot node's disk goes with it (logs are in results)
+        local_target.remove(dep.node)  # the job logs are kept with the results
     (state_dir() / f"{dep.name}.json").unlink(missing_ok=True)
 
 
@@ -275,6 +274,7 @@ def down(name: str | None, all_: bool, target: str = "all") -> list[str]:
                     os.killpg(rec["pid"], signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+            local_target.remove(local_target.LocalNode(state_dir() / rec["name"], {}))
             rec_file.unlink()
             taken.append(rec["name"])
     if target != "local" and (all_ or (name and name.startswith("mf-"))):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,9 +61,13 @@ def make_node(cfg: dict, secrets: dict[str, str], workdir: Path, port: int) -> L
     """A fresh node under `workdir` (whose parent holds what local nodes share): its disk, the shim,
     the file mounts, and the task's environment."""
     python = vllm_python()
-    home, tmp, bin_dir = workdir / "home", workdir / "tmp", workdir / "bin"
-    for d in (home, tmp, bin_dir):
+    home, bin_dir = workdir / "home", workdir / "bin"
+    for d in (home, bin_dir):
         d.mkdir(parents=True, exist_ok=True)
+    # vLLM puts its ZeroMQ sockets in TMPDIR, and a socket path must fit in 107 bytes: a short dir of
+    # the node's own, linked from its work dir.
+    tmp = Path(tempfile.mkdtemp(prefix=f"{workdir.name[:24]}-"))
+    (workdir / "tmp").symlink_to(tmp)
     shim = bin_dir / "vllm"
     shim.write_text(f'#!/bin/sh\n[ "$1" = serve ] || {{ echo "this node runs only vllm serve" >&2; exit 2; }}\n'
                     f'shift; model="$1"; shift\nexec "{python}" -m vllm.entrypoints.openai.api_server '
@@ -77,7 +82,8 @@ def make_node(cfg: dict, secrets: dict[str, str], workdir: Path, port: int) -> L
     env.update({k: v for k, v in secrets.items() if v})
     env.update(CPU_SETTINGS, VLLM_HOST="127.0.0.1", VLLM_PORT=str(port), SKYPILOT_NUM_GPUS_PER_NODE="1",
                PATH=f"{bin_dir}:{Path(python).parent}:/usr/local/bin:/usr/bin:/bin", HOME=str(home), TMPDIR=str(tmp),
-               VLLM_CACHE_ROOT=str(home / ".cache" / "vllm"), TORCHINDUCTOR_CACHE_DIR=str(tmp / "torchinductor"),
+               VLLM_CACHE_ROOT=str(home / ".cache" / "vllm"),
+               TORCHINDUCTOR_CACHE_DIR=str(home / ".cache" / "torchinductor"),
                TRITON_CACHE_DIR=str(home / ".triton" / "cache"), PREFETCH_DIR=str(workdir / "model"),
                VLLM_ASSETS_CACHE=str(workdir.parent / "vllm-assets"),
                PYTHONUNBUFFERED="1")
@@ -110,3 +116,11 @@ def stop_job(node: LocalNode) -> None:
     if node.proc is not None:
         stop(node.proc, grace=15)
         node.proc = None
+
+
+def remove(node: LocalNode) -> None:
+    """The node's disk goes with it, as a spot node's does."""
+    tmp = node.workdir / "tmp"
+    if tmp.is_symlink():
+        shutil.rmtree(tmp.resolve(), ignore_errors=True)
+    shutil.rmtree(node.workdir, ignore_errors=True)

@@ -30,6 +30,7 @@ def artifacts(run_id: str) -> dict[str, object]:
     return {a.key: a for a in asyncio.run(read()) if a.key}
 
 
+@pytest.mark.timeout(1200)  # may be the first to ask for the shared vLLM session: three starts
 def test_stage_and_launch_deployment_runs_real_vllm_on_the_worker(vllm_session, s3):
     out = vllm_session.deployed
     assert "Completed" in out.stdout, out.stdout[-2000:]
@@ -97,6 +98,7 @@ def chromium(url: str, *mode: str, user_dir: Path) -> subprocess.CompletedProces
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
+@pytest.mark.timeout(1200)
 def test_prefect_ui_shows_the_step_table_of_a_completed_run(vllm_session, prefect_api, tmp_path):
     run_id = flow_run_id(vllm_session.deployed.stdout)
     table = artifacts(run_id)["stage-and-launch-steps"]
