@@ -49,7 +49,7 @@ def test_the_demo_leaks_no_secret(tmp_path):
     assert list(produced.rglob("phases.png")) and list(produced.rglob("*.db"))
     import pandas as pd
 
-    rows = pd.concat([pd.read_parquet(f) for f in produced.rglob("*.parquet")])
+    rows = pd.concat([pd.read_parquet(f) for f in (produced / "results").rglob("*.parquet")])
     assert sorted(zip(rows["strategy"], rows["kind"])) == [("prefetch", "cold"), ("stream", "cold"), ("stream", "warm")]
     assert set(rows["vllm"]) == {"0.32.0"} and (rows["engine_s"] > 0).all()  # real vLLM, both strategies
     assert files_holding(produced, needles) == []
