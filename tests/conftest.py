@@ -218,3 +218,16 @@ def alive(pids: set[int]) -> set[int]:
         if b"vllm" in cmd.lower() or b"VLLM" in cmd:
             out.add(pid)
     return out
+
+
+def processes_under(root: Path) -> list[int]:
+    """Processes whose working directory lies under `root`: a test's own local nodes (each runs in its
+    node's dir, under the test's MODELFERRY_CACHE), and nobody else's."""
+    found = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if os.readlink(cwd).startswith(str(root)):
+                found.append(int(cwd.parent.name))
+        except OSError:
+            pass
+    return found
