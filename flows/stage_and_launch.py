@@ -56,8 +56,17 @@ def launch(model, revision, target, source, options_dict, run_id):
     launcher.wait_ready(dep, dep.options.ready_timeout)
     text = launcher.first_token(dep)
     log.info("%s answers at %s: %r", dep.name, dep.url, text[:120])
-    row = launcher.measure(dep, "cold", 1)
+    row = _measured(dep, "cold", 1)
     return row, StepStats("launch", note=f"{dep.source}/{row['strategy']} ready in {row['total_s']:.2f} s")
+
+
+def _measured(dep, kind: str, run: int) -> dict:
+    """The run's row; a cold run first lets its node save the compile cache, so the next fresh node can restore it."""
+    if kind == "cold":
+        launcher.wait_cache_saved(dep)
+    row = launcher.measure(dep, kind, run)
+    _logs[f"{row['strategy']}-run{run}"] = launcher.job_log(dep)
+    return row
 
 
 @step("bench", retries=0)
@@ -68,11 +77,12 @@ def warm_runs(runs):
             launcher.restart(dep)
             launcher.wait_ready(dep, dep.options.ready_timeout)
             launcher.first_token(dep)
-            rows.append(launcher.measure(dep, "warm", n))
+            rows.append(_measured(dep, "warm", n))
     return rows, StepStats("bench", files=len(rows), note=f"{len(rows)} warm restart(s)")
 
 
 _deployments: list[launcher.Deployment] = []
+_logs: dict[str, str] = {}  # each run's job log, kept beside its results
 
 
 @flow(name="stage-and-launch", log_prints=False)
@@ -81,7 +91,7 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
                      runs: int = 1, stage: bool = True, include: list[str] | None = None,
                      exclude: list[str] | None = None, keep: bool = False, concurrency: int = 32,
                      results_dir: str = "results", ready_timeout: float = 1800,
-                     compile_cache: bool = True) -> Launched:
+                     compile_cache: bool = True, vllm_image: str | None = None) -> Launched:
     """Stage a model (optional), verify it, launch it where it streams its weights from the bucket,
     and time every phase of each start. Returns the phase rows (one per run) and where they were saved."""
     if runs < 1:
@@ -92,6 +102,7 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
     phase_rows: list[dict] = []
     saved: dict | None = None
     _deployments.clear()
+    _logs.clear()
     try:
         if stage:
             revision = steps(_stage, model, revision, include or [], exclude or [], name="stage")
@@ -104,7 +115,7 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
                 log.warning("%s is not staged or not verified: launch decides the source", model)
         for strat in strategies:
             options = asdict(LaunchOptions(mode=mode, strategy=strat, accelerators=accelerators, concurrency=concurrency,
-                                           ready_timeout=ready_timeout, compile_cache=compile_cache))
+                                           ready_timeout=ready_timeout, compile_cache=compile_cache, image=vllm_image))
             phase_rows.append(steps(launch, model, revision, target, source, options, f"{run_id}-{strat}"))
         if runs > 1:
             phase_rows += steps(warm_runs, runs)
@@ -143,6 +154,8 @@ def _report(steps: Steps, rows: list[dict], model: str, results_root: Path, run_
     for row in rows:
         path = bench.save_run([row], out, f"{row['strategy']}-run{row['run']}")
         bucket.put_bytes(f"bench/{model}/{bench_id}/{path.name}", path.read_bytes())
+    for name, text in _logs.items():  # the node's log each row was read from
+        (out / f"{name}.log").write_text(text)
     df = bench.read_results(out).sort_values(["strategy", "run"])
     png = bench.plot(df, out / "phases.png", f"{model}: cold start by phase")
     bucket.put_bytes(f"bench/{model}/{bench_id}/phases.png", png.read_bytes(), "image/png")

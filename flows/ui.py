@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from modelferry.flows.demo import REPO
-from modelferry.tasks import embedded, processes
+from modelferry.tasks import embedded, processes, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def main() -> int:
     root = ROOT / ".ui"
     mirror = root / "hub-mirror"
     if not (mirror / "models" / REPO).exists():
-        embedded.commit_files(mirror, REPO, embedded.tiny_model_files(), "all-MiniLM-L6-v2")
+        embedded.commit_files(mirror, REPO, tiny_llama.files(), "tiny Llama, seeded")
     port = int(os.environ.get("MODELFERRY_UI_PORT", "4200"))
     with embedded.olah_mirror(mirror, root / "olah") as hub, \
             embedded.rclone_bucket(root / "bucket", "modelferry-ui", "ui-access-key", "ui-secret-key") as bucket, \

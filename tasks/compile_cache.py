@@ -23,16 +23,26 @@ import urllib.request
 from pathlib import Path
 
 PREFIX = "compile-cache"
-# What vLLM and Triton reuse across restarts on the same disk.
-CACHE_DIRS = {"vllm": "~/.cache/vllm/torch_compile_cache", "triton": "~/.triton/cache"}
+
+
+def local_dirs() -> dict[str, Path]:
+    """Where this node's vLLM keeps what a restart reuses, found the way vLLM and Triton find them.
+    vLLM's torch_compile_cache holds its AOT-compiled model and the inductor artifacts it needs."""
+    home = Path.home()
+    vllm_root = Path(os.environ.get("VLLM_CACHE_ROOT") or home / ".cache" / "vllm")
+    return {"vllm": vllm_root / "torch_compile_cache",
+            "triton": Path(os.environ.get("TRITON_CACHE_DIR") or home / ".triton" / "cache")}
 
 
 def derive_key(*, model_uri: str, revision: str, vllm_version: str, gpu: str, tensor_parallel: int | str,
-               compile_options: str = "") -> str:
-    """Changes whenever the compiled artifacts could: model revision, vLLM version (the image), GPU
-    type, tensor-parallel size, and the options passed to vLLM that shape compilation."""
+               compile_options: str = "", strategy: str = "") -> str:
+    """Changes whenever the compiled artifacts could: model revision, vLLM version (as the node's vLLM
+    reports it), GPU type, tensor-parallel size, the options passed to vLLM that shape compilation,
+    and the load strategy: vLLM hashes the model's local path (the streamer's download dir, or the
+    prefetch dir) into its own cache key, so one strategy's cache is of no use to the other."""
     inputs = {"model": model_uri.rstrip("/"), "revision": revision, "vllm": vllm_version,
-              "gpu": gpu.strip().lower(), "tp": str(tensor_parallel), "options": " ".join(compile_options.split())}
+              "gpu": gpu.strip().lower(), "tp": str(tensor_parallel), "options": " ".join(compile_options.split()),
+              "strategy": strategy}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -66,10 +76,6 @@ def _walk(dirs: dict[str, Path]) -> list[dict]:
                     out.append({"path": f"{name}/{p.relative_to(base).as_posix()}", "size": p.stat().st_size,
                                 "sha256": _sha256(p)})
     return out
-
-
-def local_dirs() -> dict[str, Path]:
-    return {k: Path(os.path.expanduser(v)) for k, v in CACHE_DIRS.items()}
 
 
 def save(key: str, dirs: dict[str, Path] | None = None) -> str:
@@ -135,12 +141,28 @@ def restore(key: str, dirs: dict[str, Path] | None = None) -> str:
 
 
 def node_key() -> str:
-    """The key on a node, from the task's environment and the GPU it got."""
+    """The key on a node, from the task's environment, the node's vLLM and the GPU it got."""
     gpu = os.environ.get("MF_GPU_NAME") or _gpu_name()
     return derive_key(model_uri=os.environ["MODEL_URI"], revision=os.environ.get("MODEL_REVISION", ""),
-                      vllm_version=os.environ.get("VLLM_VERSION", ""), gpu=gpu,
+                      vllm_version=vllm_version(), gpu=gpu,
                       tensor_parallel=os.environ.get("SKYPILOT_NUM_GPUS_PER_NODE", "1"),
-                      compile_options=os.environ.get("EXTRA_VLLM_ARGS", ""))
+                      compile_options=os.environ.get("EXTRA_VLLM_ARGS", ""),
+                      strategy=os.environ.get("LOAD_STRATEGY", ""))
+
+
+def vllm_version() -> str:
+    """The version of the vLLM this node's python3 imports, read from its _version.py (importing
+    vLLM takes seconds to tens of seconds)."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("vllm")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        source = Path(folder) / "_version.py"
+        found = source.is_file() and re.search(r"__version__ = version = '([^']+)'", source.read_text())
+        if found:
+            return found.group(1)
+    return "unknown"
 
 
 def _gpu_name() -> str:
@@ -161,7 +183,7 @@ def _wait_ready(url: str, timeout: float) -> bool:
                     return True
         except OSError:
             pass
-        time.sleep(5)
+        time.sleep(1)
     return False
 
 

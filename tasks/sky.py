@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import io
 import logging
 import re
 import sys
@@ -55,9 +56,9 @@ class LaunchOptions:
     memory_limit: int = -1
     idle_minutes: int = 30
     disk_size: int | None = None
-    image: str | None = None
+    image: str | None = None  # --vllm-image: any image with vLLM (default: the template's pinned one)
     pip_setup: bool = False  # install vLLM with pip instead of using the pinned image
-    vllm_version: str = "0.11.0"
+    vllm_version: str = "0.32.0"  # the release pip installs with pip_setup (the template pins the same image)
     extra_args: str = ""
     ready_timeout: float = 1800  # seconds to wait for /health after launch
     compile_cache: bool = True  # carry vLLM's compile caches through the bucket
@@ -142,7 +143,7 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, sou
                 LOAD_STRATEGY=options.strategy if source == "r2" else "hub",
                 LOADER_CONCURRENCY=str(options.concurrency), LOADER_MEMORY_LIMIT=str(options.memory_limit),
                 EXTRA_VLLM_ARGS=options.extra_args, COMPILE_CACHE="on" if options.compile_cache else "off",
-                COMPILE_CACHE_BUCKET=bucket, VLLM_VERSION=options.vllm_version)
+                COMPILE_CACHE_BUCKET=bucket)
     cfg["file_mounts"] = {dst: packaged_file(src) for dst, src in cfg.get("file_mounts", {}).items()}
     envs.update({k: v for k, v in loader_env.items() if k in envs})
     envs.update(options.envs)
@@ -153,12 +154,11 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, sou
     res["use_spot"] = options.use_spot
     res["disk_size"] = options.disk_size or max(res.get("disk_size", 256), int(model_bytes * 2.5 / 1e9) + 64)
     if options.image:
-        res["image_id"] = options.image
-    elif options.vllm_version != LaunchOptions.vllm_version:
-        res["image_id"] = f"docker:vllm/vllm-openai:v{options.vllm_version}"
+        res["image_id"] = options.image if options.image.startswith("docker:") else f"docker:{options.image}"
     if options.pip_setup:
         res.pop("image_id", None)
-        cfg["setup"] = f"pip install -q 'vllm[runai]=={options.vllm_version}'\n" + cfg["setup"]
+        head, marked, rest = cfg["setup"].partition("$(date +%s.%N)\"\n")  # after the setup-start mark
+        cfg["setup"] = f"{head}{marked}pip install -q 'vllm[runai]=={options.vllm_version}'\n{rest}"
     if source != "hub":
         cfg["secrets"].pop("HF_TOKEN", None)
     if options.mode == "job":
@@ -217,8 +217,9 @@ _BlockDumper.add_representer(str, _str)
 
 # --- the cloud boundary --------------------------------------------------------------------------
 
-def launch(cfg: dict, name: str, mode: str, secrets: dict[str, str], idle_minutes: int = 30) -> None:
+def launch(cfg: dict, name: str, mode: str, secrets: dict[str, str], idle_minutes: int = 30) -> int | None:
     """Launch on SkyPilot. Blocks until SkyPilot has submitted the run (cluster/job) or the service.
+    Returns the cluster job's id (cluster mode), whose log and state the launcher reads.
     SkyPilot's progress goes to stderr, so `--json` output on stdout stays clean."""
     sky = _sky()
     from sky import exceptions
@@ -232,13 +233,50 @@ def launch(cfg: dict, name: str, mode: str, secrets: dict[str, str], idle_minute
                 request = sky.jobs.launch(task, name=name)
             else:
                 request = sky.serve.up(task, service_name=name)
-            sky.stream_and_get(request, output_stream=sys.stderr)
+            result = sky.stream_and_get(request, output_stream=sys.stderr)
     except Exception as exc:
-        if not type(exc).__module__.startswith("sky"):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        hint = " (no cloud reachable: run `sky check`)" if isinstance(exc, exceptions.CloudError) else ""
-        raise LaunchError(f"SkyPilot could not launch {name}: {type(exc).__name__}: {first[:300]}{hint}") from exc
+        _refused(exc, name, exceptions)
+    return result[0] if mode == "cluster" and isinstance(result, tuple) else None
+
+
+def _refused(exc: Exception, name: str, exceptions) -> None:
+    if not type(exc).__module__.startswith("sky"):
+        raise exc
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    hint = " (no cloud reachable: run `sky check`)" if isinstance(exc, exceptions.CloudError) else ""
+    raise LaunchError(f"SkyPilot could not launch {name}: {type(exc).__name__}: {first[:300]}{hint}") from exc
+
+
+def rerun(cfg: dict, name: str, secrets: dict[str, str], job_id: int) -> int:
+    """A warm restart on the same cluster: cancel the serving job (it holds the GPUs; a new job would
+    queue behind it), then run the task's `run` again. `sky exec` skips setup and file mounts: the
+    node keeps its disk, its prefetched weights and its caches. Returns the new job's id."""
+    sky = _sky()
+    from sky import exceptions
+
+    task = validate(cfg, secrets)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            sky.get(sky.cancel(name, job_ids=[job_id]))
+            new_id, _ = sky.stream_and_get(sky.exec(task, cluster_name=name), output_stream=sys.stderr)[:2]
+    except Exception as exc:
+        _refused(exc, name, exceptions)
+    return new_id
+
+
+def job_state(name: str, job_id: int) -> str:
+    """The job's state in SkyPilot's words (RUNNING, FAILED, ...); MISSING when the cluster has no such job."""
+    sky = _sky()
+    status = sky.get(sky.job_status(name, [job_id])).get(job_id)
+    return status.value if status is not None else "MISSING"
+
+
+def job_log(name: str, job_id: int) -> str:
+    """The job's log so far (setup and run output, vLLM's lines), fetched once without following."""
+    sky = _sky()
+    out = io.StringIO()
+    sky.tail_logs(name, job_id, follow=False, output_stream=out)
+    return out.getvalue()
 
 
 def endpoint(name: str, mode: str) -> str | None:

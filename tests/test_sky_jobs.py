@@ -1,0 +1,134 @@
+"""The sky path's job log, readiness watch and warm restart, at the SkyPilot SDK boundary.
+
+Simulated there (no cloud here): the SDK calls that need a cluster (`launch`, `exec`, `cancel`,
+`job_status`, `tail_logs`, `endpoints`, `stream_and_get`, `get`) answer the way SkyPilot 0.14.1's
+client does (a job id from launch/exec, `JobStatus` values, the job's log written to
+`output_stream`), and the log they hand back is one captured from a real vLLM 0.32 run on the local
+target. Real: the task, built from the template and validated by SkyPilot's own schema; the calls we
+make and their arguments; the parsing and the measurement of the log.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from modelferry.tasks import launcher
+from modelferry.tasks import sky as mf_sky
+from modelferry.tasks.errors import SettingsError
+from modelferry.tasks.settings import loader_env
+
+FIXTURES = Path(__file__).parent / "fixtures" / "vllm-0.32"
+
+
+class FakeSky:
+    """SkyPilot's client module, minus the cloud."""
+
+    def __init__(self, real, logs: dict[int, str], states: dict[int, str]):
+        self.Task, self.real = real.Task, real
+        self.logs, self.states, self.calls = logs, states, []
+
+    def launch(self, task, cluster_name, **kwargs):
+        self.calls.append(("launch", cluster_name))
+        return ("launched", 1)
+
+    def exec(self, task, cluster_name):
+        self.calls.append(("exec", cluster_name, task.setup, task.run))
+        return ("launched", max(self.logs))
+
+    def stream_and_get(self, request, output_stream=None):
+        return request[1], object()  # (job_id, handle)
+
+    def get(self, value):
+        return value
+
+    def cancel(self, cluster_name, job_ids):
+        self.calls.append(("cancel", cluster_name, job_ids))
+        self.states[job_ids[0]] = "CANCELLED"
+
+    def job_status(self, cluster_name, job_ids):
+        from sky.skylet.job_lib import JobStatus
+
+        return {j: JobStatus(self.states[j]) for j in job_ids}
+
+    def tail_logs(self, cluster_name, job_id, follow, output_stream=None, tail=0):
+        self.calls.append(("tail_logs", job_id, follow))
+        output_stream.write(self.logs[job_id])
+        return 0
+
+    def endpoints(self, cluster_name, port):
+        return {}  # no port open yet
+
+
+@pytest.fixture
+def fake(sky_home, monkeypatch):
+    real = mf_sky._sky()
+    box = {}
+
+    def make(logs: dict[int, str], states: dict[int, str]) -> FakeSky:
+        box["fake"] = FakeSky(real, logs, states)
+        monkeypatch.setattr(mf_sky, "_sky", lambda: box["fake"])
+        return box["fake"]
+
+    return make
+
+
+def deployment(mode: str = "cluster") -> launcher.Deployment:
+    options = mf_sky.LaunchOptions(mode=mode, accelerators=["L4:1"])
+    cfg = mf_sky.build_task_config(model_uri="s3://b/models/modelferry/tiny-llama/abc/", served_name="modelferry/tiny-llama",
+                                   model_bytes=34 * 10**6, source="r2", options=options, revision="abc", bucket="b",
+                                   loader_env=loader_env("https://acct.r2.cloudflarestorage.com"))
+    secrets = {"AWS_ACCESS_KEY_ID": "k-7", "AWS_SECRET_ACCESS_KEY": "s-7", "VLLM_API_KEY": "a-7"}
+    return launcher.Deployment("mf-tiny-llama-0000", "modelferry/tiny-llama", "abc", "sky", "r2", options, cfg, secrets)
+
+
+def test_the_job_log_is_fetched_once_and_measured_like_the_local_one(fake):
+    sky = fake({1: (FIXTURES / "stream-cold.log").read_text()}, {1: "RUNNING"})
+    dep = deployment()
+    launcher.start(dep)
+    assert dep.job_id == 1 and dep.url is None
+    logged_exec = float(next(x for x in dep_log(dep).splitlines() if "mark exec" in x).split()[-1])
+    dep.marks = {"request": logged_exec - 30, "ready": logged_exec + 300, "first_token": logged_exec + 301}
+    row = launcher.measure(dep, "cold", 1)
+    assert ("tail_logs", 1, False) in sky.calls  # never follows: it would block until the job ends
+    assert row["target"] == "sky" and row["strategy"] == "stream" and row["weights_s"] is not None
+    assert row["setup_s"] > 0 and row["load_s"] > 0 and row["engine_s"] > 0 and row["first_token_s"] == 1.0
+    assert row["provision_s"] > 0 and row["compile_cache"] == "miss" and row["compile_s"] > 0
+    assert abs(sum(row[k] for k in ("provision_s", "setup_s", "load_s", "engine_s", "first_token_s")) - row["total_s"]) < 0.01
+
+
+def dep_log(dep) -> str:
+    return launcher.job_log(dep)
+
+
+def test_a_failed_job_ends_the_wait_at_once_with_vllms_own_error(fake):
+    fake({1: (FIXTURES / "failed-no-config.log").read_text()}, {1: "FAILED"})
+    dep = deployment()
+    launcher.start(dep)
+    t0 = time.monotonic()
+    with pytest.raises(launcher.NotReady) as err:
+        launcher.wait_ready(dep, timeout=1800)
+    assert time.monotonic() - t0 < 5
+    assert "FAILED" in str(err.value) and "Invalid repository ID or local directory" in str(err.value)
+
+
+def test_a_warm_run_cancels_the_serving_job_then_runs_the_tasks_run_again(fake):
+    sky = fake({1: (FIXTURES / "stream-cold.log").read_text(), 2: (FIXTURES / "stream-warm.log").read_text()},
+               {1: "RUNNING", 2: "RUNNING"})
+    dep = deployment()
+    launcher.start(dep)
+    launcher.restart(dep)
+    cancel = sky.calls.index(("cancel", dep.name, [1]))
+    exec_call = next(c for c in sky.calls if c[0] == "exec")
+    assert sky.calls.index(exec_call) > cancel  # the GPUs are free before the new job asks for them
+    assert exec_call[1] == dep.name and exec_call[3] == dep.cfg["run"]
+    assert dep.job_id == 2 and "modelferry mark run-start" in launcher.job_log(dep)
+
+
+def test_warm_runs_need_a_cluster_job(fake):
+    fake({1: ""}, {1: "RUNNING"})
+    dep = deployment(mode="serve")
+    with pytest.raises(SettingsError, match="--runs 1"):
+        launcher.restart(dep)
