@@ -144,6 +144,10 @@ class Check:
     unexpected: list[str] = field(default_factory=list)
     observed: dict[str, str] = field(default_factory=dict)  # path -> ETag as stored
 
+    def problems(self) -> list[str]:
+        """One "path (why)" per damaged, missing or unexpected object."""
+        return [f"{p} ({why})" for p, why in self.bad.items()] + [f"{p} (not in manifest)" for p in self.unexpected]
+
 
 def compare(manifest: Manifest, listing: dict[str, ObjectInfo]) -> Check:
     """Compare a listing of the revision prefix with the manifest: size and ETag per file, and every
@@ -205,7 +209,7 @@ def verify(bucket: Bucket, name: str, revision: str | None = None, deep: bool = 
               "unexpected": check.unexpected}
     bucket.put_json(verified_key(name, manifest.revision), record)
     if not record["ok"]:
-        names = [f"{p} ({why})" for p, why in bad.items()] + [f"{p} (not in manifest)" for p in check.unexpected]
+        names = Check(False, bad, check.unexpected).problems()
         raise IntegrityError(f"{name}@{manifest.revision}: {len(names)} bad file(s): " + "; ".join(names),
                              list(bad) + check.unexpected)
     return record

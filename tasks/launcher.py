@@ -19,7 +19,7 @@ from pathlib import Path
 
 from modelferry.tasks import bench, catalog, local_target, sky
 from modelferry.tasks.bucket import Bucket
-from modelferry.tasks.errors import ModelferryError, NotStaged, SettingsError
+from modelferry.tasks.errors import IntegrityError, ModelferryError, NotStaged, SettingsError
 from modelferry.tasks.settings import Settings, loader_env, loader_secrets, redact
 from modelferry.tasks.processes import free_port
 
@@ -76,16 +76,23 @@ def plan(settings: Settings, model: str, revision: str | None, target: str, sour
     except NotStaged:
         if source == "r2":
             raise
-    verified = bool(manifest) and (bucket.get_json(catalog.verified_key(model, manifest.revision)) or {}).get("ok")
-    use = "r2" if source == "r2" or (source == "auto" and verified) else "hub"
-    if source == "r2" and not verified:
-        raise NotStaged(f"{model}@{manifest.revision} failed its last verification: run `modelferry verify {model}`")
+    # vLLM loads every safetensors file under the prefix: what it will read now must be exactly the
+    # manifest (one listing, size + ETag), whatever the last verification record says.
+    check = catalog.check_listing(bucket, manifest) if manifest and source != "hub" else None
+    problems = check.problems() if check else []
+    if problems:
+        damage = (f"{model}@{manifest.revision} in bucket {bucket.name} does not match its manifest: "
+                  f"{'; '.join(problems)}. Run the `modelferry stage` that made it again: it removes objects not "
+                  "in the manifest and re-sends damaged ones")
+    if problems and (source == "r2" or target == "local" or manifest.source.get("kind") == "local"):
+        raise IntegrityError(damage, [*check.bad, *check.unexpected])  # nothing else to serve it from
+    use = "r2" if manifest and not problems and source != "hub" else "hub"
     if use == "hub":
-        if source == "auto":
-            log.warning("%s is %s in bucket %s: serving it from the Hub instead", model,
-                        "not verified" if manifest else "not staged", bucket.name)
         if manifest and manifest.source.get("kind") == "local":
             raise NotStaged(f"{model} was staged from a local directory and has no Hub repo to fall back to")
+        if source == "auto":
+            log.warning("%s: serving it from the Hub instead", damage if problems else
+                        f"{model} is not staged in bucket {bucket.name}")
         if target == "local":
             raise SettingsError("the local target only loads staged weights: stage the model first or use --source r2")
     rev = manifest.revision if manifest and use == "r2" else (revision or (manifest.revision if manifest else "main"))

@@ -40,23 +40,31 @@ def _shapes() -> dict[str, tuple[int, ...]]:
     return out
 
 
-def safetensors_bytes() -> bytes:
-    """The weights in the safetensors format, written by hand so the product needs no torch."""
-    import numpy as np
-
-    rng = np.random.default_rng(SEED)
+def to_safetensors(tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> bytes:
+    """name -> (safetensors dtype, shape, raw little-endian bytes), in the safetensors format,
+    written by hand so the product needs no torch."""
     header, blobs, offset = {}, [], 0
-    for name, shape in sorted(_shapes().items()):
-        values = np.ones(shape, np.float32) if name.endswith("norm.weight") else \
-            rng.normal(0.0, 0.02, shape).astype(np.float32)
-        # bf16 is the top half of a float32 (truncated: deterministic and good enough for noise)
-        blob = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
+    for name, (dtype, shape, blob) in sorted(tensors.items()):
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)
     head = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+
+
+def safetensors_bytes() -> bytes:
+    """The seeded weights in bf16."""
+    import numpy as np
+
+    rng = np.random.default_rng(SEED)
+    tensors = {}
+    for name, shape in sorted(_shapes().items()):
+        values = np.ones(shape, np.float32) if name.endswith("norm.weight") else \
+            rng.normal(0.0, 0.02, shape).astype(np.float32)
+        # bf16 is the top half of a float32 (truncated: deterministic and good enough for noise)
+        tensors[name] = ("BF16", shape, (values.view(np.uint32) >> 16).astype("<u2").tobytes())
+    return to_safetensors(tensors)
 
 
 def files() -> dict[str, bytes]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelferry.tasks import catalog, embedded, processes
+from modelferry.tasks import catalog, embedded, processes, tiny_llama
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.services
@@ -25,9 +24,7 @@ def tiny_checkpoint(path: Path) -> Path:
     """A loadable-looking checkpoint: config.json and one small safetensors file."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
-    data = bytes(range(256)) * 64
-    header = json.dumps({"w": {"dtype": "U8", "shape": [len(data)], "data_offsets": [0, len(data)]}}).encode()
-    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + data)
+    (path / "model.safetensors").write_bytes(tiny_llama.to_safetensors({"w": ("U8", (256,), bytes(range(256)))}))
     return path
 
 

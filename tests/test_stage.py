@@ -11,7 +11,8 @@ import sys
 import pytest
 from prefect.client.orchestration import get_client
 
-from modelferry.tasks import catalog, embedded
+from modelferry.tasks import catalog, embedded, tiny_llama
+from modelferry.tasks.local_target import vllm_python
 from tests.conftest import ACCESS_KEY, SECRET_KEY, TINY, steps_by_name
 
 STEPS = ["resolve", "download", "local_verify", "upload", "remote_verify", "publish"]
@@ -88,7 +89,8 @@ def test_stage_shows_the_step_table_as_a_prefect_artifact(cli, prefect_api):
 
 
 def test_runai_streamer_streams_staged_weights(cli, bucket, s3, tmp_path):
-    """vLLM's loader reads the staged safetensors with exactly the environment the launcher generates."""
+    """vLLM's loader (in the local node's vLLM venv) reads the staged safetensors with exactly the
+    environment the launcher generates."""
     assert cli("stage", TINY).rc == 0
     commit = catalog.current_revision(s3, TINY)
     from modelferry.tasks import settings as config
@@ -110,7 +112,7 @@ assert set(got) == set(want), (len(got), len(want))
 assert all(torch.equal(got[k], want[k]) for k in want)
 print("STREAMED", len(got))
 """
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([vllm_python(), "-c", script], env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0 and "STREAMED" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -171,11 +173,12 @@ def test_interrupted_stage_resumes_sending_only_what_is_missing(cli, s3):
 
 
 def make_local_model(root, extra: dict | None = None):
-    import torch
-    from safetensors.torch import save_file
+    import numpy as np
 
     (root / "nested dir" / "deeper").mkdir(parents=True)
-    save_file({"w": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, 3)}, str(root / "model.safetensors"))
+    (root / "model.safetensors").write_bytes(tiny_llama.to_safetensors({
+        "w": ("F32", (1000,), np.arange(1000, dtype="<f4").tobytes()),
+        "b": ("F32", (3, 3), np.ones((3, 3), "<f4").tobytes())}))
     (root / "config.json").write_text(json.dumps({"architectures": ["Toy"], "hidden_size": 3}))
     (root / "tokenizer.json").write_text("{" + '"vocab": "abc", ' * 200 + '"end": 1}')
     (root / "nested dir" / "deeper" / "notes with spaces.txt").write_text("hello")
