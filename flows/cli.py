@@ -111,6 +111,18 @@ def _parser() -> argparse.ArgumentParser:
                              "release the local target runs)")
         sp.add_argument("--ready-timeout", type=float, default=1800, metavar="SECONDS",
                         help="how long to wait for /health before tearing down (default 1800)")
+        sp.add_argument("--headroom", type=float, default=1.3,
+                        help="GPU memory to ask for = weights x HEADROOM (KV cache, activations; default 1.3)")
+        sp.add_argument("--memory-limit", type=int, default=-1, metavar="BYTES",
+                        help="Run:ai streamer CPU buffer in bytes (default -1: unlimited)")
+        sp.add_argument("--idle-minutes", type=int, default=30,
+                        help="--mode cluster: SkyPilot autostop (down) after this many idle minutes (default 30)")
+        sp.add_argument("--on-demand", dest="use_spot", action="store_false",
+                        help="on-demand instead of spot GPUs")
+        sp.add_argument("--disk-size", type=int, metavar="GB",
+                        help="node disk (default: 256 GB, or 2.5 x the model + 64 GB when bigger)")
+        sp.add_argument("--extra-vllm-args", default="", metavar="ARGS",
+                        help="more `vllm serve` arguments, e.g. '--max-model-len 8192'")
         sp.add_argument("--json", action="store_true", help="print the phase rows as JSON")
 
     la = sub.add_parser(
@@ -332,23 +344,22 @@ def cmd_list(args) -> int:
 
 
 def _launch_options(args) -> dict:
+    """The launch flags as stage-and-launch's parameters (the same names)."""
     return dict(target=args.target, mode=args.mode, source=args.source, strategy=args.strategy,
                 accelerators=args.accelerators, concurrency=args.concurrency, ready_timeout=args.ready_timeout,
-                compile_cache=args.compile_cache, vllm_image=args.vllm_image)
+                compile_cache=args.compile_cache, vllm_image=args.vllm_image, headroom=args.headroom,
+                memory_limit=args.memory_limit, idle_minutes=args.idle_minutes, use_spot=args.use_spot,
+                disk_size=args.disk_size, extra_vllm_args=args.extra_vllm_args)
 
 
 def _validate_launch(args) -> None:
-    """Check options before paying for Prefect's start-up."""
-    from modelferry.tasks.sky import LaunchOptions, parse_accelerators
+    """Check options before paying for Prefect's start-up, with the checks the flow itself runs."""
+    from modelferry.tasks.sky import check_launch, launch_options
 
+    params = _launch_options(args)
     strategies = ["stream", "prefetch"] if args.strategy == "both" else [args.strategy]
     for strategy in strategies:
-        LaunchOptions(mode=args.mode, strategy=strategy, concurrency=args.concurrency,
-                      ready_timeout=args.ready_timeout).check()
-    if args.accelerators:
-        parse_accelerators(args.accelerators)
-    if args.source not in ("auto", "r2", "hub"):
-        raise SettingsError(f"unknown --source {args.source!r}: choose one of auto, r2, hub")
+        check_launch(args.target, args.source, launch_options(**{**params, "strategy": strategy}))
     if getattr(args, "runs", 1) < 1:
         raise SettingsError("--runs must be at least 1")
 
@@ -395,12 +406,11 @@ def cmd_launch(args) -> int:
     if args.dry_run:
         from modelferry.tasks import launcher, sky
         from modelferry.tasks import settings as config
+        from modelferry.tasks.sky import launch_options
 
         _validate_launch(args)
         dep = launcher.plan(config.load(), args.name, args.revision, args.target, args.source,
-                            sky.LaunchOptions(mode=args.mode, strategy=args.strategy, accelerators=args.accelerators,
-                                              concurrency=args.concurrency, ready_timeout=args.ready_timeout,
-                                              compile_cache=args.compile_cache, image=args.vllm_image), "dry-run")
+                            launch_options(**_launch_options(args)), "dry-run")
         print(f"# {dep.name}: {dep.model}@{dep.revision} from {dep.source}")
         print(sky.redacted_yaml(dep.cfg, dep.secrets))
         return 0

@@ -20,7 +20,8 @@ from modelferry.flows.steps import Steps, step
 from modelferry.tasks import bench, catalog, launcher
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
-from modelferry.tasks.sky import LaunchOptions
+from modelferry.tasks.errors import SettingsError
+from modelferry.tasks.sky import LaunchOptions, check_launch, launch_options
 from modelferry.tasks.plan import StepStats
 
 log = logging.getLogger("modelferry.launch")
@@ -91,14 +92,23 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
                      runs: int = 1, stage: bool = True, include: list[str] | None = None,
                      exclude: list[str] | None = None, keep: bool = False, concurrency: int = 32,
                      results_dir: str = "results", ready_timeout: float = 1800,
-                     compile_cache: bool = True, vllm_image: str | None = None) -> Launched:
+                     compile_cache: bool = True, vllm_image: str | None = None, headroom: float = 1.3,
+                     memory_limit: int = -1, idle_minutes: int = 30, use_spot: bool = True,
+                     disk_size: int | None = None, extra_vllm_args: str = "") -> Launched:
     """Stage a model (optional), verify it, launch it where it streams its weights from the bucket,
     and time every phase of each start. Returns the phase rows (one per run) and where they were saved."""
     if runs < 1:
-        raise ValueError("runs must be at least 1")
+        raise SettingsError("runs must be at least 1")
     steps = Steps("stage-and-launch-steps", f"stage-and-launch {model}")
     run_id = str(flow_run.id or uuid.uuid4())
     strategies = ["stream", "prefetch"] if strategy == "both" else [strategy]
+    options = {strat: launch_options(
+        mode=mode, strategy=strat, accelerators=accelerators, concurrency=concurrency, ready_timeout=ready_timeout,
+        compile_cache=compile_cache, vllm_image=vllm_image, headroom=headroom, memory_limit=memory_limit,
+        idle_minutes=idle_minutes, use_spot=use_spot, disk_size=disk_size, extra_vllm_args=extra_vllm_args)
+        for strat in strategies}
+    for opts in options.values():  # before staging: a bad option costs no transfer
+        check_launch(target, source, opts)
     phase_rows: list[dict] = []
     saved: dict | None = None
     _deployments.clear()
@@ -114,9 +124,8 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
                     raise
                 log.warning("%s is not staged or not verified: launch decides the source", model)
         for strat in strategies:
-            options = asdict(LaunchOptions(mode=mode, strategy=strat, accelerators=accelerators, concurrency=concurrency,
-                                           ready_timeout=ready_timeout, compile_cache=compile_cache, image=vllm_image))
-            phase_rows.append(steps(launch, model, revision, target, source, options, f"{run_id}-{strat}"))
+            phase_rows.append(steps(launch, model, revision, target, source, asdict(options[strat]),
+                                    f"{run_id}-{strat}"))
         if runs > 1:
             phase_rows += steps(warm_runs, runs)
     finally:

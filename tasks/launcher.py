@@ -24,7 +24,6 @@ from modelferry.tasks.settings import Settings, loader_env, loader_secrets, reda
 from modelferry.tasks.processes import free_port
 
 log = logging.getLogger("modelferry.launch")
-TARGETS = ("sky", "local")
 
 
 class NotReady(ModelferryError):
@@ -62,13 +61,7 @@ def state_dir() -> Path:
 def plan(settings: Settings, model: str, revision: str | None, target: str, source: str, options: sky.LaunchOptions,
          run_id: str) -> Deployment:
     """Decide where the weights come from and build (and schema-check) the SkyPilot task."""
-    if target not in TARGETS:
-        raise SettingsError(f"unknown --target {target!r}: choose one of {', '.join(TARGETS)}")
-    if target == "local" and options.mode != "cluster":
-        raise SettingsError(f"--mode {options.mode} needs --target sky: the local target is one node")
-    if source not in sky.SOURCES:
-        raise SettingsError(f"unknown --source {source!r}: choose one of {', '.join(sky.SOURCES)}")
-    options.check()
+    sky.check_launch(target, source, options)
     bucket = Bucket(settings)
     manifest = None
     try:

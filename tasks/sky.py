@@ -16,7 +16,7 @@ import logging
 import re
 import sys
 from importlib import resources
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -38,6 +38,7 @@ GPU_COUNTS = (1, 2, 4, 8)
 MODES = ("cluster", "job", "serve")
 STRATEGIES = ("stream", "prefetch")
 SOURCES = ("auto", "r2", "hub")
+TARGETS = ("sky", "local")
 PORT = 8000
 
 
@@ -47,6 +48,8 @@ class LaunchError(ModelferryError):
 
 @dataclass
 class LaunchOptions:
+    """How to launch, as the user gave it; every field is a `launch`/`bench` flag and a flow parameter."""
+
     mode: str = "cluster"
     strategy: str = "stream"
     accelerators: list[str] | None = None  # ["L4:1", "A100:2"]; None: every default GPU that fits
@@ -57,14 +60,12 @@ class LaunchOptions:
     idle_minutes: int = 30
     disk_size: int | None = None
     image: str | None = None  # --vllm-image: any image with vLLM (default: the template's pinned one)
-    pip_setup: bool = False  # install vLLM with pip instead of using the pinned image
-    vllm_version: str = "0.32.0"  # the release pip installs with pip_setup (the template pins the same image)
     extra_args: str = ""
     ready_timeout: float = 1800  # seconds to wait for /health after launch
     compile_cache: bool = True  # carry vLLM's compile caches through the bucket
-    envs: dict[str, str] = field(default_factory=dict)
 
     def check(self) -> None:
+        """Every option on its own; the one place each is checked. Errors name the flag."""
         if self.mode not in MODES:
             raise SettingsError(f"unknown --mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.strategy not in STRATEGIES:
@@ -79,6 +80,34 @@ class LaunchOptions:
             raise SettingsError(f"--ready-timeout {self.ready_timeout} is out of range: use 1-21600 seconds")
         if self.idle_minutes < 1:
             raise SettingsError("--idle-minutes must be at least 1")
+        if self.disk_size is not None and not 32 <= self.disk_size <= 65536:
+            raise SettingsError(f"--disk-size {self.disk_size} is out of range: use 32-65536 GB")
+        if self.accelerators:
+            parse_accelerators(self.accelerators)
+
+
+def launch_options(*, mode: str = "cluster", strategy: str = "stream", accelerators: list[str] | None = None,
+                   concurrency: int = 32, ready_timeout: float = 1800, compile_cache: bool = True,
+                   vllm_image: str | None = None, headroom: float = 1.3, memory_limit: int = -1,
+                   idle_minutes: int = 30, use_spot: bool = True, disk_size: int | None = None,
+                   extra_vllm_args: str = "", target: str = "", source: str = "") -> LaunchOptions:
+    """LaunchOptions from the flags / flow parameters of the same names (target and source, which say
+    where rather than how, are ignored here)."""
+    return LaunchOptions(mode=mode, strategy=strategy, accelerators=accelerators, headroom=headroom,
+                         use_spot=use_spot, concurrency=concurrency, memory_limit=memory_limit,
+                         idle_minutes=idle_minutes, disk_size=disk_size, image=vllm_image, extra_args=extra_vllm_args,
+                         ready_timeout=ready_timeout, compile_cache=compile_cache)
+
+
+def check_launch(target: str, source: str, options: LaunchOptions) -> None:
+    """Where and from what, with the options: everything about a launch that needs no bucket."""
+    if target not in TARGETS:
+        raise SettingsError(f"unknown --target {target!r}: choose one of {', '.join(TARGETS)}")
+    if source not in SOURCES:
+        raise SettingsError(f"unknown --source {source!r}: choose one of {', '.join(SOURCES)}")
+    options.check()
+    if target == "local" and options.mode != "cluster":
+        raise SettingsError(f"--mode {options.mode} needs --target sky: the local target is one node")
 
 
 def parse_accelerators(specs: list[str]) -> dict[str, int]:
@@ -88,7 +117,7 @@ def parse_accelerators(specs: list[str]) -> dict[str, int]:
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, _, count = part.partition(":")
             if name not in GPU_MEMORY_GIB:
-                raise SettingsError(f"unknown accelerator {name!r}: known are {', '.join(GPU_MEMORY_GIB)}")
+                raise SettingsError(f"--accelerators: unknown accelerator {name!r}: known are {', '.join(GPU_MEMORY_GIB)}")
             try:
                 n = int(count or 1)
             except ValueError:
@@ -146,7 +175,6 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, sou
                 COMPILE_CACHE_BUCKET=bucket)
     cfg["file_mounts"] = {dst: packaged_file(src) for dst, src in cfg.get("file_mounts", {}).items()}
     envs.update({k: v for k, v in loader_env.items() if k in envs})
-    envs.update(options.envs)
     res = cfg["resources"]
     gpus = fitting_accelerators(model_bytes, options.headroom,
                                 parse_accelerators(options.accelerators) if options.accelerators else None)
@@ -155,10 +183,6 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, sou
     res["disk_size"] = options.disk_size or max(res.get("disk_size", 256), int(model_bytes * 2.5 / 1e9) + 64)
     if options.image:
         res["image_id"] = options.image if options.image.startswith("docker:") else f"docker:{options.image}"
-    if options.pip_setup:
-        res.pop("image_id", None)
-        head, marked, rest = cfg["setup"].partition("$(date +%s.%N)\"\n")  # after the setup-start mark
-        cfg["setup"] = f"{head}{marked}pip install -q 'vllm[runai]=={options.vllm_version}'\n{rest}"
     if source != "hub":
         cfg["secrets"].pop("HF_TOKEN", None)
     if options.mode == "job":
