@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
-import sys
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -110,7 +110,9 @@ assert set(got) == set(want), (len(got), len(want))
 assert all(torch.equal(got[k], want[k]) for k in want)
 print("STREAMED", len(got))
 """
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    # torch and the streamer live in the local node's vLLM venv, as on a node
+    proc = subprocess.run([os.environ["MODELFERRY_VLLM_PYTHON"], "-c", script], env=env, capture_output=True, text=True,
+                          timeout=180)
     assert proc.returncode == 0 and "STREAMED" in proc.stdout, proc.stderr[-3000:]
 
 
