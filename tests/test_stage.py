@@ -173,11 +173,9 @@ def test_interrupted_stage_resumes_sending_only_what_is_missing(cli, s3):
 
 
 def make_local_model(root, extra: dict | None = None):
-    import torch
-    from safetensors.torch import save_file
-
     (root / "nested dir" / "deeper").mkdir(parents=True)
-    save_file({"w": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, 3)}, str(root / "model.safetensors"))
+    (root / "model.safetensors").write_bytes(safetensors({"w": [float(i) for i in range(1000)], "b": [1.0] * 9},
+                                                         {"w": [1000], "b": [3, 3]}))
     (root / "config.json").write_text(json.dumps({"architectures": ["Toy"], "hidden_size": 3}))
     (root / "tokenizer.json").write_text("{" + '"vocab": "abc", ' * 200 + '"end": 1}')
     (root / "nested dir" / "deeper" / "notes with spaces.txt").write_text("hello")
@@ -185,6 +183,20 @@ def make_local_model(root, extra: dict | None = None):
     for rel, data in (extra or {}).items():
         (root / rel).write_bytes(data)
     return root
+
+
+def safetensors(values: dict[str, list[float]], shapes: dict[str, list[int]]) -> bytes:
+    """A safetensors file of F32 tensors, in the format's own layout (the product venv has no torch)."""
+    import struct
+
+    header, blobs, offset = {}, b"", 0
+    for name, vals in values.items():
+        blob = struct.pack(f"<{len(vals)}f", *vals)
+        header[name] = {"dtype": "F32", "shape": shapes[name], "data_offsets": [offset, offset + len(blob)]}
+        blobs, offset = blobs + blob, offset + len(blob)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + blobs
 
 
 def test_local_checkpoint_nested_spaces_empty_and_globs(cli, bucket, s3, tmp_path):
