@@ -89,7 +89,7 @@ def test_the_job_log_is_fetched_once_and_measured_like_the_local_one(fake):
     dep = deployment()
     launcher.start(dep)
     assert dep.job_id == 1 and dep.url is None
-    logged_exec = float(next(x for x in dep_log(dep).splitlines() if "mark exec" in x).split()[-1])
+    logged_exec = float(next(x for x in launcher.job_log(dep).splitlines() if "mark exec" in x).split()[-1])
     dep.marks = {"request": logged_exec - 30, "ready": logged_exec + 300, "first_token": logged_exec + 301}
     row = launcher.measure(dep, "cold", 1)
     assert ("tail_logs", 1, False) in sky.calls  # never follows: it would block until the job ends
@@ -97,10 +97,6 @@ def test_the_job_log_is_fetched_once_and_measured_like_the_local_one(fake):
     assert row["setup_s"] > 0 and row["load_s"] > 0 and row["engine_s"] > 0 and row["first_token_s"] == 1.0
     assert row["provision_s"] > 0 and row["compile_cache"] == "miss" and row["compile_s"] > 0
     assert abs(sum(row[k] for k in ("provision_s", "setup_s", "load_s", "engine_s", "first_token_s")) - row["total_s"]) < 0.01
-
-
-def dep_log(dep) -> str:
-    return launcher.job_log(dep)
 
 
 def test_a_failed_job_ends_the_wait_at_once_with_vllms_own_error(fake):
