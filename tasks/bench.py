@@ -11,7 +11,6 @@ The node's marks and vLLM's lines are read from the job's log, the same way on b
 from __future__ import annotations
 
 import calendar
-import io
 import re
 import time
 from pathlib import Path
@@ -221,9 +220,3 @@ def markdown(df, png: Path | None, note: str = "") -> str:
         data = base64.b64encode(png.read_bytes()).decode()
         text += f"\n![phases](data:image/png;base64,{data})\n"
     return text
-
-
-def buffer(df) -> bytes:
-    b = io.BytesIO()
-    df.to_parquet(b, index=False)
-    return b.getvalue()
