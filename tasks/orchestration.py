@@ -102,7 +102,8 @@ def _start_temporary() -> None:
     port = free_port()
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     proc = start([sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"], log_path, env)
+                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"], log_path, env,
+                 dies_with_this_thread=True)  # the command's main thread: a SIGKILLed command orphans nothing
     url = f"http://127.0.0.1:{port}/api"
     began = time.perf_counter()
     try:

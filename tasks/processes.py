@@ -72,9 +72,10 @@ def discard(proc: subprocess.Popen) -> None:
 
 
 def dies_with_us():
-    """A `preexec_fn` that has the kernel SIGKILL the child when this process dies, even by SIGKILL
-    (Linux PR_SET_PDEATHSIG): a child in a session of its own is out of reach of a signal sent to our
-    process group, and must not go on writing to the bucket as an orphan. Elsewhere: None."""
+    """A `preexec_fn` that has the kernel SIGKILL the child when the thread starting it ends, and so
+    when this process dies, even by SIGKILL (Linux PR_SET_PDEATHSIG): a child in a session of its own
+    is out of reach of a signal sent to our process group, and must not go on as an orphan (writing
+    to the bucket, or holding a port). Elsewhere: None."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
@@ -105,12 +106,15 @@ def kill_all() -> None:
         _live.discard(proc)
 
 
-def start(args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
-    """Start `args` in a session of its own (so `stop` reaches its children), output to `log`."""
+def start(args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None,
+          dies_with_this_thread: bool = False) -> subprocess.Popen:
+    """Start `args` in a session of its own (so `stop` reaches its children), output to `log`.
+    `dies_with_this_thread`: the kernel kills it when the calling thread ends (`dies_with_us`); only
+    for a child that must not outlive a SIGKILL of ours and is started from the thread that lasts."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         return adopt(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                      cwd=cwd))
+                                      cwd=cwd, preexec_fn=dies_with_us() if dies_with_this_thread else None))
 
 
 def stop(proc: subprocess.Popen, grace: float = 5) -> None:

@@ -101,16 +101,23 @@ def test_interrupted_stage_stops_at_once_and_leaves_nothing_running(env, slow_bu
         assert s3.listing("locks/acme/interrupted/") == {}, "the lock was not released"
 
 
-def test_sigkilled_stage_leaves_no_uploader_behind(env, slow_bucket, tmp_path):
-    """s5cmd runs in a session of its own (a terminal's Ctrl-C is ours to handle), so a SIGKILL of
-    our process group doesn't reach it: the kernel kills it when its parent dies."""
+@pytest.mark.parametrize("temporary_server", [False, True])
+def test_sigkilled_stage_leaves_no_uploader_behind(env, slow_bucket, tmp_path, temporary_server):
+    """s5cmd and the temporary Prefect server run in sessions of their own (a terminal's Ctrl-C is
+    ours to handle), so a SIGKILL of our process group doesn't reach them: the kernel kills them
+    when their parent dies."""
     bucket, _, _ = slow_bucket
     model, _ = model_dir(tmp_path / "m")
-    proc = start_stage({**env, **bucket.env()}, str(model), "--name", "acme/killed-hard", "--allow-unloadable")
+    e = {**env, **bucket.env()}
+    if temporary_server:
+        e.pop("PREFECT_API_URL")
+        e["PREFECT_HOME"] = str(tmp_path / "prefect")
+    proc = start_stage(e, str(model), "--name", "acme/killed-hard", "--allow-unloadable")
     try:
         wait_for_line(proc, "upload 1/5", timeout=240)
         started = tree(proc.pid)
         assert any("s5cmd" in c for c in started.values()), started
+        assert any("uvicorn" in c for c in started.values()) == temporary_server, started
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
