@@ -51,7 +51,10 @@ def _log(msg: str) -> None:
 
 
 def _s5cmd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [os.environ.get("S5CMD", "s5cmd"), "--endpoint-url", os.environ["AWS_ENDPOINT_URL"], *args]
+    # Two retries, not s5cmd's ten with backoff (about 50 s against a dead endpoint): the restore runs
+    # before vLLM starts, and a cache is never worth delaying the server for.
+    cmd = [os.environ.get("S5CMD", "s5cmd"), "--retry-count", "2", "--endpoint-url", os.environ["AWS_ENDPOINT_URL"],
+           *args]
     return subprocess.run(cmd, capture_output=True, text=True, check=check)
 
 
