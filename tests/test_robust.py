@@ -54,6 +54,24 @@ def alive(pid: int, cmdline: str) -> bool:
 
 # --- 1. Ctrl-C and SIGTERM ---------------------------------------------------------------------
 
+def stage_mid_upload(env, bucket, tmp_path, name: str, temporary_server: bool) -> subprocess.Popen:
+    """A `stage` of a 5-file model into the slow bucket, returned once its first upload is under way;
+    with `temporary_server`, on a temporary Prefect server of its own (no PREFECT_API_URL)."""
+    model, _ = model_dir(tmp_path / "m")
+    e = {**env, **bucket.env()}
+    if temporary_server:
+        e.pop("PREFECT_API_URL")
+        e["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    proc = start_stage(e, str(model), "--name", name, "--allow-unloadable")
+    try:
+        wait_for_line(proc, "upload 1/5", timeout=240)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        raise
+    return proc
+
+
 @pytest.mark.parametrize("how,temporary_server", [
     ("ctrl-c", True),  # SIGINT to the whole process group, as a terminal sends it
     ("sigint-main", False),  # SIGINT to the main process alone
@@ -62,14 +80,8 @@ def alive(pid: int, cmdline: str) -> bool:
 ])
 def test_interrupted_stage_stops_at_once_and_leaves_nothing_running(env, slow_bucket, tmp_path, how, temporary_server):
     bucket, _, _ = slow_bucket
-    model, _ = model_dir(tmp_path / "m")
-    e = {**env, **bucket.env()}
-    if temporary_server:
-        e.pop("PREFECT_API_URL")
-        e["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    proc = start_stage(e, str(model), "--name", "acme/interrupted", "--allow-unloadable")
+    proc = stage_mid_upload(env, bucket, tmp_path, "acme/interrupted", temporary_server)
     try:
-        wait_for_line(proc, "upload 1/5", timeout=240)
         started = tree(proc.pid)
         assert any("s5cmd" in c for c in started.values()), started
         assert not temporary_server or any("uvicorn" in c for c in started.values()), started
@@ -107,14 +119,8 @@ def test_sigkilled_stage_leaves_no_uploader_behind(env, slow_bucket, tmp_path, t
     ours to handle), so a SIGKILL of our process group doesn't reach them: the kernel kills them
     when their parent dies."""
     bucket, _, _ = slow_bucket
-    model, _ = model_dir(tmp_path / "m")
-    e = {**env, **bucket.env()}
-    if temporary_server:
-        e.pop("PREFECT_API_URL")
-        e["PREFECT_HOME"] = str(tmp_path / "prefect")
-    proc = start_stage(e, str(model), "--name", "acme/killed-hard", "--allow-unloadable")
+    proc = stage_mid_upload(env, bucket, tmp_path, "acme/killed-hard", temporary_server)
     try:
-        wait_for_line(proc, "upload 1/5", timeout=240)
         started = tree(proc.pid)
         assert any("s5cmd" in c for c in started.values()), started
         assert any("uvicorn" in c for c in started.values()) == temporary_server, started
