@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from modelferry.tasks.errors import ModelferryError, SettingsError, require_extra
+from modelferry.tasks.errors import ModelferryError, SettingsError, first_line, require_extra
 
 EPILOG = """settings (environment):
   R2_ENDPOINT    https://<account-id>.r2.cloudflarestorage.com (any S3-compatible endpoint)
@@ -615,6 +615,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from modelferry.tasks.settings import scrub
 
-        print(f"error: {type(exc).__name__}: {scrub(str(exc)).splitlines()[0] if str(exc) else ''} "
+        print(f"error: {type(exc).__name__}: {scrub(first_line(exc))} "
               "(run with -v for the traceback)", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ from modelferry.flows.steps import step
 from modelferry.tasks import catalog, hub
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
-from modelferry.tasks.errors import ModelferryError, SettingsError
+from modelferry.tasks.errors import RefreshFailed, SettingsError
 from modelferry.tasks.settings import scrub
 
 log = logging.getLogger("modelferry.refresh")
@@ -95,9 +95,3 @@ def _refresh(entry: dict) -> dict:
             "pruned": ",".join(p[:12] for p in pruned)}
 
 
-class RefreshFailed(ModelferryError):
-    """Some watched models failed; `rows` holds every model's outcome."""
-
-    def __init__(self, message: str, rows: list[dict]):
-        super().__init__(message)
-        self.rows = rows

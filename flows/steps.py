@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 from prefect.tasks import exponential_backoff
 
-from modelferry.tasks.errors import ModelferryError
+from modelferry.tasks.errors import ModelferryError, StepFailed, first_line
 from modelferry.tasks.settings import scrub
 from modelferry.tasks.plan import StepStats
 
@@ -87,15 +87,6 @@ def startup_report(t0: float, cpu0: float, where: str) -> str:
     return f"orchestration start-up {start - t0:.2f} s, {cpu:.2f} CPU-s ({where}), work {work:.2f} s"
 
 
-class StepFailed(ModelferryError):
-    """A step failed; carries the rows recorded so far (the failed one last)."""
-
-    def __init__(self, message: str, rows: list[dict], cause: BaseException):
-        super().__init__(message)
-        self.rows = rows
-        self.cause = cause
-
-
 class Steps:
     """Call steps in order; on failure record the failed row, publish the table, and raise StepFailed."""
 
@@ -114,7 +105,7 @@ class Steps:
             out = step_task(*args, **kwargs)
         except Exception as exc:
             failed = getattr(exc, "step", None) or name
-            stats = StepStats(failed, status="failed", note=scrub(str(exc)).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+            stats = StepStats(failed, status="failed", note=scrub(first_line(exc)))
             self._record(stats, started, name)
             self.publish()
             raise StepFailed(f"step {failed} failed: {scrub(str(exc))}", self.rows, exc) from exc

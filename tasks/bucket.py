@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 
 from modelferry.tasks.errors import (AccessDenied, BadCredentials, BucketError, BucketNotFound, EndpointUnreachable,
-                          TransientBucketError)
+                          TransientBucketError, first_line)
 from modelferry.tasks.settings import Settings, s3_client
 
 
@@ -20,7 +20,7 @@ def translate(exc: Exception, settings: Settings) -> Exception:
     where = f"{settings.endpoint} (R2_ENDPOINT)"
     if isinstance(exc, bx.SSLError):  # the same answer every time: not worth a retry
         return BucketError(f"TLS failed with {where}: check the scheme (https:// for R2, http:// for a plain "
-                           f"local server) and the certificate ({str(exc).splitlines()[0][:160]})")
+                           f"local server) and the certificate ({first_line(exc, 160)})")
     if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError)):
         return EndpointUnreachable(f"cannot connect to {where}: {type(exc).__name__}; check R2_ENDPOINT and that the server is up")
     if isinstance(exc, (bx.ReadTimeoutError, bx.ConnectionClosedError)):

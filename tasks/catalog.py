@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from modelferry.tasks.bucket import Bucket, ObjectInfo
-from modelferry.tasks.errors import IntegrityError, ModelferryError, NotStaged
+from modelferry.tasks.errors import (CorruptManifest, IntegrityError, Locked, ModelferryError, NoCurrentRevision,
+                                     NotStaged, first_line)
 from modelferry.tasks.integrity import PARTS, WHOLE, FileHashes, Manifest
 
 
@@ -58,7 +59,7 @@ def read_manifest(bucket: Bucket, name: str, revision: str) -> Manifest | None:
     try:
         return Manifest.from_json(data)
     except (ValueError, TypeError, KeyError, ModelferryError) as exc:
-        raise CorruptManifest(f"{bucket.uri(key)} is corrupt ({_first_line(exc)}): restage it with "
+        raise CorruptManifest(f"{bucket.uri(key)} is corrupt ({first_line(exc, 200)}): restage it with "
                               f"`modelferry stage <source> --name {name} --replace` to rewrite it") from None
 
 
@@ -74,7 +75,7 @@ def current_revision(bucket: Bucket, name: str) -> str | None:
             raise ValueError("no revision in it")
         return revision
     except (ValueError, TypeError, KeyError) as exc:
-        raise CorruptManifest(f"{bucket.uri(key)} is corrupt ({_first_line(exc)}): stage the model again to "
+        raise CorruptManifest(f"{bucket.uri(key)} is corrupt ({first_line(exc, 200)}): stage the model again to "
                               f"rewrite it, or pass --revision") from None
 
 
@@ -101,18 +102,6 @@ def find_manifest(bucket: Bucket, name: str, revision: str | None) -> Manifest:
         what = f"{name}@{rev}" if rev else name
         raise NotStaged(f"{what} is not staged in bucket {bucket.name!r}: run `modelferry stage {name}` first")
     return manifest
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-
-
-class CorruptManifest(IntegrityError):
-    """A manifest or pointer object exists but cannot be read."""
-
-
-class NoCurrentRevision(ModelferryError):
-    """Revisions are staged but none is marked current."""
 
 
 BUCKET_FACTS = "modelferry/bucket.json"
@@ -414,10 +403,6 @@ class Lock:
             yield self
         finally:
             self.release()
-
-
-class Locked(ModelferryError):
-    """Another stage of the same revision kept the lock past our wait."""
 
 
 def gc(bucket: Bucket, grace_s: float = 24 * 3600, dry_run: bool = False, prefix: str = "models/") -> dict:

@@ -76,12 +76,58 @@ class TransferError(ModelferryError):
     transient = True
 
 
+class CorruptManifest(IntegrityError):
+    """A manifest or pointer object exists but cannot be read."""
+
+
 class NotStaged(ModelferryError):
     """No published manifest exists for that model/revision."""
 
 
+class NoCurrentRevision(ModelferryError):
+    """Revisions are staged but none is marked current."""
+
+
+class Locked(ModelferryError):
+    """Another stage of the same revision kept the lock past our wait."""
+
+
+class LaunchError(ModelferryError):
+    """SkyPilot refused or failed the launch."""
+
+
+class NotReady(ModelferryError):
+    """The server did not become ready in time."""
+
+
+class OrchestrationError(ModelferryError):
+    """Prefect could not be reached or started."""
+
+
+class StepFailed(ModelferryError):
+    """A step failed; carries the rows recorded so far (the failed one last)."""
+
+    def __init__(self, message: str, rows: list[dict], cause: BaseException):
+        super().__init__(message)
+        self.rows = rows
+        self.cause = cause
+
+
+class RefreshFailed(ModelferryError):
+    """Some watched models failed; `rows` holds every model's outcome."""
+
+    def __init__(self, message: str, rows: list[dict]):
+        super().__init__(message)
+        self.rows = rows
+
+
 class MissingExtra(SettingsError):
     """An optional part of modelferry is not installed."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, or its type's name when the message is empty."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
 
 
 def require_extra(module: str, extra: str, for_what: str) -> None:

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelferry.tasks.errors import GatedRepo, HubError, RepoNotFound, RevisionNotFound, SourceError, TransientHubError
+from modelferry.tasks.errors import GatedRepo, HubError, RepoNotFound, RevisionNotFound, SourceError, TransientHubError, first_line
 from modelferry.tasks.integrity import check_relpath
 
 log = logging.getLogger("modelferry.hub")
@@ -61,8 +61,8 @@ def _translate(exc: Exception, repo_id: str, revision: str, token, endpoint) -> 
     if isinstance(exc, hf.HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else None
         if status is None or status >= 500 or status == 429:
-            return TransientHubError(f"the Hub{where} failed ({status}): {str(exc).splitlines()[0]}")
-        return HubError(f"the Hub{where} refused the request ({status}): {str(exc).splitlines()[0]}")
+            return TransientHubError(f"the Hub{where} failed ({status}): {first_line(exc)}")
+        return HubError(f"the Hub{where} refused the request ({status}): {first_line(exc)}")
     if isinstance(exc, RuntimeError) and "client has been closed" in str(exc):
         # huggingface_hub closed its shared HTTP client after a network error; a fresh one on retry
         from huggingface_hub.utils import close_session

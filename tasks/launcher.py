@@ -19,15 +19,11 @@ from pathlib import Path
 
 from modelferry.tasks import bench, catalog, local_target, sky
 from modelferry.tasks.bucket import Bucket
-from modelferry.tasks.errors import IntegrityError, ModelferryError, NotStaged, SettingsError
+from modelferry.tasks.errors import IntegrityError, NotReady, NotStaged, SettingsError
 from modelferry.tasks.settings import Settings, loader_env, loader_secrets, redact
 from modelferry.tasks.processes import free_port
 
 log = logging.getLogger("modelferry.launch")
-
-
-class NotReady(ModelferryError):
-    """The server did not become ready in time."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from modelferry.tasks.errors import ModelferryError, SettingsError
+from modelferry.tasks.errors import OrchestrationError, SettingsError
 from modelferry.tasks.processes import free_port, start, stop, wait_http
 
 STARTUP_TIMEOUT_S = 120.0  # measured 11-19 s on a loaded 2-core box; Prefect's own default is 20
@@ -147,5 +147,3 @@ def _drain() -> None:
         QueueService.drain_all(timeout=10)
 
 
-class OrchestrationError(ModelferryError):
-    """Prefect could not be reached or started."""

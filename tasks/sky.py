@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from modelferry.tasks.errors import ModelferryError, SettingsError
+from modelferry.tasks.errors import LaunchError, SettingsError, first_line
 
 log = logging.getLogger("modelferry.sky")
 
@@ -40,10 +40,6 @@ STRATEGIES = ("stream", "prefetch")
 SOURCES = ("auto", "r2", "hub")
 TARGETS = ("sky", "local")
 PORT = 8000
-
-
-class LaunchError(ModelferryError):
-    """SkyPilot refused or failed the launch."""
 
 
 @dataclass
@@ -217,7 +213,7 @@ def validate(cfg: dict, secrets: dict[str, str] | None = None):
     try:
         return sky.Task.from_yaml_config(copy.deepcopy(cfg), secrets_overrides=overrides)  # it empties its dict
     except (exceptions.InvalidSkyPilotConfigError, ValueError) as exc:
-        raise SettingsError(f"SkyPilot rejected the generated task: {str(exc).splitlines()[0]}") from exc
+        raise SettingsError(f"SkyPilot rejected the generated task: {first_line(exc)}") from exc
 
 
 def redacted_yaml(cfg: dict, secrets: dict[str, str] | None = None) -> str:
@@ -266,7 +262,7 @@ def launch(cfg: dict, name: str, mode: str, secrets: dict[str, str], idle_minute
 def _refused(exc: Exception, name: str, exceptions) -> None:
     if not type(exc).__module__.startswith("sky"):
         raise exc
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    first = first_line(exc) if str(exc).strip() else ""
     hint = " (no cloud reachable: run `sky check`)" if isinstance(exc, exceptions.CloudError) else ""
     raise LaunchError(f"SkyPilot could not launch {name}: {type(exc).__name__}: {first[:300]}{hint}") from exc
 
@@ -335,7 +331,7 @@ def down(name: str, mode: str) -> bool:
             sky.get(sky.serve.down(name))
         return True
     except (exceptions.ClusterDoesNotExist, ValueError, RuntimeError) as exc:
-        log.info("nothing to take down for %s: %s", name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        log.info("nothing to take down for %s: %s", name, first_line(exc))
         return False
 
 
