@@ -1,15 +1,17 @@
 """Flow `stage-and-launch`: stage -> verify -> launch -> bench -> teardown.
 
-The CLI's `launch` and `bench` run it with `stage=False`. Teardown runs in every failure path
-unless `keep`; cluster names derive from the flow run id, so a retried step never provisions twice.
+The CLI's `launch` and `bench` run it with `stage=False`. The flow prepares each deployment, holds it,
+and hands it to the launch step, the warm runs and the teardown, which runs in every failure path
+unless `keep`; deployment names derive from the flow run id, so a retried step never provisions twice.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow
@@ -17,18 +19,36 @@ from prefect.runtime import flow_run
 
 from modelferry.flows.stage_model import stage_model
 from modelferry.flows.steps import Steps, step
-from modelferry.tasks import bench, catalog, launcher
+from modelferry.tasks import catalog, launcher, request, results
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import SettingsError
-from modelferry.tasks.sky import LaunchOptions, check_launch, launch_options
+from modelferry.tasks.launcher import Deployment
+from modelferry.tasks.options import LaunchOptions
 from modelferry.tasks.plan import StepStats
 
 log = logging.getLogger("modelferry.launch")
 
 
-def _stage(model, revision, include, exclude):
-    staged = stage_model(model, revision=revision, include=include, exclude=exclude)
+@dataclass(frozen=True)
+class Run:
+    """One measured start: its phase row and the node's log it was read from."""
+
+    row: dict
+    log: str
+
+
+def _staged_name(model: str, name: str | None, include: list[str], exclude: list[str]) -> str:
+    """The org/name a stage of `model` publishes, checked before anything starts. A local checkpoint
+    must be on the machine this flow runs on (a deployment's worker), and the error says which."""
+    try:
+        return request.check(model, name, include, exclude, allow_unloadable=False).name
+    except SettingsError as exc:
+        raise SettingsError(f"{exc} (checked on {socket.gethostname()}, where this flow runs)") from None
+
+
+def _stage(source, revision, include, exclude, name):
+    staged = stage_model(source, revision=revision, include=include, exclude=exclude, name=name)
     rows = staged.rows
     stats = StepStats("stage", files=max(r["files"] for r in rows), attempts=1,
                       bytes=sum(r["bytes"] for r in rows if r["step"] in ("download", "upload")),
@@ -43,79 +63,67 @@ def verify(model, revision):
 
 
 @step("launch", retries=1)
-def launch(model, revision, target, source, options_dict, run_id):
-    dep = launcher.plan(config.load(), model, revision, target, source, LaunchOptions(**options_dict), run_id)
-    known = next((d for d in _deployments if d.name == dep.name), None)
-    if known:  # a retry: same name, same node
-        dep = known
-    else:
-        _deployments.append(dep)
+def launch(dep: Deployment):
+    """Start `dep` (a retry starts the same deployment again, on the same node), wait until it serves
+    and answers one completion, and measure the cold start."""
     launcher.start(dep)
     if dep.options.mode == "job":  # managed jobs expose no endpoint; SkyPilot's controller owns the job
         dep.kept = True
-        return launcher.measure(dep, "cold", 1), StepStats("launch", note=f"managed job {dep.name} submitted")
+        return Run(launcher.measure(dep, "cold", 1), ""), StepStats("launch", note=f"managed job {dep.name} submitted")
     launcher.wait_ready(dep, dep.options.ready_timeout)
     text = launcher.first_token(dep)
     log.info("%s answers at %s: %r", dep.name, dep.url, text[:120])
-    row = _measured(dep, "cold", 1)
-    return row, StepStats("launch", note=f"{dep.source}/{row['strategy']} ready in {row['total_s']:.2f} s")
+    run = _measured(dep, "cold", 1)
+    return run, StepStats("launch", note=f"{dep.weights}/{run.row['strategy']} ready in {run.row['total_s']:.2f} s")
 
 
-def _measured(dep, kind: str, run: int) -> dict:
+def _measured(dep: Deployment, kind: str, n: int) -> Run:
     """The run's row; a cold run first lets its node save the compile cache, so the next fresh node can restore it."""
     if kind == "cold":
         launcher.wait_cache_saved(dep)
-    row = launcher.measure(dep, kind, run)
-    _logs[f"{row['strategy']}-run{run}"] = launcher.job_log(dep)
-    return row
+    return Run(launcher.measure(dep, kind, n), launcher.job_log(dep))
 
 
 @step("bench", retries=0)
-def warm_runs(runs):
-    rows = []
-    for dep in list(_deployments):
+def warm_runs(deployments: list[Deployment], runs: int):
+    measured = []
+    for dep in deployments:
         for n in range(2, runs + 1):
             launcher.restart(dep)
             launcher.wait_ready(dep, dep.options.ready_timeout)
             launcher.first_token(dep)
-            rows.append(_measured(dep, "warm", n))
-    return rows, StepStats("bench", files=len(rows), note=f"{len(rows)} warm restart(s)")
-
-
-_deployments: list[launcher.Deployment] = []
-_logs: dict[str, str] = {}  # each run's job log, kept beside its results
+            measured.append(_measured(dep, "warm", n))
+    return measured, StepStats("bench", files=len(measured), note=f"{len(measured)} warm restart(s)")
 
 
 @flow(name="stage-and-launch", log_prints=False)
-def stage_and_launch(model: str, revision: str | None = None, target: str = "local", mode: str = "cluster",
-                     source: str = "auto", strategy: str = "stream", accelerators: list[str] | None = None,
-                     runs: int = 1, stage: bool = True, include: list[str] | None = None,
-                     exclude: list[str] | None = None, keep: bool = False, concurrency: int = 32,
-                     results_dir: str = "results", ready_timeout: float = 1800,
-                     compile_cache: bool = True, vllm_image: str | None = None, headroom: float = 1.3,
+def stage_and_launch(model: str, revision: str | None = None, name: str | None = None, target: str = "local",
+                     source: str = "auto", mode: str = "cluster", strategy: str = "stream",
+                     accelerators: list[str] | None = None, concurrency: int = 32, compile_cache: bool = True,
+                     vllm_image: str | None = None, ready_timeout: float = 1800, headroom: float = 1.3,
                      memory_limit: int = -1, idle_minutes: int = 30, use_spot: bool = True,
-                     disk_size: int | None = None, extra_vllm_args: str = "") -> Launched:
+                     disk_size: int | None = None, extra_vllm_args: str = "", runs: int = 1, stage: bool = True,
+                     include: list[str] | None = None, exclude: list[str] | None = None, keep: bool = False,
+                     results_dir: str = "results") -> Launched:
     """Stage a model (optional), verify it, launch it where it streams its weights from the bucket,
-    and time every phase of each start. Returns the phase rows (one per run) and where they were saved."""
+    and time every phase of each start. Returns the phase rows (one per run) and where they were saved.
+
+    `model` is a Hub repo id (org/name), or with `name` a local checkpoint directory on the machine the
+    flow runs on, staged and launched as `name`. The launch options are `LaunchOptions`' fields."""
+    options = LaunchOptions.pick(locals())
+    options.check()  # before staging: a bad option costs no transfer
     if runs < 1:
         raise SettingsError("runs must be at least 1")
+    include, exclude = list(include or []), list(exclude or [])
+    if stage:
+        source_dir_or_repo, model = model, _staged_name(model, name, include, exclude)
     steps = Steps("stage-and-launch-steps", f"stage-and-launch {model}")
     run_id = str(flow_run.id or uuid.uuid4())
-    strategies = ["stream", "prefetch"] if strategy == "both" else [strategy]
-    options = {strat: launch_options(
-        mode=mode, strategy=strat, accelerators=accelerators, concurrency=concurrency, ready_timeout=ready_timeout,
-        compile_cache=compile_cache, vllm_image=vllm_image, headroom=headroom, memory_limit=memory_limit,
-        idle_minutes=idle_minutes, use_spot=use_spot, disk_size=disk_size, extra_vllm_args=extra_vllm_args)
-        for strat in strategies}
-    for opts in options.values():  # before staging: a bad option costs no transfer
-        check_launch(target, source, opts)
-    phase_rows: list[dict] = []
-    saved: dict | None = None
-    _deployments.clear()
-    _logs.clear()
+    measured: list[Run] = []
+    deployments: list[Deployment] = []
     try:
         if stage:
-            revision = steps(_stage, model, revision, include or [], exclude or [], name="stage")
+            revision = steps(_stage, source_dir_or_repo, revision, include, exclude, name, name="stage")
         if source != "hub":
             try:
                 revision = steps(verify, model, revision)
@@ -123,27 +131,39 @@ def stage_and_launch(model: str, revision: str | None = None, target: str = "loc
                 if source == "r2":
                     raise
                 log.warning("%s is not staged or not verified: launch decides the source", model)
-        for strat in strategies:
-            phase_rows.append(steps(launch, model, revision, target, source, asdict(options[strat]),
-                                    f"{run_id}-{strat}"))
+        for each in options.each_strategy():
+            dep = steps.before("launch", launcher.prepare, config.load(), model, revision, each,
+                               f"{run_id}-{each.strategy}")
+            deployments.append(dep)  # held from here: a launch that fails after starting a node is torn down
+            measured.append(steps(launch, dep))
         if runs > 1:
-            phase_rows += steps(warm_runs, runs)
+            measured += steps(warm_runs, deployments, runs)
     finally:
-        for dep in _deployments:
-            if keep or dep.kept:
-                log.info("kept: %s (take down with `modelferry down %s`)", dep.name, dep.name)
-                continue
-            try:
-                launcher.teardown(dep)
-            except Exception as exc:  # noqa: BLE001 - take down the others, then say what is left
-                log.error("teardown of %s failed: %s; take it down with `modelferry down %s`", dep.name, exc, dep.name)
-        if phase_rows:
-            try:
-                saved = _report(steps, phase_rows, model, Path(results_dir), run_id)
-            except Exception as exc:  # noqa: BLE001 - the runs happened; don't hide them or the cause
-                log.error("could not write the results: %s", exc)
+        for dep in deployments:
+            _teardown(dep, keep)
+        saved = _saved(steps, measured, model, Path(results_dir), run_id)
     steps.publish()
-    return Launched(phase_rows, saved)
+    return Launched([m.row for m in measured], saved)
+
+
+def _teardown(dep: Deployment, keep: bool) -> None:
+    if keep or dep.kept:
+        log.info("kept: %s (take down with `modelferry down %s`)", dep.name, dep.name)
+        return
+    try:
+        launcher.teardown(dep)
+    except Exception as exc:  # noqa: BLE001 - take down the others, then say what is left
+        log.error("teardown of %s failed: %s; take it down with `modelferry down %s`", dep.name, exc, dep.name)
+
+
+def _saved(steps: Steps, measured: list[Run], model: str, results_root: Path, run_id: str) -> dict | None:
+    if not measured:
+        return None
+    try:
+        return _report(steps, measured, model, results_root, run_id)
+    except Exception as exc:  # noqa: BLE001 - the runs happened; don't hide them or the cause
+        log.error("could not write the results: %s", exc)
+        return None
 
 
 @dataclass(frozen=True)
@@ -152,7 +172,7 @@ class Launched:
     saved: dict | None  # {"dir", "png", "note"} of the results written, None when none were
 
 
-def _report(steps: Steps, rows: list[dict], model: str, results_root: Path, run_id: str) -> dict:
+def _report(steps: Steps, measured: list[Run], model: str, results_root: Path, run_id: str) -> dict:
     """Each run's rows to its own Parquet file (locally and under bench/ in the bucket), a plot,
     artifacts. Returns where they went."""
     import pandas as pd
@@ -160,21 +180,21 @@ def _report(steps: Steps, rows: list[dict], model: str, results_root: Path, run_
     bench_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + run_id[:8]
     out = results_root / model.replace("/", "--") / bench_id
     bucket = Bucket(config.load())
-    for row in rows:
-        path = bench.save_run([row], out, f"{row['strategy']}-run{row['run']}")
+    for run in measured:
+        path = results.save_run([run.row], out, f"{run.row['strategy']}-run{run.row['run']}")
         bucket.put_bytes(f"bench/{model}/{bench_id}/{path.name}", path.read_bytes())
-    for name, text in _logs.items():  # the node's log each row was read from
-        (out / f"{name}.log").write_text(text)
-    df = bench.read_results(out).sort_values(["strategy", "run"])
-    png = bench.plot(df, out / "phases.png", f"{model}: cold start by phase")
+        if run.log:  # the node's log the row was read from
+            path.with_suffix(".log").write_text(run.log)
+    df = results.read_results(out).sort_values(["strategy", "run"])
+    png = results.plot(df, out / "phases.png", f"{model}: cold start by phase")
     bucket.put_bytes(f"bench/{model}/{bench_id}/phases.png", png.read_bytes(), "image/png")
-    note = bench.winner(df) or ""
+    note = results.winner(df) or ""
     log.info("results in %s (and s3://%s/bench/%s/%s/)%s", out, bucket.name, model, bench_id, f"; {note}" if note else "")
     if flow_run.id:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
         create_table_artifact(table=pd.DataFrame(df).astype(object).where(df.notna(), None).to_dict("records"),
                               key="cold-start-phases", description=f"cold start phases of {model}")
-        create_markdown_artifact(markdown=bench.markdown(df, png, note), key="cold-start-summary",
+        create_markdown_artifact(markdown=results.markdown(df, png, note), key="cold-start-summary",
                                  description=f"cold start of {model}")
     return {"dir": str(out), "png": str(png), "note": note}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from prefect import flow
 
-from modelferry.flows.steps import Steps, mark_work, progress_reporter, step
+from modelferry.flows.steps import Steps, WorkClock, progress_reporter, step
 from modelferry.tasks import catalog, in_bucket, pipeline, publish as publishing, resolve as resolving, shards
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
@@ -29,6 +29,7 @@ class Staged:
     revision: str
     uri: str
     rows: list[dict]
+    clock: WorkClock  # the flow's own work, for the start-up report
 
 
 @step("resolve", timeout_s=600)
@@ -105,7 +106,7 @@ def stage_model(source: str, revision: str | None = None, include: list[str] | N
     cluster when empty): each worker downloads, verifies, uploads and proves its own files, and the
     manifest is still written once, last, here. Credentials come from the environment (R2_*,
     HF_TOKEN) of each process, never from parameters."""
-    mark_work("started")
+    clock = WorkClock.now()
     if task_runner not in ("thread", "dask"):
         raise SettingsError(f"unknown task_runner {task_runner!r}: choose thread or dask")
     if task_runner == "dask":
@@ -114,21 +115,19 @@ def stage_model(source: str, revision: str | None = None, include: list[str] | N
     bucket.probe()  # one request, not retried: a wrong endpoint or key fails here, in a second
     steps = Steps("stage-steps", f"stage {source}")
     include, exclude = list(include or []), list(exclude or [])
-    try:
-        plan = steps(resolve, source, revision, include, exclude, name, allow_unloadable)
-        with catalog.Lock(bucket, plan.name, plan.revision).held(log=log) as lock:  # one writer per revision
-            if task_runner == "dask":
-                steps(transfer_on_dask, plan, replace, dask_address, name="transfer")
-            else:
-                steps(transfer, plan, replace)
-            manifest = steps(remote_verify, plan)
-            lock.check()
-            steps(publish, plan, manifest, set_current)
-    finally:
-        mark_work("ended")
+    plan = steps(resolve, source, revision, include, exclude, name, allow_unloadable)
+    with catalog.Lock(bucket, plan.name, plan.revision).held(log=log) as lock:  # one writer per revision
+        if task_runner == "dask":
+            steps(transfer_on_dask, plan, replace, dask_address, name="transfer")
+        else:
+            steps(transfer, plan, replace)
+        manifest = steps(remote_verify, plan)
+        lock.check()
+        steps(publish, plan, manifest, set_current)
+    clock = clock.stop()
     uri = bucket.uri(plan.prefix)
     steps.publish(summary=_summary(plan, uri, steps))
-    return Staged(plan.name, plan.revision, uri, steps.rows)
+    return Staged(plan.name, plan.revision, uri, steps.rows, clock)
 
 
 def _summary(plan, uri: str, steps: Steps) -> str:

@@ -3,24 +3,21 @@ throughput, attempts), shown as a table artifact. Only errors marked transient a
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
-from collections import defaultdict
+from dataclasses import dataclass
 
-from prefect import task
+from prefect import Task, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
+from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from modelferry.tasks.errors import ModelferryError, StepFailed, first_line
 from modelferry.tasks.settings import scrub
 from modelferry.tasks.plan import StepStats
-
-_attempts: dict[tuple, int] = defaultdict(int)
-
 
 class _OneLineForOurErrors(logging.Filter):
     """Our typed errors already say what to fix in one line: keep Prefect from adding a traceback."""
@@ -54,37 +51,47 @@ def step(name: str, retries: int = 3, timeout_s: float | None = None):
     or (value, StepStats)."""
 
     def wrap(fn):
-        @functools.wraps(fn)  # keeps the signature: Prefect binds parameters by name (Dask submits)
-        def counted(*args, **kwargs):
-            _attempts[(flow_run.id, name)] += 1
-            return fn(*args, **kwargs)
-
         base = float(os.environ.get("MODELFERRY_RETRY_BASE_S", "2"))
-        return task(counted, name=name, retries=retries, retry_delay_seconds=exponential_backoff(base),
+        return task(fn, name=name, retries=retries, retry_delay_seconds=exponential_backoff(base),
                     retry_condition_fn=_transient, cache_policy=NO_CACHE, persist_result=False,
                     timeout_seconds=timeout_s)
 
     return wrap
 
 
-work_clock: dict[str, float] = {}  # perf_counter when a flow's body started and ended, in this process
+@dataclass(frozen=True)
+class WorkClock:
+    """When a flow's own work started and ended (perf_counter), and the CPU time spent before it."""
+
+    started: float
+    started_cpu: float
+    ended: float | None = None
+
+    @classmethod
+    def now(cls) -> WorkClock:
+        return cls(time.perf_counter(), time.process_time())
+
+    def stop(self) -> WorkClock:
+        return WorkClock(self.started, self.started_cpu, time.perf_counter())
 
 
-def mark_work(edge: str) -> None:
-    work_clock[edge] = time.perf_counter()
-    work_clock[f"{edge}_cpu"] = time.process_time()
-
-
-def startup_report(t0: float, cpu0: float, where: str) -> str:
+def startup_report(t0: float, cpu0: float, where: str, clock: WorkClock | None) -> str:
     """How long orchestration took to start (imports, Prefect API, flow run) against the work itself,
     given `t0` and `cpu0` (perf_counter and process_time) taken before the flow's module was imported,
-    and `where` the Prefect API is."""
-    start, end = work_clock.get("started"), work_clock.get("ended")
-    if start is None:
+    `where` the Prefect API is, and the flow's `clock` (None when it returned none)."""
+    if clock is None:
         return f"finished in {time.perf_counter() - t0:.1f} s ({where})"
-    work = (end or time.perf_counter()) - start
-    cpu = work_clock["started_cpu"] - cpu0
-    return f"orchestration start-up {start - t0:.2f} s, {cpu:.2f} CPU-s ({where}), work {work:.2f} s"
+    work = (clock.ended or time.perf_counter()) - clock.started
+    return (f"orchestration start-up {clock.started - t0:.2f} s, {clock.started_cpu - cpu0:.2f} CPU-s ({where}), "
+            f"work {work:.2f} s")
+
+
+def _attempts(state: State) -> int:
+    """How many times Prefect ran the task that ended in `state` (its retries included)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return max(1, client.read_task_run(state.state_details.task_run_id).run_count)
 
 
 class Steps:
@@ -101,24 +108,40 @@ class Steps:
         step an error belongs to in the error's `step` attribute."""
         name = name or step_task.name
         started = time.perf_counter()
+        attempts = 1
         try:
-            out = step_task(*args, **kwargs)
+            if isinstance(step_task, Task):
+                state = step_task(*args, return_state=True, **kwargs)
+                attempts = _attempts(state)
+                out = state.result()
+            else:
+                out = step_task(*args, **kwargs)
         except Exception as exc:
-            failed = getattr(exc, "step", None) or name
-            stats = StepStats(failed, status="failed", note=scrub(first_line(exc)))
-            self._record(stats, started, name)
-            self.publish()
-            raise StepFailed(f"step {failed} failed: {scrub(str(exc))}", self.rows, exc) from exc
+            self._fail(exc, name, started, attempts)
         value, stats = out if isinstance(out, tuple) else (None, out)
-        attempts = max(1, _attempts.pop((flow_run.id, name), 1))
         for one in stats if isinstance(stats, list) else [stats]:
-            self._record(one, started, name, attempts, timed=isinstance(stats, list))
+            self._record(one, started, attempts, timed=isinstance(stats, list))
         return value
 
-    def _record(self, stats: StepStats, started: float, name: str, attempts: int | None = None, timed: bool = False) -> None:
+    def before(self, name: str, fn, *args, **kwargs):
+        """Run `fn`, the part of step `name` that the flow runs itself before the step (preparing what
+        the step gets): a failure is that step's failed row; success records nothing."""
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            self._fail(exc, name, started, 1)
+
+    def _fail(self, exc: Exception, name: str, started: float, attempts: int):
+        failed = getattr(exc, "step", None) or name
+        self._record(StepStats(failed, status="failed", note=scrub(first_line(exc))), started, attempts)
+        self.publish()
+        raise StepFailed(f"step {failed} failed: {scrub(str(exc))}", self.rows, exc) from exc
+
+    def _record(self, stats: StepStats, started: float, attempts: int, timed: bool = False) -> None:
         if not timed:
             stats.seconds = round(time.perf_counter() - started, 3)
-        stats.attempts = attempts or max(1, _attempts.pop((flow_run.id, name), 1))
+        stats.attempts = attempts
         stats.mb_per_s = round(stats.bytes / 1e6 / stats.seconds, 1) if stats.bytes and stats.seconds else None
         self.rows.append(stats.row())
 

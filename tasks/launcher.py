@@ -1,163 +1,161 @@
-"""One deployment of a staged model, on SkyPilot or on the local target: plan it from the manifest,
-start it, wait until it serves, time the phases, and take it down.
+"""One deployment of a staged model: decide where its weights come from, build its task, start it
+on its target, wait until it serves, time the phases, and take it down.
 
-`source`: auto serves from the bucket when the model is staged and its last verification passed,
-else from the Hub (and says so); r2 refuses an unstaged model; hub always uses the Hub.
+Where the weights come from (`choose_weights`, pure): `--source auto` serves from the bucket when
+the model is staged and what the bucket holds matches its manifest, else from the Hub (and says so);
+r2 refuses an unstaged or damaged model; hub always uses the Hub. A node that cannot reach the Hub
+(the local target) and a model staged from a local directory have nothing to fall back to.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets as pysecrets
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from modelferry.tasks import bench, catalog, local_target, sky
+from modelferry.tasks import catalog, local_target, skytask, startlog
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import IntegrityError, NotReady, NotStaged, SettingsError
+from modelferry.tasks.options import LaunchOptions
 from modelferry.tasks.settings import Settings, loader_env, loader_secrets, redact
-from modelferry.tasks.processes import free_port
+from modelferry.tasks.targets import TARGETS, Target
 
 log = logging.getLogger("modelferry.launch")
 
 
 @dataclass
 class Deployment:
+    """One run's deployment, held by the flow from before it starts until after its teardown."""
+
     name: str  # cluster / service / local node name, deterministic per run
     model: str
     revision: str
-    target: str
-    source: str  # r2 | hub, as decided
-    options: sky.LaunchOptions
+    weights: str  # r2 | hub, as decided
+    options: LaunchOptions
     cfg: dict
     secrets: dict[str, str] = field(repr=False)
     url: str | None = None
     kept: bool = False  # left running on purpose (managed jobs: SkyPilot's controller owns them)
-    node: local_target.LocalNode | None = None
-    job_id: int | None = None  # the serving job on a SkyPilot cluster
+    node: local_target.LocalNode | None = None  # the local target's handle
+    job_id: int | None = None  # SkyPilot's handle: the serving job on its cluster
     marks: dict[str, float] = field(default_factory=dict)
     vllm_version: str | None = None  # as the server reports it (/version)
+
+    @property
+    def target(self) -> str:
+        return self.options.target
+
+    @property
+    def place(self) -> Target:
+        return TARGETS[self.options.target]
 
     @property
     def api_key(self) -> str:
         return self.secrets["VLLM_API_KEY"]
 
 
-def state_dir() -> Path:
-    from modelferry.tasks.plan import cache_root
+@dataclass(frozen=True)
+class Staged:
+    """What the bucket holds of a model, as `choose_weights` needs it."""
 
-    return cache_root() / "launches"
+    model: str
+    bucket: str
+    revision: str | None = None  # of the published manifest; None: not staged
+    from_local_dir: bool = False  # staged from a local directory: there is no Hub repo behind it
+    problems: tuple[str, ...] = ()  # where the listing differs from the manifest (empty: intact)
+    bad_files: tuple[str, ...] = ()  # the objects those problems name
+
+    def damage(self) -> str:
+        return (f"{self.model}@{self.revision} in bucket {self.bucket} does not match its manifest: "
+                f"{'; '.join(self.problems)}. Run the `modelferry stage` that made it again: it removes objects "
+                "not in the manifest and re-sends damaged ones")
 
 
-def plan(settings: Settings, model: str, revision: str | None, target: str, source: str, options: sky.LaunchOptions,
-         run_id: str) -> Deployment:
-    """Decide where the weights come from and build (and schema-check) the SkyPilot task."""
-    sky.check_launch(target, source, options)
+def choose_weights(source: str, serves_hub: bool, staged: Staged) -> tuple[str, str | None]:
+    """Where a node loads the weights from: ("r2" | "hub", a warning to log or None). Raises
+    IntegrityError, NotStaged or SettingsError when neither will do."""
+    if source == "hub":  # what the bucket holds doesn't matter, but there must be a Hub repo to load
+        staged = Staged(staged.model, staged.bucket, staged.revision, staged.from_local_dir)
+    elif staged.revision and not staged.problems:
+        return "r2", None
+    if staged.problems and (source == "r2" or not serves_hub or staged.from_local_dir):
+        raise IntegrityError(staged.damage(), list(staged.bad_files))  # nothing else to serve it from
+    if source == "r2":
+        raise NotStaged(f"{staged.model} is not staged in bucket {staged.bucket}")
+    if staged.from_local_dir:
+        raise NotStaged(f"{staged.model} was staged from a local directory and has no Hub repo to fall back to")
+    if not serves_hub:
+        raise SettingsError("the local target only loads staged weights: stage the model first or use --source r2")
+    if source == "hub":
+        return "hub", None
+    return "hub", (staged.damage() if staged.problems else f"{staged.model} is not staged in bucket {staged.bucket}") \
+        + ": serving it from the Hub instead"
+
+
+def prepare(settings: Settings, model: str, revision: str | None, options: LaunchOptions, run_id: str) -> Deployment:
+    """The deployment for one run: where its weights come from, and its SkyPilot task, schema-checked.
+    Starts nothing."""
+    options.check()
+    place = TARGETS[options.target]
     bucket = Bucket(settings)
     manifest = None
     try:
         manifest = catalog.find_manifest(bucket, model, revision)
     except NotStaged:
-        if source == "r2":
+        if options.source == "r2":
             raise
     # vLLM loads every safetensors file under the prefix: what it will read now must be exactly the
     # manifest (one listing, size + ETag), whatever the last verification record says.
-    check = catalog.check_listing(bucket, manifest) if manifest and source != "hub" else None
-    problems = check.problems() if check else []
-    if problems:
-        damage = (f"{model}@{manifest.revision} in bucket {bucket.name} does not match its manifest: "
-                  f"{'; '.join(problems)}. Run the `modelferry stage` that made it again: it removes objects not "
-                  "in the manifest and re-sends damaged ones")
-    if problems and (source == "r2" or target == "local" or manifest.source.get("kind") == "local"):
-        raise IntegrityError(damage, [*check.bad, *check.unexpected])  # nothing else to serve it from
-    use = "r2" if manifest and not problems and source != "hub" else "hub"
-    if use == "hub":
-        if manifest and manifest.source.get("kind") == "local":
-            raise NotStaged(f"{model} was staged from a local directory and has no Hub repo to fall back to")
-        if source == "auto":
-            log.warning("%s: serving it from the Hub instead", damage if problems else
-                        f"{model} is not staged in bucket {bucket.name}")
-        if target == "local":
-            raise SettingsError("the local target only loads staged weights: stage the model first or use --source r2")
-    rev = manifest.revision if manifest and use == "r2" else (revision or (manifest.revision if manifest else "main"))
-    model_uri = bucket.uri(catalog.model_prefix(model, rev)) if use == "r2" else (
+    check = catalog.check_listing(bucket, manifest) if manifest and options.source != "hub" else None
+    staged = Staged(model, bucket.name, manifest.revision if manifest else None,
+                    from_local_dir=bool(manifest and manifest.source.get("kind") == "local"),
+                    problems=tuple(check.problems()) if check else (),
+                    bad_files=(*check.bad, *check.unexpected) if check else ())
+    weights, warning = choose_weights(options.source, place.serves_hub, staged)
+    if warning:
+        log.warning("%s", warning)
+    rev = manifest.revision if weights == "r2" else (revision or (manifest.revision if manifest else "main"))
+    model_uri = bucket.uri(catalog.model_prefix(model, rev)) if weights == "r2" else (
         manifest.source.get("repo_id", model) if manifest else model)
-    size = manifest.total_bytes if manifest else 0
-    cfg = sky.build_task_config(model_uri=model_uri, served_name=model, model_bytes=size, source=use,
-                                options=options, loader_env=loader_env(settings.endpoint), bucket=bucket.name,
-                                revision=rev)
-    sky.validate(cfg)
+    cfg = skytask.build_task_config(model_uri=model_uri, served_name=model, model_bytes=manifest.total_bytes if manifest
+                                    else 0, weights=weights, options=options, loader_env=loader_env(settings.endpoint),
+                                    bucket=bucket.name, revision=rev)
+    skytask.validate(cfg)
     secret_values = dict(loader_secrets(settings))  # the weights (r2) and the compile cache read the bucket
-    api_key = os.environ.get("VLLM_API_KEY")
-    if not api_key:
-        if target == "sky":
-            raise SettingsError("VLLM_API_KEY is not set: choose the API key clients will use for this server")
-        api_key = pysecrets.token_urlsafe(24)
-    secret_values["VLLM_API_KEY"] = api_key
-    if use == "hub" and settings.hf_token:
+    secret_values["VLLM_API_KEY"] = place.api_key()
+    if weights == "hub" and settings.hf_token:
         secret_values["HF_TOKEN"] = settings.hf_token
     redact(list(secret_values.values()))
     # A null secret is one SkyPilot must be given at launch: list only those we will give.
     cfg["secrets"] = {k: None for k in cfg["secrets"] if k in secret_values}
-    sky.validate(cfg, secret_values)
-    return Deployment(sky.run_name(model, rev, run_id), model, rev, target, use, options, cfg, secret_values)
+    skytask.validate(cfg, secret_values)
+    return Deployment(skytask.run_name(model, rev, run_id), model, rev, weights, options, cfg, secret_values)
 
 
-def start(dep: Deployment, workdir: Path | None = None) -> None:
-    """Start the deployment: sky launch, or on the local target a fresh node running the task's
-    `setup` then `run`."""
+def start(dep: Deployment) -> None:
+    """Start the deployment on its target: a fresh node running the task's `setup`, then `run`."""
     dep.marks = {"request": time.time()}
-    if dep.target == "sky":
-        dep.job_id = sky.launch(dep.cfg, dep.name, dep.options.mode, dep.secrets, dep.options.idle_minutes)
-        dep.url = sky.endpoint(dep.name, dep.options.mode)
-        return
-    if dep.node is None:
-        workdir = workdir or state_dir() / dep.name
-        dep.node = local_target.make_node(dep.cfg, dep.secrets, workdir, free_port())
-    local_target.submit(dep.node, dep.cfg, with_setup=True)
-    dep.url = dep.node.url
-    _record(dep)
+    dep.place.start(dep)
 
 
 def restart(dep: Deployment) -> None:
     """Warm run: stop the serving job and run the task's `run` again on the same node (same disk,
-    same caches), on either target."""
-    if dep.target == "sky" and (dep.options.mode != "cluster" or dep.job_id is None):
-        raise SettingsError(f"warm runs restart a cluster's serving job; --mode {dep.options.mode} has none: use --runs 1")
+    same caches)."""
     dep.marks = {"request": time.time()}
-    if dep.target == "sky":
-        dep.job_id = sky.rerun(dep.cfg, dep.name, dep.secrets, dep.job_id)
-        return
-    local_target.stop_job(dep.node)
-    local_target.submit(dep.node, dep.cfg, with_setup=False)
-    _record(dep)
+    dep.place.restart(dep)
 
 
 def job_state(dep: Deployment) -> str | None:
     """The serving job's state (SkyPilot's words), or None where there is no job to watch (serve mode)."""
-    if dep.node:
-        return local_target.state(dep.node)
-    return sky.job_state(dep.name, dep.job_id) if dep.job_id is not None else None
+    return dep.place.state(dep)
 
 
 def job_log(dep: Deployment) -> str:
     """The serving job's log: the task's marks and vLLM's own lines, from the node or from SkyPilot."""
-    if dep.node:
-        return dep.node.log.read_text(errors="replace") if dep.node.log and dep.node.log.exists() else ""
-    return sky.job_log(dep.name, dep.job_id) if dep.job_id is not None else ""
-
-
-def _record(dep: Deployment) -> None:
-    """Remember a local deployment for `modelferry down` (pid and URL only: no keys)."""
-    state_dir().mkdir(parents=True, exist_ok=True)
-    (state_dir() / f"{dep.name}.json").write_text(json.dumps(
-        {"name": dep.name, "model": dep.model, "target": dep.target, "mode": dep.options.mode, "url": dep.url,
-         "pid": dep.node.proc.pid if dep.node and dep.node.proc else None}))
+    return dep.place.log(dep)
 
 
 def _http(url: str, key: str | None = None, body: dict | None = None, timeout: float = 10) -> tuple[int, bytes]:
@@ -178,15 +176,14 @@ def wait_ready(dep: Deployment, timeout: float = 1800, poll: float | None = None
     """Poll until /health answers. Each poll also asks for the serving job's state: a job that ended
     ends the wait at once, with vLLM's own error line from the job's log."""
     deadline = time.time() + timeout
-    poll = poll or (0.2 if dep.target == "local" else 5)
+    poll = poll or dep.place.poll_s
     while time.time() < deadline:
         state = job_state(dep)
         if state is not None and state not in LIVE:
             text = job_log(dep)
-            said = bench.error_line(text) or " | ".join(text.strip().splitlines()[-3:])
+            said = startlog.error_line(text) or " | ".join(text.strip().splitlines()[-3:])
             raise NotReady(f"{dep.name}: the vLLM job is {state} before serving: {said}")
-        if dep.target == "sky" and not dep.url:
-            dep.url = sky.endpoint(dep.name, dep.options.mode)
+        dep.url = dep.url or dep.place.url(dep)
         if dep.url and _healthy(dep.url):
             dep.marks["ready"] = time.time()
             return
@@ -220,14 +217,14 @@ def first_token(dep: Deployment) -> str:
 def wait_cache_saved(dep: Deployment, timeout: float = 180) -> str | None:
     """With the compile cache on, wait until the node's saver says what it did (it starts once /health
     answers), so a fresh node launched next can restore it. Returns what it said."""
-    if not dep.options.compile_cache or (dep.target == "sky" and dep.job_id is None):
+    if not dep.options.compile_cache or job_state(dep) is None:
         return None
     deadline = time.time() + timeout
     while time.time() < deadline:
-        said = bench.parse_vllm_log(job_log(dep)).get("cache_saved")
+        said = startlog.parse_vllm_log(job_log(dep)).get("cache_saved")
         if said or job_state(dep) not in LIVE:
             return said
-        time.sleep(0.5 if dep.target == "local" else 5)
+        time.sleep(max(0.5, dep.place.poll_s))
     log.warning("%s: the compile cache was not saved within %.0f s", dep.name, timeout)
     return None
 
@@ -235,11 +232,11 @@ def wait_cache_saved(dep: Deployment, timeout: float = 180) -> str | None:
 def measure(dep: Deployment, kind: str, run: int) -> dict:
     """The phase row for the run that just completed, from the controller's marks (request, ready,
     first token) and the serving job's log (the node's marks and vLLM's lines)."""
-    logged = bench.parse_vllm_log(job_log(dep))
-    marks = {**bench.node_marks(logged), **dep.marks}
-    return {"model": dep.model, "revision": dep.revision, "target": dep.target, "source": dep.source,
-            "strategy": dep.options.strategy if dep.source == "r2" else "hub", "kind": kind, "run": run,
-            **bench.phases(marks), **{k: logged.get(k) for k in ("weights_s", "compile_s", "graph_capture_s",
+    logged = startlog.parse_vllm_log(job_log(dep))
+    marks = {**startlog.node_marks(logged), **dep.marks}
+    return {"model": dep.model, "revision": dep.revision, "target": dep.target, "source": dep.weights,
+            "strategy": dep.options.strategy if dep.weights == "r2" else "hub", "kind": kind, "run": run,
+            **startlog.phases(marks), **{k: logged.get(k) for k in ("weights_s", "compile_s", "graph_capture_s",
                                                                   "init_engine_s")},
             "compile_cache": logged.get("compile_cache") or ("on" if dep.options.compile_cache else "off"),
             "cache_saved": logged.get("cache_saved"),
@@ -248,38 +245,10 @@ def measure(dep: Deployment, kind: str, run: int) -> dict:
 
 
 def teardown(dep: Deployment) -> None:
-    if dep.target == "sky":
-        sky.down(dep.name, dep.options.mode)
-    elif dep.node:
-        local_target.stop_job(dep.node)
-        local_target.remove(dep.node)  # the job logs are kept with the results
-    (state_dir() / f"{dep.name}.json").unlink(missing_ok=True)
+    dep.place.teardown(dep)
 
 
-def down(name: str | None, all_: bool, target: str = "all") -> list[str]:
-    """Take down kept deployments: local ones we recorded, and SkyPilot clusters named mf-*."""
-    import signal
-
-    taken = []
-    records = sorted(state_dir().glob("*.json")) if state_dir().exists() and target != "sky" else []
-    for rec_file in records:
-        rec = json.loads(rec_file.read_text())
-        if all_ or rec["name"] == name or rec["model"] == name:
-            if rec.get("pid"):
-                try:
-                    os.killpg(rec["pid"], signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            local_target.remove(local_target.LocalNode(state_dir() / rec["name"], {}))
-            rec_file.unlink()
-            taken.append(rec["name"])
-    if target != "local" and (all_ or (name and name.startswith("mf-"))):
-        try:
-            names = [c for c in sky.clusters() if c.startswith("mf-") and (all_ or c == name)]
-        except Exception as exc:  # noqa: BLE001 - SkyPilot unreachable: say so, keep the local result
-            log.warning("could not ask SkyPilot for clusters: %s", exc)
-            names = []
-        for cluster in names:
-            if sky.down(cluster, "cluster"):
-                taken.append(cluster)
-    return taken
+def down(name: str | None, everything: bool, target: str = "all") -> list[str]:
+    """Take down kept deployments: local nodes we recorded, and SkyPilot clusters named mf-*."""
+    return [taken for where, place in TARGETS.items() if target in ("all", where)
+            for taken in place.down(name, everything)]

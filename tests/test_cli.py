@@ -42,17 +42,58 @@ BAD_LAUNCHES = [
 
 
 @pytest.mark.parametrize("bad,flag", BAD_LAUNCHES)
-def test_each_launch_option_is_checked_once_and_its_error_names_a_real_flag(bad, flag):
-    """One check per option (sky.check_launch, used by the CLI before Prefect starts and by the flow and
-    the planner), and the flag it names is one `launch --help` offers."""
+def test_each_bad_launch_option_gets_one_message_from_cli_flow_and_builder_naming_a_real_flag(bad, flag, capsys):
+    """LaunchOptions.check is the one check: the CLI (before Prefect starts), the flow (before staging)
+    and the task builder refuse a bad option with the same message, and the flag it names is one
+    `launch --help` offers."""
+    from modelferry.flows import cli
+    from modelferry.flows.stage_and_launch import stage_and_launch
+    from modelferry.tasks import skytask
     from modelferry.tasks.errors import SettingsError
-    from modelferry.tasks.sky import check_launch, launch_options
+    from modelferry.tasks.options import LaunchOptions
 
-    where = {"target": bad.get("target", "sky"), "source": bad.get("source", "auto")}
+    bad = {"target": "sky", **bad}
     with pytest.raises(SettingsError) as err:
-        check_launch(where["target"], where["source"], launch_options(**bad))
-    assert flag in str(err.value)
-    named = [w.strip("'\",:") for w in str(err.value).split() if w.startswith("--")]
+        LaunchOptions(**bad).check()
+    message = str(err.value)
+    assert flag in message
+    with pytest.raises(SettingsError) as from_flow:
+        stage_and_launch.fn("acme/m", stage=False, **bad)
+    assert str(from_flow.value) == message
+    with pytest.raises(SettingsError) as from_builder:
+        skytask.build_task_config(model_uri="s3://b/models/acme/m/abc/", served_name="acme/m", model_bytes=10**9,
+                                  weights="r2", options=LaunchOptions(**bad), loader_env={})
+    assert str(from_builder.value) == message
+    flags = []
+    for key, value in bad.items():
+        option = "--" + key.replace("_", "-")
+        flags += [option, *value] if isinstance(value, list) else [option, str(value)]
+    assert cli.main(["launch", "acme/m", *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    named = [w.strip("'\",:") for w in message.split() if w.startswith("--")]
     helps = subprocess.run([sys.executable, "-m", "modelferry.flows", "launch", "--help"], capture_output=True,
                            text=True, timeout=60).stdout
-    assert named and all(n in helps for n in named), (named, str(err.value))
+    assert named and all(n in helps for n in named), (named, message)
+
+
+def test_flow_parameters_cli_flags_and_launch_options_are_one_set_of_names():
+    """Each LaunchOptions field is a stage-and-launch parameter with the same default, and a flag of
+    `launch`, `bench` and `stage-and-launch` whose parsed value lands under the field's name."""
+    import dataclasses
+    import inspect
+
+    from modelferry.flows import cli
+    from modelferry.flows.stage_and_launch import stage_and_launch
+    from modelferry.tasks.options import LaunchOptions
+
+    fields = {f.name: f.default for f in dataclasses.fields(LaunchOptions)}
+    params = inspect.signature(stage_and_launch.fn).parameters
+    assert {k: params[k].default for k in fields if k in params} == fields
+    parser = cli.parser()
+    for command in ("launch", "bench", "stage-and-launch"):
+        parsed = vars(parser.parse_args([command, "acme/m"]))
+        assert {k: parsed[k] for k in fields if k in parsed} == fields, command
+    flipped = vars(parser.parse_args(["launch", "acme/m", "--on-demand", "--no-compile-cache", "--vllm-image", "img",
+                                      "--extra-vllm-args=--max-model-len 512", "--accelerators", "L4:1"]))
+    assert LaunchOptions.pick(flipped) == LaunchOptions(use_spot=False, compile_cache=False, vllm_image="img",
+                                                        extra_vllm_args="--max-model-len 512", accelerators=["L4:1"])

@@ -107,20 +107,21 @@ def test_the_cache_dirs_are_where_the_nodes_vllm_keeps_them(monkeypatch, tmp_pat
 
 
 def test_generated_task_carries_the_cache_steps(sky_home):
-    from modelferry.tasks import sky
+    from modelferry.tasks import skytask
+    from modelferry.tasks.options import LaunchOptions
     from modelferry.tasks.settings import loader_env
 
-    args = dict(model_uri="s3://b/models/acme/m/abc/", served_name="acme/m", model_bytes=10**9, source="r2",
+    args = dict(model_uri="s3://b/models/acme/m/abc/", served_name="acme/m", model_bytes=10**9, weights="r2",
                 loader_env=loader_env("https://acct.r2.cloudflarestorage.com"), bucket="b", revision="abc")
-    on = sky.build_task_config(options=sky.LaunchOptions(), **args)
-    task = sky.validate(on, {"AWS_ACCESS_KEY_ID": "k1", "AWS_SECRET_ACCESS_KEY": "s1", "VLLM_API_KEY": "a1"})
+    on = skytask.build_task_config(options=LaunchOptions(), **args)
+    task = skytask.validate(on, {"AWS_ACCESS_KEY_ID": "k1", "AWS_SECRET_ACCESS_KEY": "s1", "VLLM_API_KEY": "a1"})
     assert task.file_mounts == {"/modelferry/compile_cache.py": str(TOOL)}
     assert on["envs"]["COMPILE_CACHE"] == "on" and on["envs"]["COMPILE_CACHE_BUCKET"] == "b"
     assert "restore" in on["run"] and "save-when-ready" in on["run"] and "s5cmd" in on["setup"]
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(on["envs"])
     for part in ("setup", "run"):
         assert subprocess.run(["bash", "-n", "-c", on[part]]).returncode == 0
-    off = sky.build_task_config(options=sky.LaunchOptions(compile_cache=False), **args)
+    off = skytask.build_task_config(options=LaunchOptions(compile_cache=False), **args)
     assert off["envs"]["COMPILE_CACHE"] == "off"
 
 
@@ -136,7 +137,7 @@ def test_list_and_gc_see_stored_caches(node_env, tmp_path, cli, s3):
 
 
 def test_parser_reads_our_restore_line():
-    from modelferry.tasks.bench import parse_vllm_log
+    from modelferry.tasks.startlog import parse_vllm_log
 
     assert parse_vllm_log("modelferry compile cache: hit\n")["compile_cache"] == "hit"
     assert parse_vllm_log("modelferry compile cache: refused: 1 file(s) don't match")["compile_cache"] == "refused"

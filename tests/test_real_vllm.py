@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from modelferry.tasks import bench
+from modelferry.tasks import startlog
 from tests.conftest import API_KEY, LLAMA, alive, node_pids
 
 pytestmark = pytest.mark.timeout(1200)  # the shared session: three vLLM starts, 40-120 s each here
@@ -54,7 +54,7 @@ def test_a_fresh_node_restores_the_compile_cache_another_node_saved(vllm_session
     check_row(row)
     log = next(vllm_session.results_b.rglob("stream-run1.log")).read_text()
     assert "modelferry compile cache: hit" in log  # restored from the bucket, verified against its manifest
-    assert row["compile_cache"] == bench.compile_cache(log) and row["compile_cache"].startswith("hit")
+    assert row["compile_cache"] == startlog.compile_cache(log) and row["compile_cache"].startswith("hit")
     assert [k for k in s3.listing("compile-cache/") if k.endswith("/manifest.json")]
 
 

@@ -17,7 +17,9 @@ import pytest
 
 from modelferry.tasks import launcher
 from modelferry.tasks import sky as mf_sky
+from modelferry.tasks import skytask
 from modelferry.tasks.errors import SettingsError
+from modelferry.tasks.options import LaunchOptions
 from modelferry.tasks.settings import loader_env
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm-0.32"
@@ -76,12 +78,12 @@ def fake(sky_home, monkeypatch):
 
 
 def deployment(mode: str = "cluster") -> launcher.Deployment:
-    options = mf_sky.LaunchOptions(mode=mode, accelerators=["L4:1"])
-    cfg = mf_sky.build_task_config(model_uri="s3://b/models/modelferry/tiny-llama/abc/", served_name="modelferry/tiny-llama",
-                                   model_bytes=34 * 10**6, source="r2", options=options, revision="abc", bucket="b",
+    options = LaunchOptions(target="sky", mode=mode, accelerators=["L4:1"])
+    cfg = skytask.build_task_config(model_uri="s3://b/models/modelferry/tiny-llama/abc/", served_name="modelferry/tiny-llama",
+                                   model_bytes=34 * 10**6, weights="r2", options=options, revision="abc", bucket="b",
                                    loader_env=loader_env("https://acct.r2.cloudflarestorage.com"))
     secrets = {"AWS_ACCESS_KEY_ID": "k-7", "AWS_SECRET_ACCESS_KEY": "s-7", "VLLM_API_KEY": "a-7"}
-    return launcher.Deployment("mf-tiny-llama-0000", "modelferry/tiny-llama", "abc", "sky", "r2", options, cfg, secrets)
+    return launcher.Deployment("mf-tiny-llama-0000", "modelferry/tiny-llama", "abc", "r2", options, cfg, secrets)
 
 
 def test_the_job_log_is_fetched_once_and_measured_like_the_local_one(fake):

@@ -6,8 +6,9 @@ import subprocess
 import pytest
 import yaml
 
-from modelferry.tasks import sky
+from modelferry.tasks import options, skytask
 from modelferry.tasks.errors import SettingsError
+from modelferry.tasks.options import LaunchOptions
 from modelferry.tasks.settings import loader_env
 
 ENDPOINT = "https://acct.r2.cloudflarestorage.com"
@@ -15,18 +16,18 @@ GB = 10**9
 
 
 def build(**kw):
-    opts = kw.pop("options", sky.LaunchOptions())
-    args = dict(model_uri="s3://models/models/acme/m/abc/", served_name="acme/m", model_bytes=16 * GB, source="r2",
+    opts = kw.pop("options", LaunchOptions())
+    args = dict(model_uri="s3://models/models/acme/m/abc/", served_name="acme/m", model_bytes=16 * GB, weights="r2",
                 options=opts, loader_env=loader_env(ENDPOINT))
     args.update(kw)
-    return sky.build_task_config(**args)
+    return skytask.build_task_config(**args)
 
 
-@pytest.mark.parametrize("mode", sky.MODES)
-@pytest.mark.parametrize("strategy", sky.STRATEGIES)
+@pytest.mark.parametrize("mode", options.MODES)
+@pytest.mark.parametrize("strategy", options.STRATEGIES)
 def test_generated_task_passes_skypilots_schema(mode, strategy, sky_home):
-    cfg = build(options=sky.LaunchOptions(mode=mode, strategy=strategy))
-    task = sky.validate(cfg)
+    cfg = build(options=LaunchOptions(target="sky", mode=mode, strategy=strategy))
+    task = skytask.validate(cfg)
     assert task.envs["MODEL_URI"] == "s3://models/models/acme/m/abc/"
     assert task.envs["RUNAI_STREAMER_S3_ENDPOINT"] == ENDPOINT and task.envs["AWS_ENDPOINT_URL"] == ENDPOINT
     assert task.envs["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] == "0"
@@ -44,37 +45,37 @@ def test_secrets_never_reach_envs_or_the_printed_yaml(sky_home):
     assert set(cfg["secrets"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "VLLM_API_KEY"}
     assert all(v is None for v in cfg["secrets"].values())
     assert not set(values) & set(cfg["envs"])
-    shown = sky.redacted_yaml(cfg, values)
+    shown = skytask.redacted_yaml(cfg, values)
     assert all(v not in shown for v in values.values())
     assert yaml.safe_load(shown)["secrets"]["AWS_SECRET_ACCESS_KEY"] == "<redacted>"
-    task = sky.validate(cfg)
+    task = skytask.validate(cfg)
     task.update_secrets(values)
     assert all(v not in str(task.to_yaml_config(use_user_specified_yaml=True)) for v in values.values())
 
 
 def test_hub_source_gets_the_hf_token_secret_and_no_bucket_keys_needed(sky_home):
-    cfg = build(model_uri="acme/m", source="hub", revision="abc")
+    cfg = build(model_uri="acme/m", weights="hub", revision="abc")
     assert "HF_TOKEN" in cfg["secrets"] and cfg["envs"]["LOAD_STRATEGY"] == "hub" and cfg["envs"]["MODEL_REVISION"] == "abc"
-    sky.validate(cfg)
+    skytask.validate(cfg)
 
 
 def test_accelerators_fit_the_weights():
-    fit = sky.fitting_accelerators(16 * GB, 1.3)  # ~19.4 GiB
+    fit = skytask.fitting_accelerators(16 * GB, 1.3)  # ~19.4 GiB
     assert fit["L4"] == 1 and fit["H100"] == 1
-    big = sky.fitting_accelerators(140 * GB, 1.3)  # ~170 GiB
+    big = skytask.fitting_accelerators(140 * GB, 1.3)  # ~170 GiB
     assert big["H100"] == 4 and big["H200"] == 2 and big["L4"] == 8
-    assert sky.parse_accelerators(["L4:1,A100:2"]) == {"L4": 1, "A100": 2}
+    assert options.parse_accelerators(["L4:1,A100:2"]) == {"L4": 1, "A100": 2}
 
 
 @pytest.mark.parametrize("options,kw,message", [
-    (sky.LaunchOptions(mode="batch"), {}, "unknown --mode"),
-    (sky.LaunchOptions(concurrency=-1), {}, "--concurrency -1"),
-    (sky.LaunchOptions(concurrency=100000), {}, "--concurrency 100000"),
-    (sky.LaunchOptions(strategy="teleport"), {}, "unknown --strategy"),
-    (sky.LaunchOptions(), {"model_bytes": 2000 * GB}, "multi-node"),
-    (sky.LaunchOptions(accelerators=["TPU9"]), {}, "unknown accelerator 'TPU9'"),
-    (sky.LaunchOptions(accelerators=["T4:1"]), {}, "T4:1 cannot hold"),
-    (sky.LaunchOptions(accelerators=["L4:3"]), {}, "accelerator count 3"),
+    (LaunchOptions(mode="batch"), {}, "unknown --mode"),
+    (LaunchOptions(concurrency=-1), {}, "--concurrency -1"),
+    (LaunchOptions(concurrency=100000), {}, "--concurrency 100000"),
+    (LaunchOptions(strategy="teleport"), {}, "unknown --strategy"),
+    (LaunchOptions(), {"model_bytes": 2000 * GB}, "multi-node"),
+    (LaunchOptions(accelerators=["TPU9"]), {}, "unknown accelerator 'TPU9'"),
+    (LaunchOptions(accelerators=["T4:1"]), {}, "T4:1 cannot hold"),
+    (LaunchOptions(accelerators=["L4:3"]), {}, "accelerator count 3"),
 ])
 def test_bad_options_are_clear_errors(options, kw, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
@@ -95,8 +96,8 @@ def test_read_only_keys_go_to_nodes_when_set(monkeypatch):
 
 
 def test_names_are_deterministic_per_run():
-    a = sky.run_name("acme/Llama-3.1-8B", "abc", "run-1")
-    assert a == sky.run_name("acme/Llama-3.1-8B", "abc", "run-1") != sky.run_name("acme/Llama-3.1-8B", "abc", "run-2")
+    a = skytask.run_name("acme/Llama-3.1-8B", "abc", "run-1")
+    assert a == skytask.run_name("acme/Llama-3.1-8B", "abc", "run-1") != skytask.run_name("acme/Llama-3.1-8B", "abc", "run-2")
     assert a.startswith("mf-llama-3-1-8b-") and len(a) <= 40
 
 
@@ -111,6 +112,6 @@ def test_task_scripts_are_valid_bash(part):
 @pytest.mark.parametrize("part", ["setup", "run"])
 def test_task_scripts_are_shellcheck_clean(part, compile_cache, tmp_path):
     script = tmp_path / f"{part}.sh"
-    script.write_text("#!/bin/bash\n" + build(options=sky.LaunchOptions(compile_cache=compile_cache))[part])
+    script.write_text("#!/bin/bash\n" + build(options=LaunchOptions(compile_cache=compile_cache))[part])
     out = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout

@@ -1,0 +1,249 @@
+"""What each `modelferry` command does. A command prints nothing: it returns an `Output` (the data
+`--json` prints, and how to show it as text), or raises a typed error; `cli.main` prints either and
+maps it to the exit code. Commands that run no flow (check-r2, list, verify, cost, gc) don't import
+Prefect, so they answer in about a second."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from modelferry.tasks.errors import ModelferryError, SettingsError, StepFailed, require_extra
+from modelferry.tasks.options import BOTH, LaunchOptions
+
+PHASE_COLUMNS = ["strategy", "kind", "run", "provision_s", "setup_s", "load_s", "engine_s", "first_token_s", "total_s",
+                 "compile_cache"]
+
+
+@dataclass
+class Output:
+    """A command's result: `data` for `--json`; as text, `rows` as a table (when set) then `lines`.
+    `failure` is an error to report after the output (a stage that failed after some steps ran)."""
+
+    data: object
+    rows: list[dict] | None = None
+    lines: list[str] = field(default_factory=list)
+    failure: ModelferryError | None = None
+
+
+def _bucket():
+    from modelferry.tasks import settings as config
+    from modelferry.tasks.bucket import Bucket
+
+    return Bucket(config.load())
+
+
+def check_r2(args) -> Output:
+    from modelferry.tasks import settings as config
+    from modelferry.tasks.bucket import check_r2 as probe
+
+    result = probe(config.load())
+    return Output(result, lines=[f"OK  endpoint {result['endpoint']}  bucket {result['bucket']}",
+                                 "    put {put_ms} ms, head {head_ms} ms, get {get_ms} ms, delete {delete_ms} ms"
+                                 .format(**result)])
+
+
+def stage(args) -> Output:
+    from modelferry.tasks import orchestration, request
+
+    # Everything that can be refused is refused before Prefect starts (seconds) and before any write.
+    bucket = _bucket()
+    if args.dask_address and args.task_runner != "dask":
+        raise SettingsError("--dask-address needs --task-runner dask")
+    if args.task_runner == "dask":
+        require_extra("prefect_dask", "dask", "--task-runner dask")
+    request.check(args.source, args.name, args.include, args.exclude, args.allow_unloadable)
+    bucket.probe()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    with orchestration.prefect_api(args.verbose) as where:
+        from modelferry.flows.stage_model import stage_model
+        from modelferry.flows.steps import startup_report
+
+        clock, failure = None, None
+        try:
+            staged = stage_model(args.source, revision=args.revision, include=args.include, exclude=args.exclude,
+                                 name=args.name, allow_unloadable=args.allow_unloadable, replace=args.replace,
+                                 set_current=args.set_current, task_runner=args.task_runner,
+                                 dask_address=args.dask_address)
+            rows, clock = staged.rows, staged.clock
+        except StepFailed as exc:
+            rows, failure = exc.rows, exc
+        logging.getLogger("modelferry").info("stage: %s", startup_report(t0, cpu0, where, clock))
+    return Output(rows, rows=rows, failure=failure)
+
+
+def verify(args) -> Output:
+    from modelferry.tasks import catalog
+    from modelferry.tasks.errors import IntegrityError
+
+    try:
+        record = catalog.verify(_bucket(), args.name, args.revision, args.deep)
+    except IntegrityError as exc:
+        return Output({"name": args.name, "ok": False, "bad": exc.bad_files, "error": str(exc)}, failure=exc)
+    how = "re-hashed" if args.deep else "size + ETag"
+    return Output(record, lines=[f"OK  {record['name']}@{record['revision']}: {record['files']} files, "
+                                 f"{record['bytes']:,} bytes ({how})"])
+
+
+def list_models(args) -> Output:
+    from modelferry.tasks import catalog
+
+    if args.compile_caches:
+        rows = catalog.compile_caches(_bucket())
+        return Output(rows, rows=rows)
+    rows = catalog.list_models(_bucket())
+    shown = ("name", "revision", "current", "files", "bytes", "verified", "staged_at", "uri")
+    return Output(rows, rows=[{k: r[k] for k in shown} for r in rows])
+
+
+def _launch_options(args) -> LaunchOptions:
+    """The launch flags, checked before paying for Prefect's start-up, with the check the flow runs."""
+    options = LaunchOptions.pick(vars(args))
+    options.check()
+    if getattr(args, "runs", 1) < 1:
+        raise SettingsError("--runs must be at least 1")
+    return options
+
+
+def _run_flow(args, **params) -> Output:
+    from dataclasses import asdict
+
+    from modelferry.tasks import orchestration
+    from modelferry.tasks import settings as config
+
+    options = _launch_options(args)
+    config.load()
+    if options.target == "local":
+        from modelferry.tasks.local_target import vllm_python
+
+        vllm_python()  # before paying for Prefect's start-up: says how to get it
+    with orchestration.prefect_api(args.verbose):
+        from modelferry.flows.stage_and_launch import stage_and_launch
+
+        try:
+            launched = stage_and_launch(args.name, revision=args.revision, **asdict(options), **params)
+        except StepFailed as exc:
+            return Output([], failure=exc)
+    lines = []
+    if launched.saved:
+        lines.append(f"results: {launched.saved['dir']}  plot: {launched.saved['png']}")
+        lines += [launched.saved["note"]] if launched.saved.get("note") else []
+    return Output(launched.rows, rows=[{k: r[k] for k in PHASE_COLUMNS} for r in launched.rows] or None, lines=lines)
+
+
+def launch(args) -> Output:
+    if args.strategy == BOTH:
+        raise SettingsError("--strategy both is for `bench`; launch takes stream or prefetch")
+    if not args.dry_run:
+        return _run_flow(args, stage=False, runs=1, keep=args.keep)
+    from modelferry.tasks import launcher, skytask
+    from modelferry.tasks import settings as config
+
+    dep = launcher.prepare(config.load(), args.name, args.revision, _launch_options(args), "dry-run")
+    return Output({"name": dep.name, "model": dep.model, "revision": dep.revision, "weights": dep.weights,
+                   "task": skytask.redacted_config(dep.cfg, dep.secrets)},
+                  lines=[f"# {dep.name}: {dep.model}@{dep.revision} from {dep.weights}",
+                         skytask.redacted_yaml(dep.cfg, dep.secrets)])
+
+
+def bench(args) -> Output:
+    return _run_flow(args, stage=False, runs=args.runs, results_dir=args.results)
+
+
+def stage_and_launch(args) -> Output:
+    return _run_flow(args, stage=True, runs=args.runs, include=args.include, exclude=args.exclude, keep=args.keep,
+                     results_dir=args.results, name=args.stage_name)
+
+
+def down(args) -> Output:
+    from modelferry.tasks import launcher
+
+    if not args.name and not args.all:
+        raise SettingsError("name a deployment (or model), or pass --all")
+    taken = launcher.down(args.name, args.all, args.target)
+    return Output(taken, lines=["took down: " + (", ".join(taken) if taken else "nothing")])
+
+
+def cost(args) -> Output:
+    from modelferry.tasks import catalog
+    from modelferry.tasks import cost as pricing
+
+    manifest = catalog.find_manifest(_bucket(), args.name, args.revision)
+    prices = pricing.Prices(s3_egress_per_gb=args.s3_egress_per_gb, r2_storage_per_gb_month=args.r2_storage_per_gb_month,
+                            r2_class_b_per_million=args.r2_class_b_per_million)
+    try:
+        result = pricing.monthly(manifest.total_bytes, args.launches_per_day, prices, args.read_request_mib * 2**20,
+                                 files=len(manifest.files))
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    result = {"name": args.name, "revision": manifest.revision, **result}
+    return Output(result, lines=[
+        f"{args.name}@{manifest.revision[:12]}: {result['gb_per_launch']} GB x {result['launches_per_month']} "
+        "launches/month",
+        f"  from S3 (egress ${args.s3_egress_per_gb}/GB): ${result['s3_egress_usd']:,.2f}/month",
+        f"  from the Hub: ${result['hub_usd']:,.2f}/month in fees (paid in minutes of GPU time instead)",
+        f"  from R2: ${result['r2_usd']:,.2f}/month (storage ${result['r2_storage_usd']}, "
+        f"{result['r2_read_ops']:,} reads, no egress)"])
+
+
+def gc(args) -> Output:
+    from modelferry.tasks import catalog
+
+    if args.grace_hours < 0:
+        raise SettingsError("--grace-hours must be 0 or more")
+    bucket = _bucket()
+    result = catalog.gc(bucket, args.grace_hours * 3600, args.dry_run)
+    if args.compile_cache_days is not None:
+        result["removed_compile_caches"] = catalog.drop_compile_caches(bucket, args.compile_cache_days * 86400,
+                                                                       args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    lines = [f"{verb} {len(result['aborted_uploads'])} unfinished multipart upload(s), "
+             f"{len(result['removed_revisions'])} unpublished revision(s) ({result['removed_objects']} objects)",
+             *(f"  {rev}" for rev in result["removed_revisions"])]
+    if "removed_compile_caches" in result:
+        lines.append(f"{verb} {len(result['removed_compile_caches'])} compile cache(s)")
+    return Output(result, lines=lines)
+
+
+def blocks(args) -> Output:
+    from modelferry.tasks import settings as config
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise SettingsError("PREFECT_API_URL is not set: point it at the Prefect server that should hold the blocks")
+    saved = config.save_blocks()
+    if not saved:
+        raise SettingsError("none of the settings are in the environment: nothing to save")
+    return Output(saved, lines=["saved Secret blocks: " + ", ".join(saved)])
+
+
+def refresh(args) -> Output:
+    from modelferry.tasks import settings as config
+
+    config.load()
+    if args.watchlist and not os.path.isfile(args.watchlist):
+        raise SettingsError(f"--watchlist {args.watchlist}: no such file")
+    from modelferry.flows.model_refresh import load_watchlist, model_refresh
+
+    if args.watchlist:
+        load_watchlist(args.watchlist)  # a malformed list fails here, before Prefect starts
+    rows = model_refresh(args.watchlist)
+    return Output(rows, rows=rows)
+
+
+def deploy(args) -> Output:
+    if not os.environ.get("PREFECT_API_URL"):
+        raise SettingsError("PREFECT_API_URL is not set: point it at the Prefect server the workers poll")
+    from modelferry.flows.deploy import deploy as create
+
+    names = create(args.pool, args.watchlist, args.cron, args.launch_name, args.refresh_name)
+    return Output(names, lines=[f"deployed to work pool {args.pool}: " + ", ".join(names),
+                                f"start a worker where modelferry is installed:  prefect worker start --pool {args.pool}"])
+
+
+COMMANDS: dict[str, Callable[..., Output]] = {
+    "check-r2": check_r2, "stage": stage, "verify": verify, "list": list_models, "launch": launch, "bench": bench,
+    "stage-and-launch": stage_and_launch, "down": down, "cost": cost, "blocks": blocks, "gc": gc,
+    "refresh": refresh, "deploy": deploy}

@@ -1,0 +1,146 @@
+"""How to launch: the one declaration of every launch option.
+
+Each field of `LaunchOptions` is, under the same name, a `launch`/`bench`/`stage-and-launch` flag
+(`--field-name`, or the `flag` its metadata names) and a parameter of the `stage-and-launch` flow,
+so `prefect deployment run stage-and-launch/... -p concurrency=64` and `--concurrency 64` are one
+thing. `check()` is the only place an option is checked; its errors name the flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from modelferry.tasks.errors import SettingsError
+
+TARGETS = ("local", "sky")
+SOURCES = ("auto", "r2", "hub")
+MODES = ("cluster", "job", "serve")
+STRATEGIES = ("stream", "prefetch")
+BOTH = "both"  # bench and stage-and-launch: each strategy in turn
+
+# GPU memory (GiB) of the accelerators we offer, by SkyPilot's names. SkyPilot itself accepts unknown
+# GPU names offline (only its optimizer would catch them), so we check here.
+GPU_MEMORY_GIB = {
+    "T4": 16, "L4": 24, "A10G": 24, "A10": 24, "L40S": 48, "A100": 40, "A100-80GB": 80,
+    "H100": 80, "H200": 141, "B200": 180,
+}
+GPU_COUNTS = (1, 2, 4, 8)
+
+
+def _option(default, help: str, **flag):
+    """A field with what its command-line flag needs (help, and `flag`/`metavar` where the name alone won't do)."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """Where and how to launch, as the user gave it."""
+
+    target: str = _option("local", "sky: SkyPilot spot GPUs; local: the local target on this machine (default)")
+    source: str = _option("auto", "auto: the bucket if staged and intact, else the Hub; r2: bucket only; hub: Hub only")
+    mode: str = _option("cluster", "cluster (autostop + down), job (managed job, spot recovery), "
+                                   "serve (SkyServe, on-demand fallback)")
+    strategy: str = _option("stream", "stream: Run:ai streamer over S3; prefetch: s5cmd to local disk, then load")
+    accelerators: list[str] | None = _option(
+        None, "GPUs to allow, e.g. L4:1 or A100:2 (repeatable; default: every GPU whose memory fits the model)",
+        metavar="GPU[:N]")
+    concurrency: int = _option(32, "Run:ai streamer concurrency (default 32)")
+    compile_cache: bool = _option(True, "don't restore/save vLLM's torch.compile and Triton caches through the bucket",
+                                  flag="--no-compile-cache")
+    vllm_image: str | None = _option(None, "the node's container image (default: the template's vllm/vllm-openai:v0.32.0, "
+                                           "the release the local target runs)", metavar="IMAGE")
+    ready_timeout: float = _option(1800, "how long to wait for /health before tearing down (default 1800)",
+                                   metavar="SECONDS")
+    headroom: float = _option(1.3, "GPU memory to ask for = weights x HEADROOM (KV cache, activations; default 1.3)")
+    memory_limit: int = _option(-1, "Run:ai streamer CPU buffer in bytes (default -1: unlimited)", metavar="BYTES")
+    idle_minutes: int = _option(30, "--mode cluster: SkyPilot autostop (down) after this many idle minutes (default 30)")
+    use_spot: bool = _option(True, "on-demand instead of spot GPUs", flag="--on-demand")
+    disk_size: int | None = _option(None, "node disk (default: 256 GB, or 2.5 x the model + 64 GB when bigger)",
+                                    metavar="GB")
+    extra_vllm_args: str = _option("", "more `vllm serve` arguments, e.g. '--max-model-len 8192'", metavar="ARGS")
+
+    @classmethod
+    def pick(cls, values: dict) -> LaunchOptions:
+        """The options among `values` (a flow's parameters, parsed flags), by field name."""
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+    def each_strategy(self) -> list[LaunchOptions]:
+        """One LaunchOptions per strategy to run: both of them in turn for `--strategy both`."""
+        if self.strategy == BOTH:
+            return [dataclasses.replace(self, strategy=s) for s in STRATEGIES]
+        return [self]
+
+    def check(self) -> None:
+        """Every option, and the one combination that can't work (a mode the local target lacks).
+        Errors name the flag to change. `--strategy both` passes: it means each strategy in turn."""
+        _one_of("--target", self.target, TARGETS)
+        _one_of("--source", self.source, SOURCES)
+        _one_of("--mode", self.mode, MODES)
+        _one_of("--strategy", self.strategy, (*STRATEGIES, BOTH))
+        if not 1 <= self.concurrency <= 256:
+            raise SettingsError(f"--concurrency {self.concurrency} is out of range: use 1-256 (32-64 is typical)")
+        if self.memory_limit < -1:
+            raise SettingsError("--memory-limit must be -1 (unlimited) or a number of bytes")
+        if not 1.0 <= self.headroom <= 10:
+            raise SettingsError(f"--headroom {self.headroom:g} is out of range: use 1.0-10")
+        if not 0 < self.ready_timeout <= 6 * 3600:
+            raise SettingsError(f"--ready-timeout {self.ready_timeout:g} is out of range: use 1-21600 seconds")
+        if self.idle_minutes < 1:
+            raise SettingsError("--idle-minutes must be at least 1")
+        if self.disk_size is not None and not 32 <= self.disk_size <= 65536:
+            raise SettingsError(f"--disk-size {self.disk_size} is out of range: use 32-65536 GB")
+        if self.accelerators:
+            parse_accelerators(self.accelerators)
+        if self.target == "local" and self.mode != "cluster":
+            raise SettingsError(f"--mode {self.mode} needs --target sky: the local target is one node")
+
+
+def _one_of(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SettingsError(f"unknown {flag} {value!r}: choose one of {', '.join(choices)}")
+
+
+def parse_accelerators(specs: list[str]) -> dict[str, int]:
+    """["L4:1", "A100"] -> {"L4": 1, "A100": 1}; unknown names are refused with the known list."""
+    out = {}
+    for spec in specs:
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, _, count = part.partition(":")
+            if name not in GPU_MEMORY_GIB:
+                raise SettingsError(f"--accelerators: unknown accelerator {name!r}: known are {', '.join(GPU_MEMORY_GIB)}")
+            try:
+                n = int(count or 1)
+            except ValueError:
+                raise SettingsError(f"bad accelerator count in {part!r}: use NAME:COUNT, e.g. L4:1") from None
+            if n not in GPU_COUNTS:
+                raise SettingsError(f"accelerator count {n} in {part!r}: use one of {GPU_COUNTS}")
+            out[name] = n
+    return out
+
+
+def add_flags(parser, strategy_help: str = "") -> None:
+    """Every option as a flag of `parser` (argparse), each with its field's name as `dest`."""
+    hints = typing.get_type_hints(LaunchOptions)
+    for f in dataclasses.fields(LaunchOptions):
+        meta, kind = f.metadata, _scalar(hints[f.name])
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        help_text = meta["help"] + (strategy_help if f.name == "strategy" else "")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true", help=help_text)
+        elif kind is list:
+            parser.add_argument(flag, dest=f.name, action="append", metavar=meta.get("metavar"), help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=meta.get("metavar"),
+                                help=help_text)
+
+
+def _scalar(hint) -> type:
+    """int for `int | None`, list for `list[str] | None`, the type itself otherwise."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return list
+    if args:
+        return _scalar(args[0])
+    return hint
