@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from modelferry.tasks import catalog, hash_cache, hub
+from modelferry.tasks import hash_cache, hub, layout
 from modelferry.tasks import transfer as s5cmd
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import IntegrityError, SourceError
@@ -187,7 +187,7 @@ class _Run:
         self.bad: dict[str, str] = {}  # path -> why it may not go up
         self.stop = threading.Event()
         self.proofs: list = []
-        self.styles = catalog.etag_styles(bucket)
+        self.styles = layout.etag_styles(bucket)
 
     def go(self, settings: Settings) -> None:
         # Two at a time: on a shared link, N parallel downloads finish their first file N times later,
@@ -275,7 +275,7 @@ class _Run:
             if holds(obj, f):
                 f.proven, f.etag = True, obj.etag
                 Fetch.drop(f)
-                if len(self.styles) > 1 and (style := catalog.learn_etag_style(self.bucket, f.hashes, obj.etag)):
+                if len(self.styles) > 1 and (style := layout.learn_etag_style(self.bucket, f.hashes, obj.etag)):
                     self.styles.intersection_update({style})
 
     def fill(self, rows: dict[str, StepStats]) -> None:

@@ -5,9 +5,11 @@ import os
 
 import pytest
 
-from modelferry.tasks import catalog
+from modelferry.tasks import catalog, housekeeping, layout
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.errors import Locked
+from modelferry.tasks.lock import Lock
 from modelferry.tasks.integrity import MiB
 from tests import standins
 from tests.conftest import steps_by_name
@@ -65,14 +67,14 @@ def test_two_stages_of_one_revision_at_once_send_it_once(env, moto, tmp_path):
 
 def test_lock_refuses_a_second_holder_and_breaks_a_stale_one(moto):
     s3 = Bucket(config.load(moto.env()))
-    first = catalog.Lock(s3, "acme/locked", "r1")
+    first = Lock(s3, "acme/locked", "r1")
     first.acquire(wait=0)
-    with pytest.raises(catalog.Locked, match="another stage of this revision is running"):
-        catalog.Lock(s3, "acme/locked", "r1").acquire(wait=0.5, poll=0.1)
-    stale = catalog.Lock(s3, "acme/locked", "r1", ttl=0)
+    with pytest.raises(Locked, match="another stage of this revision is running"):
+        Lock(s3, "acme/locked", "r1").acquire(wait=0.5, poll=0.1)
+    stale = Lock(s3, "acme/locked", "r1", ttl=0)
     stale.acquire(wait=0)  # the first holder "died": ttl 0 makes its lock stale
     first.release()  # not the holder any more: leaves the new lock alone
-    assert s3.get_json(catalog.lock_key("acme/locked", "r1"))["id"] == stale.owner["id"]
+    assert s3.get_json(layout.lock_key("acme/locked", "r1"))["id"] == stale.owner["id"]
     stale.release()
     assert s3.listing("locks/") == {}
 
