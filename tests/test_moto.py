@@ -104,6 +104,22 @@ def test_gc_aborts_leftover_multipart_uploads_and_unpublished_revisions(cli, mot
     assert cli("verify", "acme/kept", extra_env=moto.env()).rc == 0  # published revisions untouched
 
 
+def test_gc_on_a_sub_prefix_removes_only_unpublished_revisions_under_it(moto):
+    s3 = Bucket(config.load(moto.env()))
+    for name in ("gcsub/kept", "gcsub/killed", "gcother/killed"):
+        s3.put_bytes(f"models/{name}/r1/config.json", b"{}")
+    for name in ("gcsub/killed", "gcother/killed"):
+        s3.s3.create_multipart_upload(Bucket=moto.bucket, Key=f"models/{name}/r1/model.safetensors")
+    s3.put_bytes(layout.manifest_key("gcsub/kept", "r1"), b"{}")  # published: gc must never touch it
+    done = housekeeping.gc(s3, grace_s=0, prefix="models/gcsub/")
+    assert done["removed_revisions"] == ["gcsub/killed@r1"]
+    assert done["aborted_uploads"] == ["models/gcsub/killed/r1/model.safetensors"]
+    assert s3.listing("models/gcsub/killed/") == {} and list(s3.listing("models/gcsub/kept/")) == [
+        "models/gcsub/kept/r1/config.json"]
+    assert list(s3.listing("models/gcother/")) == ["models/gcother/killed/r1/config.json"]  # outside the prefix
+    assert [k for k, _, _ in s3.multipart_uploads("models/gcother/")] == ["models/gcother/killed/r1/model.safetensors"]
+
+
 def test_stage_aborts_its_own_revisions_leftover_multipart_upload(cli, moto, tmp_path):
     s3 = Bucket(config.load(moto.env()))
     model = small_model(tmp_path / "m")
