@@ -20,7 +20,7 @@ from pathlib import Path
 from modelferry.tasks import hash_cache, hub, layout
 from modelferry.tasks import transfer as s5cmd
 from modelferry.tasks.bucket import Bucket
-from modelferry.tasks.errors import IntegrityError, SourceError
+from modelferry.tasks.errors import HubError, IntegrityError, ModelferryError, SourceError, TransferError, first_line
 from modelferry.tasks.integrity import FileHashes, hash_file
 from modelferry.tasks.plan import Plan, PlanFile, StepStats, cache_root, holds
 from modelferry.tasks.settings import Settings
@@ -29,14 +29,31 @@ from modelferry.tasks.survey import object_metadata
 log = logging.getLogger("modelferry.stage")
 
 STEP_NAMES = ("download", "local_verify", "upload")
+# What an error that isn't ours becomes in each step: fetching from the Hub, reading the source, s5cmd.
+STEP_ERRORS = {"download": HubError, "local_verify": SourceError, "upload": TransferError}
+
+
+def in_step(exc: BaseException, step: str) -> BaseException:
+    """`exc` as a typed error of `step`. Ours keep their type and the step first named on them; any
+    other Exception becomes the step's error from it, retried only when it said it was transient
+    (as before: Prefect retries an error whose `transient` is true). Ctrl-C and exits pass unchanged."""
+    if isinstance(exc, ModelferryError):
+        exc.step = exc.step or step
+        return exc
+    if not isinstance(exc, Exception):
+        return exc
+    typed = STEP_ERRORS[step](f"{type(exc).__name__}: {first_line(exc)}")
+    typed.step, typed.transient = step, bool(getattr(exc, "transient", False))
+    typed.__cause__ = exc
+    return typed
 
 
 def transfer(settings: Settings, plan: Plan, progress=None, keep_downloads: bool = True,
              copied: int = 0) -> list[StepStats]:
     """Send every file of `plan` still to fetch. Returns the rows of download, local_verify and
     upload, each timed from its first to its last piece of work (`copied`: files `in_bucket`
-    copied, for the upload row). Raises the first error met; its `step` attribute names the step
-    it belongs to. Files proven before a failure stay proven: a re-run does not send them again.
+    copied, for the upload row). Raises the first error met, a ModelferryError whose `step` names
+    the step it belongs to (Ctrl-C stays KeyboardInterrupt). Files proven before a failure stay proven: a re-run does not send them again.
     `keep_downloads=False` (a Dask worker): Hub files are fetched into modelferry's own cache and
     each is deleted once proven."""
     rows = {name: StepStats(name) for name in STEP_NAMES}
@@ -85,10 +102,8 @@ class Fetch:
         free = st.f_bavail * st.f_frsize
         if free < missing:
             setting = "MODELFERRY_CACHE" if self.own_cache else "HF_HUB_CACHE (or HF_HOME)"
-            exc = SourceError(f"not enough space in {where}: need {missing / 1e9:.2f} GB, "
-                              f"{free / 1e9:.2f} GB free; set {setting} to a bigger disk")
-            exc.step = "download"
-            raise exc
+            raise in_step(SourceError(f"not enough space in {where}: need {missing / 1e9:.2f} GB, "
+                                      f"{free / 1e9:.2f} GB free; set {setting} to a bigger disk"), "download")
 
     def get(self, f: PlanFile) -> int:
         """Put `f`'s bytes on this machine (f.local). Returns the bytes downloaded (0: cached)."""
@@ -145,10 +160,9 @@ def check(plan: Plan, f: PlanFile, styles: set[str], poll=lambda: None) -> str |
 
 
 def bad_files(bad: dict[str, str]) -> IntegrityError:
-    exc = IntegrityError(f"{len(bad)} file(s) do not match the source's hashes, not uploaded, nothing published: "
-                         + "; ".join(f"{path} ({why})" for path, why in sorted(bad.items())), sorted(bad))
-    exc.step = "local_verify"
-    return exc
+    return in_step(IntegrityError(f"{len(bad)} file(s) do not match the source's hashes, not uploaded, nothing "
+                                  "published: " + "; ".join(f"{path} ({why})" for path, why in sorted(bad.items())),
+                                  sorted(bad)), "local_verify")
 
 
 class _Span:
@@ -210,9 +224,7 @@ class _Run:
         except BaseException as exc:  # an error met first in a worker is the one to report
             self.stop.set()  # Ctrl-C in the main thread: workers take no new file
             if not self.failures:
-                if not hasattr(exc, "step"):
-                    exc.step = "upload"
-                self.failures.append(exc)
+                self.failures.append(in_step(exc, "upload"))
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -247,8 +259,7 @@ class _Run:
         except Stopped:
             return
         except BaseException as exc:
-            exc.step = step
-            self.failures.append(exc)
+            self.failures.append(in_step(exc, step))
             self.stop.set()
 
     def _stopped(self) -> None:
