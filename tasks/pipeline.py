@@ -102,8 +102,10 @@ class Fetch:
         free = st.f_bavail * st.f_frsize
         if free < missing:
             setting = "MODELFERRY_CACHE" if self.own_cache else "HF_HUB_CACHE (or HF_HOME)"
-            raise in_step(SourceError(f"not enough space in {where}: need {missing / 1e9:.2f} GB, "
-                                      f"{free / 1e9:.2f} GB free; set {setting} to a bigger disk"), "download")
+            exc = SourceError(f"not enough space in {where}: need {missing / 1e9:.2f} GB, "
+                              f"{free / 1e9:.2f} GB free; set {setting} to a bigger disk")
+            exc.step = "download"
+            raise exc
 
     def get(self, f: PlanFile) -> int:
         """Put `f`'s bytes on this machine (f.local). Returns the bytes downloaded (0: cached)."""
@@ -160,9 +162,10 @@ def check(plan: Plan, f: PlanFile, styles: set[str], poll=lambda: None) -> str |
 
 
 def bad_files(bad: dict[str, str]) -> IntegrityError:
-    return in_step(IntegrityError(f"{len(bad)} file(s) do not match the source's hashes, not uploaded, nothing "
-                                  "published: " + "; ".join(f"{path} ({why})" for path, why in sorted(bad.items())),
-                                  sorted(bad)), "local_verify")
+    exc = IntegrityError(f"{len(bad)} file(s) do not match the source's hashes, not uploaded, nothing published: "
+                         + "; ".join(f"{path} ({why})" for path, why in sorted(bad.items())), sorted(bad))
+    exc.step = "local_verify"
+    return exc
 
 
 class _Span:
