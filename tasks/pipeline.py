@@ -35,8 +35,8 @@ STEP_ERRORS = {"download": HubError, "local_verify": SourceError, "upload": Tran
 
 def in_step(exc: BaseException, step: str) -> BaseException:
     """`exc` as a typed error of `step`. Ours keep their type and the step first named on them; any
-    other Exception becomes the step's error from it, retried only when it said it was transient
-    (as before: Prefect retries an error whose `transient` is true). Ctrl-C and exits pass unchanged."""
+    other Exception becomes the step's error from it, transient only when it said so itself (a step
+    is retried only on a transient error: a bug must not be). Ctrl-C and exits pass unchanged."""
     if isinstance(exc, ModelferryError):
         exc.step = exc.step or step
         return exc
@@ -53,7 +53,8 @@ def transfer(settings: Settings, plan: Plan, progress=None, keep_downloads: bool
     """Send every file of `plan` still to fetch. Returns the rows of download, local_verify and
     upload, each timed from its first to its last piece of work (`copied`: files `in_bucket`
     copied, for the upload row). Raises the first error met, a ModelferryError whose `step` names
-    the step it belongs to (Ctrl-C stays KeyboardInterrupt). Files proven before a failure stay proven: a re-run does not send them again.
+    the step it belongs to (Ctrl-C stays KeyboardInterrupt). Files proven before a failure stay
+    proven: a re-run does not send them again.
     `keep_downloads=False` (a Dask worker): Hub files are fetched into modelferry's own cache and
     each is deleted once proven."""
     rows = {name: StepStats(name) for name in STEP_NAMES}
