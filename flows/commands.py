@@ -89,10 +89,10 @@ def verify(args) -> Output:
 
 
 def list_models(args) -> Output:
-    from modelferry.tasks import catalog
+    from modelferry.tasks import catalog, housekeeping
 
     if args.compile_caches:
-        rows = catalog.compile_caches(_bucket())
+        rows = housekeeping.compile_caches(_bucket())
         return Output(rows, rows=rows)
     rows = catalog.list_models(_bucket())
     shown = ("name", "revision", "current", "files", "bytes", "verified", "staged_at", "uri")
@@ -190,15 +190,15 @@ def cost(args) -> Output:
 
 
 def gc(args) -> Output:
-    from modelferry.tasks import catalog
+    from modelferry.tasks import housekeeping
 
     if args.grace_hours < 0:
         raise SettingsError("--grace-hours must be 0 or more")
     bucket = _bucket()
-    result = catalog.gc(bucket, args.grace_hours * 3600, args.dry_run)
+    result = housekeeping.gc(bucket, args.grace_hours * 3600, args.dry_run)
     if args.compile_cache_days is not None:
-        result["removed_compile_caches"] = catalog.drop_compile_caches(bucket, args.compile_cache_days * 86400,
-                                                                       args.dry_run)
+        result["removed_compile_caches"] = housekeeping.drop_compile_caches(bucket, args.compile_cache_days * 86400,
+                                                                            args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     lines = [f"{verb} {len(result['aborted_uploads'])} unfinished multipart upload(s), "
              f"{len(result['removed_revisions'])} unpublished revision(s) ({result['removed_objects']} objects)",

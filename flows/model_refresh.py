@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 
 from modelferry.flows.stage_model import stage_model
 from modelferry.flows.steps import step
-from modelferry.tasks import catalog, hub
+from modelferry.tasks import catalog, housekeeping, hub
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import RefreshFailed, SettingsError
@@ -52,7 +52,7 @@ def promote(model: str, revision: str, keep: int) -> list[str]:
     bucket = Bucket(config.load())
     catalog.verify(bucket, model, revision)
     catalog.set_current(bucket, model, revision)
-    return catalog.prune(bucket, model, keep)
+    return housekeeping.prune(bucket, model, keep)
 
 
 @flow(name="model-refresh", log_prints=False)

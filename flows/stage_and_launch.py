@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 
 from modelferry.flows.stage_model import stage_model
 from modelferry.flows.steps import Steps, step
-from modelferry.tasks import catalog, launcher, request, results
+from modelferry.tasks import catalog, launcher, layout, request, results
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import SettingsError
@@ -182,14 +182,14 @@ def _report(steps: Steps, measured: list[Run], model: str, results_root: Path, r
     bucket = Bucket(config.load())
     for run in measured:
         path = results.save_run([run.row], out, f"{run.row['strategy']}-run{run.row['run']}")
-        bucket.put_bytes(f"bench/{model}/{bench_id}/{path.name}", path.read_bytes())
+        bucket.put_bytes(layout.bench_prefix(model, bench_id) + path.name, path.read_bytes())
         if run.log:  # the node's log the row was read from
             path.with_suffix(".log").write_text(run.log)
     df = results.read_results(out).sort_values(["strategy", "run"])
     png = results.plot(df, out / "phases.png", f"{model}: cold start by phase")
-    bucket.put_bytes(f"bench/{model}/{bench_id}/phases.png", png.read_bytes(), "image/png")
+    bucket.put_bytes(layout.bench_prefix(model, bench_id) + "phases.png", png.read_bytes(), "image/png")
     note = results.winner(df) or ""
-    log.info("results in %s (and s3://%s/bench/%s/%s/)%s", out, bucket.name, model, bench_id, f"; {note}" if note else "")
+    log.info("results in %s (and %s)%s", out, bucket.uri(layout.bench_prefix(model, bench_id)), f"; {note}" if note else "")
     if flow_run.id:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 

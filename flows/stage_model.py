@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from prefect import flow
 
 from modelferry.flows.steps import Steps, WorkClock, progress_reporter, step
-from modelferry.tasks import catalog, in_bucket, pipeline, publish as publishing, resolve as resolving, shards
+from modelferry.tasks import in_bucket, pipeline, publish as publishing, resolve as resolving, shards
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import SettingsError, require_extra
+from modelferry.tasks.lock import Lock
 from modelferry.tasks.survey import survey
 
 log = logging.getLogger("modelferry.stage")
@@ -116,7 +117,7 @@ def stage_model(source: str, revision: str | None = None, include: list[str] | N
     steps = Steps("stage-steps", f"stage {source}")
     include, exclude = list(include or []), list(exclude or [])
     plan = steps(resolve, source, revision, include, exclude, name, allow_unloadable)
-    with catalog.Lock(bucket, plan.name, plan.revision).held(log=log) as lock:  # one writer per revision
+    with Lock(bucket, plan.name, plan.revision).held(log=log) as lock:  # one writer per revision
         if task_runner == "dask":
             steps(transfer_on_dask, plan, replace, dask_address, name="transfer")
         else:

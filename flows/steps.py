@@ -134,7 +134,7 @@ class Steps:
             self._fail(exc, name, started, 1)
 
     def _fail(self, exc: Exception, name: str, started: float, attempts: int):
-        failed = getattr(exc, "step", None) or name
+        failed = (exc.step if isinstance(exc, ModelferryError) else None) or name
         self._record(StepStats(failed, status="failed", note=scrub(first_line(exc))), started, attempts)
         self.publish()
         raise StepFailed(f"step {failed} failed: {scrub(str(exc))}", self.rows, exc) from exc

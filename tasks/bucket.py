@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import dataclass
 
+from modelferry.tasks import layout
 from modelferry.tasks.errors import (AccessDenied, BadCredentials, BucketError, BucketNotFound, EndpointUnreachable,
                           TransientBucketError, first_line)
 from modelferry.tasks.settings import Settings, s3_client
@@ -94,7 +94,7 @@ class Bucket:
     def probe(self) -> None:
         """One cheap request that fails at once on a wrong endpoint, scheme, key or bucket: asked
         before a stage starts, so a dead endpoint is an error in a second, not after the retries."""
-        self._call("list_objects_v2", Prefix="modelferry/", MaxKeys=1)
+        self._call("list_objects_v2", Prefix=layout.FACTS, MaxKeys=1)
 
     def head(self, key: str) -> ObjectInfo | None:
         """Size and ETag of one object, or None when there is no such object."""
@@ -191,7 +191,7 @@ def check_r2(settings: Settings) -> dict:
     """Put, head, get and delete a probe object. Returns per-operation latency in milliseconds.
     Fails within seconds on a wrong endpoint: one attempt, 5 s connect timeout."""
     bucket = Bucket(settings)
-    key = f".modelferry/probe-{uuid.uuid4().hex}"
+    key = layout.probe_key()
     body = b"modelferry check-r2 probe\n"
     timings = {}
     t = time.perf_counter()

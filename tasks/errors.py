@@ -8,6 +8,8 @@ class ModelferryError(Exception):
     """Base class: a user-facing failure with a one-line message."""
 
     transient = False
+    step: str | None = None
+    """The pipeline step it broke, when a task that runs several steps at once raised it (flows/steps.py)."""
 
 
 class SettingsError(ModelferryError):

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from modelferry.tasks import catalog, local_target, skytask, startlog
+from modelferry.tasks import catalog, layout, local_target, skytask, startlog
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import IntegrityError, NotReady, NotStaged, SettingsError
 from modelferry.tasks.options import LaunchOptions
@@ -118,7 +118,7 @@ def prepare(settings: Settings, model: str, revision: str | None, options: Launc
     if warning:
         log.warning("%s", warning)
     rev = manifest.revision if weights == "r2" else (revision or (manifest.revision if manifest else "main"))
-    model_uri = bucket.uri(catalog.model_prefix(model, rev)) if weights == "r2" else (
+    model_uri = bucket.uri(layout.model_prefix(model, rev)) if weights == "r2" else (
         manifest.source.get("repo_id", model) if manifest else model)
     cfg = skytask.build_task_config(model_uri=model_uri, served_name=model, model_bytes=manifest.total_bytes if manifest
                                     else 0, weights=weights, options=options, loader_env=loader_env(settings.endpoint),

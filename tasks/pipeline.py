@@ -17,10 +17,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from modelferry.tasks import catalog, hash_cache, hub
+from modelferry.tasks import hash_cache, hub, layout
 from modelferry.tasks import transfer as s5cmd
 from modelferry.tasks.bucket import Bucket
-from modelferry.tasks.errors import IntegrityError, SourceError
+from modelferry.tasks.errors import HubError, IntegrityError, ModelferryError, SourceError, TransferError, first_line
 from modelferry.tasks.integrity import FileHashes, hash_file
 from modelferry.tasks.plan import Plan, PlanFile, StepStats, cache_root, holds
 from modelferry.tasks.settings import Settings
@@ -29,14 +29,32 @@ from modelferry.tasks.survey import object_metadata
 log = logging.getLogger("modelferry.stage")
 
 STEP_NAMES = ("download", "local_verify", "upload")
+# What an error that isn't ours becomes in each step: fetching from the Hub, reading the source, s5cmd.
+STEP_ERRORS = {"download": HubError, "local_verify": SourceError, "upload": TransferError}
+
+
+def in_step(exc: BaseException, step: str) -> BaseException:
+    """`exc` as a typed error of `step`. Ours keep their type and the step first named on them; any
+    other Exception becomes the step's error from it, transient only when it said so itself (a step
+    is retried only on a transient error: a bug must not be). Ctrl-C and exits pass unchanged."""
+    if isinstance(exc, ModelferryError):
+        exc.step = exc.step or step
+        return exc
+    if not isinstance(exc, Exception):
+        return exc
+    typed = STEP_ERRORS[step](f"{type(exc).__name__}: {first_line(exc)}")
+    typed.step, typed.transient = step, bool(getattr(exc, "transient", False))
+    typed.__cause__ = exc
+    return typed
 
 
 def transfer(settings: Settings, plan: Plan, progress=None, keep_downloads: bool = True,
              copied: int = 0) -> list[StepStats]:
     """Send every file of `plan` still to fetch. Returns the rows of download, local_verify and
     upload, each timed from its first to its last piece of work (`copied`: files `in_bucket`
-    copied, for the upload row). Raises the first error met; its `step` attribute names the step
-    it belongs to. Files proven before a failure stay proven: a re-run does not send them again.
+    copied, for the upload row). Raises the first error met, a ModelferryError whose `step` names
+    the step it belongs to (Ctrl-C stays KeyboardInterrupt). Files proven before a failure stay
+    proven: a re-run does not send them again.
     `keep_downloads=False` (a Dask worker): Hub files are fetched into modelferry's own cache and
     each is deleted once proven."""
     rows = {name: StepStats(name) for name in STEP_NAMES}
@@ -187,7 +205,7 @@ class _Run:
         self.bad: dict[str, str] = {}  # path -> why it may not go up
         self.stop = threading.Event()
         self.proofs: list = []
-        self.styles = catalog.etag_styles(bucket)
+        self.styles = layout.etag_styles(bucket)
 
     def go(self, settings: Settings) -> None:
         # Two at a time: on a shared link, N parallel downloads finish their first file N times later,
@@ -210,9 +228,7 @@ class _Run:
         except BaseException as exc:  # an error met first in a worker is the one to report
             self.stop.set()  # Ctrl-C in the main thread: workers take no new file
             if not self.failures:
-                if not hasattr(exc, "step"):
-                    exc.step = "upload"
-                self.failures.append(exc)
+                self.failures.append(in_step(exc, "upload"))
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -247,8 +263,7 @@ class _Run:
         except Stopped:
             return
         except BaseException as exc:
-            exc.step = step
-            self.failures.append(exc)
+            self.failures.append(in_step(exc, step))
             self.stop.set()
 
     def _stopped(self) -> None:
@@ -275,7 +290,7 @@ class _Run:
             if holds(obj, f):
                 f.proven, f.etag = True, obj.etag
                 Fetch.drop(f)
-                if len(self.styles) > 1 and (style := catalog.learn_etag_style(self.bucket, f.hashes, obj.etag)):
+                if len(self.styles) > 1 and (style := layout.learn_etag_style(self.bucket, f.hashes, obj.etag)):
                     self.styles.intersection_update({style})
 
     def fill(self, rows: dict[str, StepStats]) -> None:

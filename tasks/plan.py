@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from modelferry.tasks.bucket import ObjectInfo
-from modelferry.tasks.catalog import model_prefix
+from modelferry.tasks.layout import model_prefix
 from modelferry.tasks.integrity import FileHashes, Manifest
 
 

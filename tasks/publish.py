@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from modelferry.tasks import catalog
+from modelferry.tasks import catalog, layout
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import IntegrityError
 from modelferry.tasks.integrity import FileEntry, Manifest
@@ -25,7 +25,7 @@ def build_manifest(plan: Plan, staged_at: str) -> Manifest:
 def remote_verify(settings: Settings, plan: Plan) -> tuple[Manifest, StepStats]:
     """Prove every object holds the verified bytes, from one listing: size and the ETag the bucket
     computed, against the ETag predicted from our part MD5s. No object is downloaded."""
-    manifest = build_manifest(plan, catalog.now())
+    manifest = build_manifest(plan, layout.now())
     check = catalog.check_listing(Bucket(settings), manifest)
     if not check.ok:
         raise IntegrityError(
@@ -39,17 +39,19 @@ def remote_verify(settings: Settings, plan: Plan) -> tuple[Manifest, StepStats]:
 
 
 def publish(settings: Settings, plan: Plan, manifest: Manifest, set_current: bool = True) -> StepStats:
+    """Write the manifest (the revision now exists as a model), its verification record, then the
+    current pointer, in that order. A revision already published with the same files keeps its
+    manifest; its record is still rewritten, so a repaired revision is ok again."""
     stats = StepStats("publish")
     bucket = Bucket(settings)
-    if plan.published and _same_files(plan.published, manifest):
+    same = bool(plan.published and _same_files(plan.published, manifest))
+    if same:
         stats.status, stats.note = "skipped", "same manifest already published"
-        stats.bytes = catalog.record_verified(bucket, manifest, by="stage")  # a repaired revision is ok again
-        if set_current and current_or_none(bucket, plan.name) != plan.revision:
-            stats.bytes += bucket.put_json(catalog.current_key(plan.name), {"revision": plan.revision, "updated_at": catalog.now()})
-        return stats
-    stats.bytes = catalog.publish(bucket, manifest, set_current)
-    stats.files = 1
-    stats.note = "manifest written"
+    else:
+        stats.bytes, stats.files, stats.note = layout.put_manifest(bucket, manifest), 1, "manifest written"
+    stats.bytes += layout.put_verified(bucket, layout.verification_record(manifest, by="stage"))
+    if set_current and not (same and current_or_none(bucket, plan.name) == plan.revision):
+        stats.bytes += layout.put_current(bucket, plan.name, plan.revision)
     return stats
 
 

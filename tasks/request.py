@@ -11,6 +11,7 @@ from pathlib import Path
 
 from modelferry.tasks.errors import SettingsError, SourceError
 from modelferry.tasks.integrity import check_key_length, check_relpath
+from modelferry.tasks.layout import model_prefix
 
 SKIP_DIRS = {".git", ".cache", "__pycache__", ".huggingface"}
 LOCAL_REVISION_CHARS = len("local-") + 16  # see integrity.local_revision
@@ -116,7 +117,7 @@ def check_loadable(paths: list[str], allow_unloadable: bool) -> None:
 def check_keys(name: str, revision_chars: int, paths: list[str]) -> None:
     """Every object key would fit S3's limit."""
     for path in paths:
-        check_key_length(f"models/{name}/{'0' * revision_chars}/{path}")
+        check_key_length(model_prefix(name, "0" * revision_chars) + path)
 
 
 def check(source: str, name: str | None, include: list[str], exclude: list[str], allow_unloadable: bool) -> Source:

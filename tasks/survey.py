@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from modelferry.tasks import catalog, hash_cache
+from modelferry.tasks import catalog, hash_cache, layout
 from modelferry.tasks.bucket import Bucket, ObjectInfo
-from modelferry.tasks.errors import SourceError
+from modelferry.tasks.errors import CorruptManifest, SourceError
 from modelferry.tasks.integrity import FileHashes, Manifest
 from modelferry.tasks.plan import Plan, PlanFile, holds
 
@@ -45,7 +45,7 @@ def _published(bucket: Bucket, plan: Plan, replace: bool) -> Manifest | None:
     is then proven again from its ETag before a new manifest goes up); otherwise its error says so."""
     try:
         return catalog.read_manifest(bucket, plan.name, plan.revision)
-    except catalog.CorruptManifest:
+    except CorruptManifest:
         if not replace:
             raise
         log.warning("the manifest of %s@%s is corrupt: it will be rewritten", plan.name, plan.revision)
@@ -56,7 +56,7 @@ def current_or_none(bucket: Bucket, name: str) -> str | None:
     """The current revision, None when the pointer is missing or corrupt (publish rewrites it)."""
     try:
         return catalog.current_revision(bucket, name)
-    except catalog.CorruptManifest:
+    except CorruptManifest:
         return None
 
 
@@ -116,7 +116,7 @@ def object_metadata(h: FileHashes) -> tuple[tuple[str, str], ...]:
 
 def _copied_revision(plan: Plan) -> str:
     src = next(f.copy_from for f in plan.files if f.copy_from)
-    return src[len(f"models/{plan.name}/"):].split("/", 1)[0][:12]
+    return layout.parse_model_key(src)[1][:12]
 
 
 def _plan_copies(plan: Plan, bucket: Bucket) -> None:
@@ -128,7 +128,7 @@ def _plan_copies(plan: Plan, bucket: Bucket) -> None:
         return
     try:
         old = catalog.read_manifest(bucket, plan.name, current)
-    except catalog.CorruptManifest:
+    except CorruptManifest:
         return
     if old is None or old.part_size != plan.part_size:
         return
@@ -140,5 +140,5 @@ def _plan_copies(plan: Plan, bucket: Bucket) -> None:
     for f in plan.pending():
         e = by_content.get(("sha256", f.sha256, f.size) if f.sha256 else ("git", f.git_sha1, f.size))
         if e:
-            f.copy_from = catalog.model_prefix(plan.name, current) + e.path
+            f.copy_from = layout.model_prefix(plan.name, current) + e.path
             f.hashes = FileHashes(e.size, e.sha256, e.git_sha1 or "", e.md5, e.multipart_etag)

@@ -15,6 +15,7 @@ import pytest
 from modelferry.tasks import catalog, embedded, processes
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.lock import Lock
 from tests.conftest import LLAMA, TINY, processes_under, steps_by_name
 
 MiB = 2**20
@@ -181,7 +182,7 @@ def test_local_file_rewritten_after_resolve_is_refused(env, tmp_path, monkeypatc
     settings = config.load(env)
     plan, _ = resolve.resolve(settings, str(model), None, [], [], "acme/rewritten", allow_unloadable=True)
     s3 = Bucket(settings)
-    with catalog.Lock(s3, plan.name, plan.revision).held(wait=0):
+    with Lock(s3, plan.name, plan.revision).held(wait=0):
         survey(s3, plan, replace=False)
         (model / "c.safetensors").write_bytes(os.urandom(24 * MiB))  # same size, other bytes
         with pytest.raises(IntegrityError) as caught:

@@ -111,3 +111,21 @@ def test_bad_files_keeps_paths_whole():
     exc = bad_files({"w (v2).bin": "sha256 aa... != Hub bb...", "a.safetensors": "changed since resolve hashed it"})
     assert exc.bad_files == ["a.safetensors", "w (v2).bin"] and exc.step == "local_verify"
     assert "w (v2).bin (sha256 aa... != Hub bb...)" in str(exc)
+
+
+def test_an_error_that_is_not_ours_becomes_its_steps_typed_error_and_keeps_its_transience():
+    from modelferry.tasks.errors import HubError, TransferError, TransientBucketError
+    from modelferry.tasks.pipeline import in_step
+
+    disk = OSError(28, "No space left on device")
+    typed = in_step(disk, "upload")
+    assert isinstance(typed, TransferError) and typed.step == "upload" and typed.__cause__ is disk
+    assert not typed.transient and "No space left on device" in str(typed)  # a bug or a full disk: no retry
+    blip = ConnectionError("reset")
+    blip.transient = True
+    assert isinstance(in_step(blip, "download"), HubError) and in_step(blip, "download").transient
+    ours = in_step(TransientBucketError("503"), "upload")
+    assert type(ours) is TransientBucketError and ours.step == "upload" and ours.transient
+    assert in_step(ours, "download").step == "upload"  # the step first named stays
+    ctrl_c = KeyboardInterrupt()
+    assert in_step(ctrl_c, "upload") is ctrl_c

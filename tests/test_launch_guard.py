@@ -4,7 +4,7 @@ model served, whatever the last verification record says."""
 
 from __future__ import annotations
 
-from modelferry.tasks import catalog
+from modelferry.tasks import catalog, layout
 from tests.test_stage import make_local_model
 
 SKY = {"VLLM_API_KEY": "mf-guard-api-key"}
@@ -18,7 +18,7 @@ def test_launch_refuses_a_prefix_that_is_not_its_manifest_until_stage_repairs_it
     assert cli(*dry, extra_env=SKY).rc == 0
 
     s3.put_bytes(f"models/acme/guarded/{rev}/extra.safetensors", b"not part of the model")
-    assert s3.get_json(catalog.verified_key("acme/guarded", rev))["ok"]  # the record still says fine
+    assert s3.get_json(layout.verified_key("acme/guarded", rev))["ok"]  # the record still says fine
     for source in ("r2", "auto"):
         run = cli(*dry, "--source", source, extra_env=SKY)
         assert run.rc == 1, run

@@ -5,9 +5,11 @@ import os
 
 import pytest
 
-from modelferry.tasks import catalog
+from modelferry.tasks import catalog, housekeeping, layout
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.errors import Locked
+from modelferry.tasks.lock import Lock
 from modelferry.tasks.integrity import MiB
 from tests import standins
 from tests.conftest import steps_by_name
@@ -65,14 +67,14 @@ def test_two_stages_of_one_revision_at_once_send_it_once(env, moto, tmp_path):
 
 def test_lock_refuses_a_second_holder_and_breaks_a_stale_one(moto):
     s3 = Bucket(config.load(moto.env()))
-    first = catalog.Lock(s3, "acme/locked", "r1")
+    first = Lock(s3, "acme/locked", "r1")
     first.acquire(wait=0)
-    with pytest.raises(catalog.Locked, match="another stage of this revision is running"):
-        catalog.Lock(s3, "acme/locked", "r1").acquire(wait=0.5, poll=0.1)
-    stale = catalog.Lock(s3, "acme/locked", "r1", ttl=0)
+    with pytest.raises(Locked, match="another stage of this revision is running"):
+        Lock(s3, "acme/locked", "r1").acquire(wait=0.5, poll=0.1)
+    stale = Lock(s3, "acme/locked", "r1", ttl=0)
     stale.acquire(wait=0)  # the first holder "died": ttl 0 makes its lock stale
     first.release()  # not the holder any more: leaves the new lock alone
-    assert s3.get_json(catalog.lock_key("acme/locked", "r1"))["id"] == stale.owner["id"]
+    assert s3.get_json(layout.lock_key("acme/locked", "r1"))["id"] == stale.owner["id"]
     stale.release()
     assert s3.listing("locks/") == {}
 
@@ -100,6 +102,22 @@ def test_gc_aborts_leftover_multipart_uploads_and_unpublished_revisions(cli, mot
     assert young["aborted_uploads"] + done["aborted_uploads"] == ["models/acme/killed/r1/model.safetensors"]
     assert s3.multipart_uploads("models/") == [] and s3.listing("models/acme/killed/") == {}
     assert cli("verify", "acme/kept", extra_env=moto.env()).rc == 0  # published revisions untouched
+
+
+def test_gc_on_a_sub_prefix_removes_only_unpublished_revisions_under_it(moto):
+    s3 = Bucket(config.load(moto.env()))
+    for name in ("gcsub/kept", "gcsub/killed", "gcother/killed"):
+        s3.put_bytes(f"models/{name}/r1/config.json", b"{}")
+    for name in ("gcsub/killed", "gcother/killed"):
+        s3.s3.create_multipart_upload(Bucket=moto.bucket, Key=f"models/{name}/r1/model.safetensors")
+    s3.put_bytes(layout.manifest_key("gcsub/kept", "r1"), b"{}")  # published: gc must never touch it
+    done = housekeeping.gc(s3, grace_s=0, prefix="models/gcsub/")
+    assert done["removed_revisions"] == ["gcsub/killed@r1"]
+    assert done["aborted_uploads"] == ["models/gcsub/killed/r1/model.safetensors"]
+    assert s3.listing("models/gcsub/killed/") == {} and list(s3.listing("models/gcsub/kept/")) == [
+        "models/gcsub/kept/r1/config.json"]
+    assert list(s3.listing("models/gcother/")) == ["models/gcother/killed/r1/config.json"]  # outside the prefix
+    assert [k for k, _, _ in s3.multipart_uploads("models/gcother/")] == ["models/gcother/killed/r1/model.safetensors"]
 
 
 def test_stage_aborts_its_own_revisions_leftover_multipart_upload(cli, moto, tmp_path):

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from modelferry.tasks import catalog, embedded, processes
+from modelferry.tasks import catalog, embedded, layout, processes
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.errors import Locked
+from modelferry.tasks.lock import Lock
 from tests import standins
 from tests.conftest import TINY, steps_by_name
 from tests.test_faults import model_dir, slow_bucket, start_stage, wait_for_line  # noqa: F401 - fixture
@@ -139,7 +141,7 @@ def test_corrupt_manifest_is_named_everywhere_and_replace_rewrites_it(cli, s3, t
     assert cli("stage", str(model), "--name", "acme/corrupt").rc == 0
     assert cli("stage", str(model), "--name", "acme/intact").rc == 0
     rev = catalog.current_revision(s3, "acme/corrupt")
-    key = catalog.manifest_key("acme/corrupt", rev)
+    key = layout.manifest_key("acme/corrupt", rev)
     s3.put_bytes(key, b'{"name": "acme/corrupt", "revision":')  # cut short, as a failed write leaves it
 
     listed = cli("list", "--json")
@@ -162,7 +164,7 @@ def test_missing_current_pointer_is_not_taken_for_not_staged(cli, s3, tmp_path):
     model = make_local_model(tmp_path / "m")
     assert cli("stage", str(model), "--name", "acme/pointerless").rc == 0
     rev = catalog.current_revision(s3, "acme/pointerless")
-    s3.delete([catalog.current_key("acme/pointerless")])
+    s3.delete([layout.current_key("acme/pointerless")])
 
     verify = cli("verify", "acme/pointerless")
     assert verify.rc == 1 and "no current revision" in verify.err and rev in verify.err, verify
@@ -252,20 +254,22 @@ def test_a_slow_temporary_prefect_server_is_one_line_saying_what_to_do(cli, tmp_
 
 RACER = """
 import json, sys, time
-from modelferry.tasks import catalog, settings
+from modelferry.tasks import layout, settings
 from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.errors import Locked
+from modelferry.tasks.lock import Lock
 s3 = Bucket(settings.load())
 rounds = int(sys.argv[1])
 print("ready", flush=True)
 start = float(sys.stdin.readline())
 for r in range(rounds):
     time.sleep(max(0.0, start + r * 1.5 - time.time()))
-    lock = catalog.Lock(s3, "acme/raced", f"r{r}", ttl=3600)
+    lock = Lock(s3, "acme/raced", f"r{r}", ttl=3600)
     try:
         lock.acquire(wait=0)
         print(json.dumps({"round": r, "won": True, "t": time.time() - start - r * 1.5, "me": lock.owner["id"][:6],
-                          "stored": s3.get_json(catalog.lock_key("acme/raced", f"r{r}"))["id"][:6]}), flush=True)
-    except catalog.Locked:
+                          "stored": s3.get_json(layout.lock_key("acme/raced", f"r{r}"))["id"][:6]}), flush=True)
+    except Locked:
         print(json.dumps({"round": r, "won": False}), flush=True)
 time.sleep(max(0.0, start + rounds * 1.5 - time.time()))  # a holder that exits is dead: stay until both are done
 """
@@ -318,7 +322,7 @@ def test_two_waiters_cannot_both_take_over_a_stale_lock(moto):
     s3 = Bucket(config.load(moto.env()))
     rounds = 4
     for r in range(rounds):  # a killed holder's lock, long past its ttl
-        s3.put_bytes(catalog.lock_key("acme/raced", f"r{r}"), json.dumps(
+        s3.put_bytes(layout.lock_key("acme/raced", f"r{r}"), json.dumps(
             {"id": "dead", "host": "elsewhere", "pid": 1, "since": 0}).encode(), "application/json")
     moto_port = int(moto.endpoint.rsplit(":", 1)[1])
     proxies = [TakeoverDelay(moto_port, 0.1), TakeoverDelay(moto_port, 0.5)]
@@ -340,16 +344,16 @@ def test_two_waiters_cannot_both_take_over_a_stale_lock(moto):
 
 def test_a_heartbeat_never_overwrites_a_lock_someone_else_took(moto):
     s3 = Bucket(config.load(moto.env()))
-    lock = catalog.Lock(s3, "acme/beaten", "r1", ttl=4)  # beats every second
+    lock = Lock(s3, "acme/beaten", "r1", ttl=4)  # beats every second
     lock.acquire(wait=0)
     other = json.dumps({"id": "other", "host": "elsewhere", "pid": 1, "since": time.time()}).encode()
-    s3.put_bytes(catalog.lock_key("acme/beaten", "r1"), other, "application/json")  # taken over meanwhile
+    s3.put_bytes(layout.lock_key("acme/beaten", "r1"), other, "application/json")  # taken over meanwhile
     assert lock.lost.wait(5), "the heartbeat did not notice"
-    assert s3.get_bytes(catalog.lock_key("acme/beaten", "r1")) == other
-    with pytest.raises(catalog.Locked, match="nothing published"):
+    assert s3.get_bytes(layout.lock_key("acme/beaten", "r1")) == other
+    with pytest.raises(Locked, match="nothing published"):
         lock.check()
     lock.release()  # not ours any more: left alone
-    assert s3.get_bytes(catalog.lock_key("acme/beaten", "r1")) == other
+    assert s3.get_bytes(layout.lock_key("acme/beaten", "r1")) == other
 
 
 @pytest.fixture(scope="module")

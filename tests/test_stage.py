@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from prefect.client.orchestration import get_client
 
-from modelferry.tasks import catalog, embedded, tiny_llama
+from modelferry.tasks import catalog, embedded, layout, tiny_llama
 from modelferry.tasks.local_target import vllm_python
 from tests.conftest import ACCESS_KEY, SECRET_KEY, TINY, steps_by_name
 
@@ -162,7 +162,7 @@ def test_interrupted_stage_resumes_sending_only_what_is_missing(cli, s3):
     assert cli("stage", TINY, "--no-set-current").rc == 0
     rev = next(r["revision"] for r in catalog.list_models(s3) if r["name"] == TINY)
     # What an interrupted run leaves: some objects, no manifest.
-    s3.delete([catalog.manifest_key(TINY, rev), f"models/{TINY}/{rev}/vocab.txt", f"models/{TINY}/{rev}/config.json"])
+    s3.delete([layout.manifest_key(TINY, rev), f"models/{TINY}/{rev}/vocab.txt", f"models/{TINY}/{rev}/config.json"])
     run = cli("stage", TINY, "--json")
     assert run.rc == 0, run
     by = steps_by_name(run.json())
