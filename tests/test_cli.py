@@ -18,7 +18,7 @@ def test_top_level_help_lists_settings():
 
 
 def test_blocks_carry_the_settings_for_processes_without_them(cli, env):
-    from tests.conftest import ACCESS_KEY, SECRET_KEY
+    from tests.helpers import ACCESS_KEY, SECRET_KEY
 
     saved = cli("blocks")
     assert saved.rc == 0 and "modelferry-r2-secret-key" in saved.out, saved

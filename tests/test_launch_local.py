@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ACCESS_KEY, SECRET_KEY, TINY
+from tests.helpers import ACCESS_KEY, SECRET_KEY, TINY
 
 
 def started_nodes(env: dict) -> list[Path]:

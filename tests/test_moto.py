@@ -10,7 +10,7 @@ from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.integrity import MiB
 from tests import standins
-from tests.conftest import steps_by_name
+from tests.helpers import steps_by_name
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ACCESS_KEY, HF_TOKEN, SECRET_KEY
+from tests.helpers import ACCESS_KEY, HF_TOKEN, SECRET_KEY
 
 pytestmark = pytest.mark.services
 
