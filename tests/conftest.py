@@ -46,10 +46,28 @@ def hub(mirror, session_dir):
 
 @pytest.fixture(scope="session")
 def prefect_api(session_dir):
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
     home = session_dir / "prefect"
     with embedded.prefect_server(home) as api:
-        os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home))
-        yield api
+        os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home))  # for children
+        # Prefect in this process read its settings when collection imported it, before this server
+        # existed: without these, an in-process client finds no API URL and starts a temporary server.
+        with temporary_settings({PREFECT_API_URL: api, PREFECT_HOME: home}):
+            yield api
+
+
+@pytest.fixture(autouse=True)
+def no_temporary_prefect_server_in_pytest():
+    """Fails the test during which Prefect started its temporary (ephemeral) server inside pytest: that
+    test ran against a server of its own rather than the session's, and the server, stopped only at
+    interpreter exit, prints a logging traceback once pytest has closed its streams."""
+    yield
+    server = sys.modules.get("prefect.server.api.server")
+    started = [s for s in server.SubprocessASGIServer._instances.values() if s.running] if server else []
+    for s in started:
+        s.stop()
+    assert not started, "Prefect started a temporary server in the test process: the test needs the prefect_api fixture"
 
 
 @pytest.fixture

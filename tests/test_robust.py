@@ -375,8 +375,6 @@ def test_a_file_in_the_hf_cache_is_not_downloaded_again_but_still_checked(cli, e
 # --- model-refresh: each model on its own --------------------------------------------------------
 
 def test_model_refresh_goes_through_the_whole_list_when_one_model_fails(env, s3, prefect_api, tmp_path, monkeypatch):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from modelferry.flows.model_refresh import RefreshFailed, model_refresh
 
     for key in ("R2_ENDPOINT", "R2_BUCKET", "R2_ACCESS_KEY", "R2_SECRET_KEY", "HF_ENDPOINT", "MODELFERRY_CACHE",
@@ -384,7 +382,7 @@ def test_model_refresh_goes_through_the_whole_list_when_one_model_fails(env, s3,
         monkeypatch.setenv(key, env[key])
     watch = tmp_path / "watch.yaml"
     watch.write_text(f"models:\n  - model: acme/not-on-the-hub\n  - model: {TINY}\n    keep: 1\n")
-    with temporary_settings({PREFECT_API_URL: prefect_api}), pytest.raises(RefreshFailed) as caught:
+    with pytest.raises(RefreshFailed) as caught:
         model_refresh(str(watch))
     rows = {r["model"]: r for r in caught.value.rows}
     assert rows["acme/not-on-the-hub"]["status"] == "failed" and "not found" in rows["acme/not-on-the-hub"]["error"]
