@@ -11,12 +11,29 @@ from pathlib import Path
 import pytest
 
 from modelferry.tasks import embedded, processes, tiny_llama
-from tests.helpers import ACCESS_KEY, API_KEY, BUCKET, LLAMA, ROOT, SECRET_KEY, TINY, Run, VllmSession, run_deployment
+from tests.helpers import (ACCESS_KEY, API_KEY, BUCKET, LLAMA, ROOT, SECRET_KEY, SECRETS, TINY, Run, VllmSession,
+                           run_deployment, secret_findings)
 
 # The suite runs from a checkout: its tools are the ones `make` built there, handed to the product
 # through the same settings a user would set.
 os.environ.setdefault("MODELFERRY_OLAH", str(ROOT / ".venv-olah" / "bin" / "olah-cli"))
 os.environ.setdefault("MODELFERRY_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_what_the_session_wrote(tmp_path_factory):
+    """After every test, whatever their order: no file the session wrote holds a secret it handed out.
+    That is everything under the session's temporary directory (each test's tmp_path, the services'
+    dirs: the bucket's files, the Prefect server's database of logs, artifacts and parameters, the
+    worker's results, caches and job logs, the demo's output) and the UI screenshots in test-output/.
+    Set up first among the session's fixtures, so it runs after they have all stopped and flushed; a
+    finding is an error of the session's last test, naming the file and the secret."""
+    base = tmp_path_factory.getbasetemp()
+    yield
+    for home in base.glob("services*/prefect"):  # the server ran: its database must be there to scan
+        assert (home / "prefect.db").is_file(), f"no Prefect database in {home} to scan for secrets"
+    found = secret_findings([base, ROOT / "test-output"], SECRETS)
+    assert not found, "secrets in what the suite wrote:\n" + "\n".join(found)
 
 
 @pytest.fixture(scope="session")

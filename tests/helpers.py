@@ -16,7 +16,13 @@ from modelferry.tasks import tiny_llama
 ACCESS_KEY = "mf-test-access-7f3a1c"
 SECRET_KEY = "mf-test-secret-9c1e55d2"
 HF_TOKEN = "hf_mftesttoken4b8e2a"
-API_KEY = "mf-api-key-offline-1"  # the kept vLLM node's key (the secrets scan looks for it)
+API_KEY = "mf-api-key-offline-1"  # the kept vLLM node's key
+DRY_RUN_API_KEY = "mf-api-key-5e7d"  # the VLLM_API_KEY of the dry runs that print a task
+DEMO_SECRETS = {"MODELFERRY_DEMO_ACCESS_KEY": "mf-demo-access-ZQ81", "MODELFERRY_DEMO_SECRET_KEY": "mf-demo-secret-XK42",
+                "HF_TOKEN": "hf_mfdemotokenRW77", "VLLM_API_KEY": "mf-demo-api-key-PL93"}  # the demo's environment
+# Every secret the suite hands to what it runs, by a name a finding may print (the value it may not).
+SECRETS = {"ACCESS_KEY": ACCESS_KEY, "SECRET_KEY": SECRET_KEY, "HF_TOKEN": HF_TOKEN, "API_KEY": API_KEY,
+           "DRY_RUN_API_KEY": DRY_RUN_API_KEY} | {f"demo {k}": v for k, v in DEMO_SECRETS.items()}
 BUCKET = "mf-test"
 TINY = "sentence-transformers/all-MiniLM-L6-v2"  # staging tests: real files, a 2-part safetensors
 LLAMA = tiny_llama.REPO  # everything that launches: real vLLM serves it
@@ -102,3 +108,19 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> 
         if needle in line:
             return seen
     raise AssertionError(f"never saw {needle!r}: {''.join(seen)[-2000:]}")
+
+
+def secret_findings(roots: list[Path], secrets: dict[str, str]) -> list[str]:
+    """'FILE holds NAME' for each secret found in a file under `roots` (databases, logs, tables and
+    plots included: any bytes), never the secret itself."""
+    found = []
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if not path.is_file() or path.is_symlink():
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            found += [f"{path} holds {name}" for name, value in secrets.items() if value.encode() in data]
+    return found
