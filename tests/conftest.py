@@ -1,5 +1,7 @@
-"""Real local services for the suite, started once per session and always stopped:
-an S3 bucket (rclone serve s3), an offline Hub (olah over git repos) and a Prefect server."""
+"""The suite's fixtures and hooks (its constants and helpers are in helpers.py): real local services,
+started once per session and always stopped (an S3 bucket (rclone serve s3), an offline Hub (olah
+over git repos) and a Prefect server), the tiers, and two session-wide checks: no secret in what the
+session wrote, and no temporary Prefect server started inside pytest."""
 
 from __future__ import annotations
 
@@ -63,15 +65,16 @@ def hub(mirror, session_dir):
 
 @pytest.fixture(scope="session")
 def prefect_api(session_dir):
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.context import refresh_global_settings_context
 
     home = session_dir / "prefect"
     with embedded.prefect_server(home) as api:
-        os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home))  # for children
-        # Prefect in this process read its settings when collection imported it, before this server
-        # existed: without these, an in-process client finds no API URL and starts a temporary server.
-        with temporary_settings({PREFECT_API_URL: api, PREFECT_HOME: home}):
-            yield api
+        os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home))
+        # Prefect in this process read the environment when collection imported it, before this server
+        # existed: re-read, or an in-process client (in any thread: the uploader's reports its progress)
+        # finds no API URL and starts a temporary server of its own.
+        refresh_global_settings_context()
+        yield api
 
 
 @pytest.fixture(autouse=True)
