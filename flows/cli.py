@@ -167,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
                                     "R2_READ_ACCESS_KEY, R2_READ_SECRET_KEY found in the environment as a Secret block "
                                     "(modelferry-r2-endpoint, ...). Flows read a block when the variable is not set, "
                                     "so workers need no keys in their environment.",
-                        epilog="example:\n  PREFECT_API_URL=http://127.0.0.1:4200/api modelferry blocks")
+                        epilog="example:\n  export PREFECT_API_URL=http://127.0.0.1:4200/api\n  modelferry blocks")
     gcp = sub.add_parser("gc", help="clean up what interrupted stages left in the bucket",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Aborts unfinished multipart uploads and removes revision prefixes that never got "

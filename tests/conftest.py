@@ -1,32 +1,41 @@
-"""Real local services for the suite, started once per session and always stopped:
-an S3 bucket (rclone serve s3), an offline Hub (olah over git repos) and a Prefect server."""
+"""The suite's fixtures and hooks (its constants and helpers are in helpers.py): real local services,
+started once per session and always stopped (an S3 bucket (rclone serve s3), an offline Hub (olah
+over git repos) and a Prefect server), the tiers, and two session-wide checks: no secret in what the
+session wrote, and no temporary Prefect server started inside pytest."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from modelferry.tasks import embedded, processes, tiny_llama
-
-ACCESS_KEY = "mf-test-access-7f3a1c"
-SECRET_KEY = "mf-test-secret-9c1e55d2"
-HF_TOKEN = "hf_mftesttoken4b8e2a"
-API_KEY = "mf-api-key-offline-1"  # the kept vLLM node's key (the secrets scan looks for it)
-BUCKET = "mf-test"
-TINY = "sentence-transformers/all-MiniLM-L6-v2"  # staging tests: real files, a 2-part safetensors
-LLAMA = tiny_llama.REPO  # everything that launches: real vLLM serves it
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import (ACCESS_KEY, API_KEY, BUCKET, LLAMA, ROOT, SECRET_KEY, SECRETS, TINY, Run, VllmSession,
+                           run_deployment, secret_findings)
 
 # The suite runs from a checkout: its tools are the ones `make` built there, handed to the product
 # through the same settings a user would set.
 os.environ.setdefault("MODELFERRY_OLAH", str(ROOT / ".venv-olah" / "bin" / "olah-cli"))
 os.environ.setdefault("MODELFERRY_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_what_the_session_wrote(tmp_path_factory):
+    """After every test, whatever their order: no file the session wrote holds a secret it handed out.
+    That is everything under the session's temporary directory (each test's tmp_path, the services'
+    dirs: the bucket's files, the Prefect server's database of logs, artifacts and parameters, the
+    worker's results, caches and job logs, the demo's output) and the UI screenshots in test-output/.
+    Set up first among the session's fixtures, so it runs after they have all stopped and flushed; a
+    finding is an error of the session's last test, naming the file and the secret."""
+    base = tmp_path_factory.getbasetemp()
+    yield
+    for home in base.glob("services*/prefect"):  # the server ran: its database must be there to scan
+        assert (home / "prefect.db").is_file(), f"no Prefect database in {home} to scan for secrets"
+    found = secret_findings([base, ROOT / "test-output"], SECRETS)
+    assert not found, "secrets in what the suite wrote:\n" + "\n".join(found)
 
 
 @pytest.fixture(scope="session")
@@ -56,10 +65,29 @@ def hub(mirror, session_dir):
 
 @pytest.fixture(scope="session")
 def prefect_api(session_dir):
+    from prefect.context import refresh_global_settings_context
+
     home = session_dir / "prefect"
     with embedded.prefect_server(home) as api:
         os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home))
+        # Prefect in this process read the environment when collection imported it, before this server
+        # existed: re-read, or an in-process client (in any thread: the uploader's reports its progress)
+        # finds no API URL and starts a temporary server of its own.
+        refresh_global_settings_context()
         yield api
+
+
+@pytest.fixture(autouse=True)
+def no_temporary_prefect_server_in_pytest():
+    """Fails the test during which Prefect started its temporary (ephemeral) server inside pytest: that
+    test ran against a server of its own rather than the session's, and the server, stopped only at
+    interpreter exit, prints a logging traceback once pytest has closed its streams."""
+    yield
+    server = sys.modules.get("prefect.server.api.server")
+    started = [s for s in server.SubprocessASGIServer._instances.values() if s.running] if server else []
+    for s in started:
+        s.stop()
+    assert not started, "Prefect started a temporary server in the test process: the test needs the prefect_api fixture"
 
 
 @pytest.fixture
@@ -72,17 +100,6 @@ def env(bucket, hub, prefect_api, sky_home, tmp_path) -> dict[str, str]:
     return e
 
 
-class Run:
-    def __init__(self, proc: subprocess.CompletedProcess):
-        self.rc, self.out, self.err = proc.returncode, proc.stdout, proc.stderr
-
-    def json(self):
-        return json.loads(self.out)
-
-    def __repr__(self):
-        return f"<rc={self.rc}\nstdout:\n{self.out[-3000:]}\nstderr:\n{self.err[-3000:]}>"
-
-
 @pytest.fixture
 def cli(env):
     def run(*args: str, timeout: float = 300, extra_env: dict | None = None) -> Run:
@@ -93,15 +110,20 @@ def cli(env):
 
 
 @pytest.fixture
+def slow_bucket(tmp_path):
+    """A bucket of its own behind rclone's bandwidth limit, so uploads take seconds."""
+    port = processes.free_port()
+    args = ("--bwlimit", "8M")
+    with embedded.rclone_bucket(tmp_path / "slow", "mf-slow", "slow-access-1", "slow-secret-1", port, args) as b:
+        yield b, port, args
+
+
+@pytest.fixture
 def s3(bucket):
     from modelferry.tasks import settings as config
     from modelferry.tasks.bucket import Bucket
 
     return Bucket(config.load(bucket.env()))
-
-
-def steps_by_name(rows: list[dict]) -> dict[str, dict]:
-    return {r["step"]: r for r in rows}
 
 
 @pytest.fixture(scope="session")
@@ -157,29 +179,6 @@ def worker(bucket, hub, prefect_api, sky_home, tmp_path_factory):
         processes.stop(proc, grace=10)
 
 
-def run_deployment(prefect, name: str, *params: str) -> subprocess.CompletedProcess:
-    args = ["deployment", "run", name, "--watch", "--watch-timeout", "900"]
-    for p in params:
-        args += ["-p", p]
-    return prefect(*args, timeout=960)
-
-
-def flow_run_id(output: str) -> str:
-    for line in output.splitlines():
-        if "UUID:" in line:
-            return line.split("UUID:")[1].strip()
-    raise AssertionError(f"no flow run id in: {output[-1000:]}")
-
-
-@dataclass
-class VllmSession:
-    deployed: subprocess.CompletedProcess  # `prefect deployment run stage-and-launch/default`: node A cold, then warm
-    results_a: Path
-    kept: Run  # `modelferry launch --keep`: node B, fresh, left running for the `down` test
-    results_b: Path
-    env: dict
-
-
 @pytest.fixture(scope="session")
 def vllm_session(worker) -> VllmSession:
     """The suite's one real vLLM session, three starts shared by every test that needs vLLM: the
@@ -196,38 +195,3 @@ def vllm_session(worker) -> VllmSession:
                                "--ready-timeout", "300"], env=dict(env, VLLM_API_KEY=API_KEY), cwd=results_b, capture_output=True, text=True,
                               timeout=600))
     return VllmSession(deployed, results_a, kept, results_b, env)
-
-
-def node_pids(logs: list[Path]) -> set[int]:
-    """The vLLM processes a run's job logs name (API server, engine core, workers): the processes
-    that test started, and the only ones a leftover check may look at."""
-    import re
-
-    return {int(p) for log in logs for p in re.findall(r"\((?:APIServer|EngineCore\w*|VllmWorker\S*|Worker\S*) pid=(\d+)\)",
-                                                         log.read_text(errors="replace"))}
-
-
-def alive(pids: set[int]) -> set[int]:
-    """Those of `pids` still running vLLM (a reused pid running something else doesn't count)."""
-    out = set()
-    for pid in pids:
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"vllm" in cmd.lower() or b"VLLM" in cmd:
-            out.add(pid)
-    return out
-
-
-def processes_under(root: Path) -> list[int]:
-    """Processes whose working directory lies under `root`: a test's own local nodes (each runs in its
-    node's dir, under the test's MODELFERRY_CACHE), and nobody else's."""
-    found = []
-    for cwd in Path("/proc").glob("[0-9]*/cwd"):
-        try:
-            if os.readlink(cwd).startswith(str(root)):
-                found.append(int(cwd.parent.name))
-        except OSError:
-            pass
-    return found

@@ -1,15 +1,61 @@
+import re
 import subprocess
 import sys
 
 import pytest
 
 
-@pytest.mark.parametrize("command", ["check-r2", "stage", "verify", "list", "refresh", "deploy", "gc", "cost"])
-def test_every_command_has_help_with_an_example_or_description(command):
-    out = subprocess.run([sys.executable, "-m", "modelferry.flows", command, "--help"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0
-    assert "usage: modelferry " + command in out.stdout
-    assert len(out.stdout.splitlines()) > 5
+# Every command `modelferry --help` lists, with the flags its --help must name: written out here, not
+# read from the parser, so a flag that goes missing from the help (or one added without a row) fails.
+LAUNCH = ["--revision", "--target", "--mode", "--source", "--strategy", "--accelerators", "--concurrency",
+          "--no-compile-cache", "--vllm-image", "--ready-timeout", "--headroom", "--memory-limit", "--idle-minutes",
+          "--on-demand", "--disk-size", "--extra-vllm-args", "--json"]
+FLAGS = {
+    "check-r2": ["--json"],
+    "stage": ["--revision", "--include", "--exclude", "--name", "--allow-unloadable", "--replace", "--no-set-current",
+              "--task-runner", "--dask-address", "--json"],
+    "verify": ["--revision", "--deep", "--json"],
+    "launch": [*LAUNCH, "--keep", "--dry-run"],
+    "bench": [*LAUNCH, "--runs", "--results"],
+    "stage-and-launch": [*LAUNCH, "--name", "--runs", "--include", "--exclude", "--keep", "--results"],
+    "down": ["--all", "--target"],
+    "cost": ["--revision", "--launches-per-day", "--s3-egress-per-gb", "--r2-storage-per-gb-month",
+             "--r2-class-b-per-million", "--read-request-mib", "--json"],
+    "blocks": [],
+    "gc": ["--grace-hours", "--dry-run", "--compile-cache-days", "--json"],
+    "refresh": ["--watchlist", "--json"],
+    "deploy": ["--pool", "--watchlist", "--cron", "--launch-name", "--refresh-name"],
+    "list": ["--json", "--compile-caches"],
+}
+
+
+def help_of(*command: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "modelferry.flows", *command, "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_the_table_below_has_every_command_the_help_lists():
+    listed = re.findall(r"^ {4}([a-z][\w-]*)(?:\s|$)", help_of().split("positional arguments:")[1].split("options:")[0],
+                        re.M)
+    assert listed == list(FLAGS)
+
+
+@pytest.mark.parametrize("command", FLAGS)
+def test_each_command_help_names_each_of_its_flags(command):
+    out = help_of(command)
+    assert "usage: modelferry " + command in out
+    assert len(out.splitlines()) > 5
+    # An option's own line starts two spaces in; its wrapped description, which may quote flags, further.
+    named = re.findall(r"^  (?:-\w, )?(--[\w-]+)", out.split("\noptions:\n")[1], re.M)
+    assert sorted(named) == sorted(["--help", *FLAGS[command]])
+
+
+@pytest.mark.parametrize("command", FLAGS)
+def test_each_command_help_shows_an_example(command):
+    lines = [line.strip() for line in help_of(command).splitlines()]
+    assert any(line == f"modelferry {command}" or line.startswith(f"modelferry {command} ") for line in lines)
 
 
 def test_top_level_help_lists_settings():
@@ -18,7 +64,7 @@ def test_top_level_help_lists_settings():
 
 
 def test_blocks_carry_the_settings_for_processes_without_them(cli, env):
-    from tests.conftest import ACCESS_KEY, SECRET_KEY
+    from tests.helpers import ACCESS_KEY, SECRET_KEY
 
     saved = cli("blocks")
     assert saved.rc == 0 and "modelferry-r2-secret-key" in saved.out, saved

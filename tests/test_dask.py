@@ -8,7 +8,7 @@ from pathlib import Path
 
 from modelferry.tasks import catalog, embedded
 from tests import standins
-from tests.conftest import steps_by_name
+from tests.helpers import steps_by_name
 
 MiB = 2**20
 

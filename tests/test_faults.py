@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,45 +15,8 @@ from modelferry.tasks import catalog, embedded, processes
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.lock import Lock
-from tests.conftest import LLAMA, TINY, processes_under, steps_by_name
-
-MiB = 2**20
-
-
-def model_dir(root: Path) -> tuple[Path, int]:
-    root.mkdir(parents=True)
-    # c and d outgrow loopback socket buffers: a killed client can't have handed them over whole.
-    sizes = {"config.json": 0, "a.safetensors": 1, "b.safetensors": 2, "c.safetensors": 24, "d.safetensors": 24}
-    for name, mib in sizes.items():
-        (root / name).write_bytes(os.urandom(mib * MiB) if mib else b"{}")
-    return root, sum(p.stat().st_size for p in root.iterdir())
-
-
-@pytest.fixture
-def slow_bucket(tmp_path):
-    """A bucket of its own behind rclone's bandwidth limit, so uploads take seconds."""
-    port = processes.free_port()
-    args = ("--bwlimit", "8M")
-    with embedded.rclone_bucket(tmp_path / "slow", "mf-slow", "slow-access-1", "slow-secret-1", port, args) as b:
-        yield b, port, args
-
-
-def start_stage(env, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "modelferry.flows", "stage", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
-    seen, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if needle in line:
-            return seen
-    raise AssertionError(f"never saw {needle!r}: {''.join(seen)[-2000:]}")
-
+from tests import procs
+from tests.helpers import LLAMA, MiB, TINY, make_local_model, model_dir, start_stage, steps_by_name, wait_for_line
 
 def test_sigkill_mid_upload_then_rerun_resumes(cli, env, slow_bucket, tmp_path):
     bucket, _, _ = slow_bucket
@@ -112,12 +74,10 @@ def test_readiness_timeout_tears_down(cli, env, s3):
     assert cli("stage", LLAMA).rc == 0
     run = cli("launch", LLAMA, "--target", "local", "--ready-timeout", "0.3")
     assert run.rc == 1 and "did not answer /health within" in run.err, run
-    assert processes_under(Path(env["MODELFERRY_CACHE"])) == []  # vLLM is stopped while still importing
+    assert procs.under(Path(env["MODELFERRY_CACHE"])) == []  # vLLM is stopped while still importing
 
 
 def test_deleted_object_is_named_and_restored(cli, s3, tmp_path):
-    from tests.test_stage import make_local_model
-
     model = make_local_model(tmp_path / "m")
     assert cli("stage", str(model), "--name", "acme/holey").rc == 0
     rev = catalog.current_revision(s3, "acme/holey")

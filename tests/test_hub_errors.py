@@ -3,7 +3,7 @@ with the real Hub's status codes and X-Error-Code headers that huggingface_hub p
 
 import pytest
 
-from tests.conftest import HF_TOKEN, TINY
+from tests.helpers import HF_TOKEN, TINY
 from tests.replay import replay
 
 

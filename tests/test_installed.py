@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from modelferry.tasks import catalog, embedded, processes, tiny_llama
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.services
 CORE_LIMIT = 2**30  # the core install stays under 1 GiB

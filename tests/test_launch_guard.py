@@ -5,7 +5,7 @@ model served, whatever the last verification record says."""
 from __future__ import annotations
 
 from modelferry.tasks import catalog, layout
-from tests.test_stage import make_local_model
+from tests.helpers import make_local_model
 
 SKY = {"VLLM_API_KEY": "mf-guard-api-key"}
 

@@ -14,38 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LLAMA
+from tests import procs
+from tests.helpers import LLAMA
 
 pytestmark = pytest.mark.real_vllm
 
 
-def group(pgid: int) -> list[str]:
-    """The live processes of process group `pgid` (one this test's command started), as command lines."""
-    return [(p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
-            for p in Path("/proc").glob("[0-9]*") if _pgid(p) == pgid and _state(p) not in "ZX"]
-
-
-def gone(pgid: int, within: float = 10) -> list[str]:
+def gone(pgid: int, within: float = 10) -> list[procs.Proc]:
     """[] once the group has died (SIGKILLed processes take a moment to exit), else who is left."""
     deadline = time.monotonic() + within
-    while (left := group(pgid)) and time.monotonic() < deadline:
+    while (left := procs.group(pgid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
-
-
-def _stat(proc: Path) -> list[str]:
-    try:
-        return (proc / "stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return ["X", "0", "0"]
-
-
-def _state(proc: Path) -> str:  # "X" when it is gone
-    return _stat(proc)[0]
-
-
-def _pgid(proc: Path) -> int:
-    return int(_stat(proc)[2])
 
 
 def test_ctrl_c_while_vllm_starts_ends_its_whole_tree(cli, env, tmp_path):
@@ -64,7 +44,7 @@ def test_ctrl_c_while_vllm_starts_ends_its_whole_tree(cli, env, tmp_path):
                 log = logs[-1].read_text(errors="replace") if logs else ""
             time.sleep(0.5)
         assert record and record["pid"] and "EngineCore" in log, "vLLM's engine core never started"
-        assert group(record["pid"])
+        assert procs.group(record["pid"])
 
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         t0 = time.monotonic()

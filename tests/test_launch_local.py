@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ACCESS_KEY, SECRET_KEY, TINY
+from tests.helpers import ACCESS_KEY, DRY_RUN_API_KEY, SECRET_KEY, TINY
 
 
 def started_nodes(env: dict) -> list[Path]:
@@ -22,10 +22,10 @@ def staged(cli):
 
 def test_dry_run_prints_the_task_with_secrets_redacted(cli, staged):
     run = cli("launch", TINY, "--target", "sky", "--mode", "serve", "--dry-run",
-              extra_env={"VLLM_API_KEY": "mf-api-key-5e7d"})
+              extra_env={"VLLM_API_KEY": DRY_RUN_API_KEY})
     assert run.rc == 0, run
     assert "readiness_probe" in run.out and "runai_streamer" in run.out and "<redacted>" in run.out
-    for secret in (SECRET_KEY, ACCESS_KEY, "mf-api-key-5e7d"):
+    for secret in (SECRET_KEY, ACCESS_KEY, DRY_RUN_API_KEY):
         assert secret not in run.out + run.err
 
 
@@ -53,7 +53,7 @@ def test_the_local_target_says_how_to_get_vllm(cli, env, staged, tmp_path):
 
 def test_hub_source_task_lists_only_the_secrets_it_is_given(cli, staged):
     run = cli("launch", TINY, "--target", "sky", "--source", "hub", "--dry-run",
-              extra_env={"VLLM_API_KEY": "mf-api-key-5e7d"})
+              extra_env={"VLLM_API_KEY": DRY_RUN_API_KEY})
     assert run.rc == 0, run
     import yaml
 

@@ -12,7 +12,7 @@ from modelferry.tasks.errors import Locked
 from modelferry.tasks.lock import Lock
 from modelferry.tasks.integrity import MiB
 from tests import standins
-from tests.conftest import steps_by_name
+from tests.helpers import steps_by_name
 
 
 @pytest.fixture(scope="module")

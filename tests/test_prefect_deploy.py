@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from modelferry.tasks import catalog, embedded
-from tests.conftest import ACCESS_KEY, LLAMA, SECRET_KEY, flow_run_id, run_deployment
+from tests.helpers import ACCESS_KEY, LLAMA, SECRET_KEY, flow_run_id, run_deployment
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from modelferry.tasks import startlog
-from tests.conftest import API_KEY, LLAMA, alive, node_pids
+from tests import procs
+from tests.helpers import API_KEY, LLAMA
 
 pytestmark = pytest.mark.timeout(1200)  # the shared session: three vLLM starts, 40-120 s each here
 
@@ -72,12 +73,12 @@ def test_the_completion_comes_from_vllm(vllm_session):
 def test_down_stops_the_kept_node_and_teardown_left_nothing(vllm_session, cli):
     logs_b = list(vllm_session.results_b.rglob("*.log"))
     logs_a = list(vllm_session.results_a.rglob("*.log"))
-    assert not alive(node_pids(logs_a)), "teardown left node A's vLLM running"
-    pids_b = node_pids(logs_b)
-    assert pids_b and alive(pids_b), "node B was kept: its vLLM should still run"
+    assert not procs.running_vllm(procs.node_pids(logs_a)), "teardown left node A's vLLM running"
+    node_b = procs.running_vllm(procs.node_pids(logs_b))
+    assert node_b, "node B was kept: its vLLM should still run"
     down = cli("down", "--all", "--target", "local", extra_env={"MODELFERRY_CACHE": vllm_session.env["MODELFERRY_CACHE"]})
     assert down.rc == 0 and "mf-" in down.out, down
     deadline = time.time() + 30
-    while alive(pids_b) and time.time() < deadline:
+    while procs.living(node_b) and time.time() < deadline:
         time.sleep(0.5)
-    assert not alive(pids_b)
+    assert not procs.living(node_b)

@@ -19,39 +19,8 @@ from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import Locked
 from modelferry.tasks.lock import Lock
-from tests import standins
-from tests.conftest import TINY, steps_by_name
-from tests.test_faults import model_dir, slow_bucket, start_stage, wait_for_line  # noqa: F401 - fixture
-from tests.test_stage import make_local_model
-
-
-def tree(pid: int) -> dict[int, str]:
-    """The processes `pid` started (children in sessions of their own included), pid -> command line."""
-    found, todo = {}, [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = [int(k) for k in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            for kid in kids:
-                try:
-                    found[kid] = Path(f"/proc/{kid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                except OSError:
-                    continue
-                todo.append(kid)
-    return found
-
-
-def alive(pid: int, cmdline: str) -> bool:
-    """Still running (not a zombie) as the same command."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        now = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
-    return state != "Z" and now == cmdline
+from tests import procs, standins
+from tests.helpers import TINY, make_local_model, model_dir, start_stage, steps_by_name, wait_for_line
 
 
 # --- 1. Ctrl-C and SIGTERM ---------------------------------------------------------------------
@@ -84,9 +53,9 @@ def test_interrupted_stage_stops_at_once_and_leaves_nothing_running(env, slow_bu
     bucket, _, _ = slow_bucket
     proc = stage_mid_upload(env, bucket, tmp_path, "acme/interrupted", temporary_server)
     try:
-        started = tree(proc.pid)
-        assert any("s5cmd" in c for c in started.values()), started
-        assert not temporary_server or any("uvicorn" in c for c in started.values()), started
+        started = procs.tree(proc.pid)
+        assert any("s5cmd" in p.cmdline for p in started), started
+        assert not temporary_server or any("uvicorn" in p.cmdline for p in started), started
         t = time.monotonic()
         if how == "sigint-main":
             os.kill(proc.pid, signal.SIGINT)
@@ -107,7 +76,7 @@ def test_interrupted_stage_stops_at_once_and_leaves_nothing_running(env, slow_bu
     assert err.count("interrupted") == 1 and "Traceback" not in err and "Error logging to API" not in err, err[-3000:]
     assert took < (5 if how == "ctrl-c-twice" else 20), (took, err[-2000:])
     time.sleep(0.5)
-    left = {pid: c for pid, c in started.items() if alive(pid, c)}
+    left = procs.living(started)
     assert not left, (left, err[-3000:])
     s3 = Bucket(config.load(bucket.env()))
     assert s3.listing("manifests/acme/interrupted/") == {}, "an interrupted run published something"
@@ -123,14 +92,14 @@ def test_sigkilled_stage_leaves_no_uploader_behind(env, slow_bucket, tmp_path, t
     bucket, _, _ = slow_bucket
     proc = stage_mid_upload(env, bucket, tmp_path, "acme/killed-hard", temporary_server)
     try:
-        started = tree(proc.pid)
-        assert any("s5cmd" in c for c in started.values()), started
-        assert any("uvicorn" in c for c in started.values()) == temporary_server, started
+        started = procs.tree(proc.pid)
+        assert any("s5cmd" in p.cmdline for p in started), started
+        assert any("uvicorn" in p.cmdline for p in started) == temporary_server, started
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
     time.sleep(1)
-    left = {pid: c for pid, c in started.items() if alive(pid, c)}
+    left = procs.living(started)
     assert not left, left
 
 
@@ -326,16 +295,16 @@ def test_two_waiters_cannot_both_take_over_a_stale_lock(moto):
             {"id": "dead", "host": "elsewhere", "pid": 1, "since": 0}).encode(), "application/json")
     moto_port = int(moto.endpoint.rsplit(":", 1)[1])
     proxies = [TakeoverDelay(moto_port, 0.1), TakeoverDelay(moto_port, 0.5)]
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(rounds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, **moto.env(), "R2_ENDPOINT": f"http://127.0.0.1:{p.port}"})
-             for p in proxies]
-    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(rounds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, **moto.env(), "R2_ENDPOINT": f"http://127.0.0.1:{p.port}"})
+              for p in proxies]
+    assert [p.stdout.readline().strip() for p in racers] == ["ready", "ready"]
     start = time.time() + 0.5
-    for p in procs:
+    for p in racers:
         p.stdin.write(f"{start}\n")
         p.stdin.flush()
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    outs = [p.communicate(timeout=120)[0] for p in racers]
+    assert [p.returncode for p in racers] == [0, 0], outs
     won = [[json.loads(line)["won"] for line in out.splitlines()] for out in outs]
     both = [r for r in range(rounds) if won[0][r] and won[1][r]]
     assert not both, (f"both processes took over the stale lock in rounds {both}", outs)
@@ -410,8 +379,6 @@ def test_a_file_in_the_hf_cache_is_not_downloaded_again_but_still_checked(cli, e
 # --- model-refresh: each model on its own --------------------------------------------------------
 
 def test_model_refresh_goes_through_the_whole_list_when_one_model_fails(env, s3, prefect_api, tmp_path, monkeypatch):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from modelferry.flows.model_refresh import RefreshFailed, model_refresh
 
     for key in ("R2_ENDPOINT", "R2_BUCKET", "R2_ACCESS_KEY", "R2_SECRET_KEY", "HF_ENDPOINT", "MODELFERRY_CACHE",
@@ -419,7 +386,7 @@ def test_model_refresh_goes_through_the_whole_list_when_one_model_fails(env, s3,
         monkeypatch.setenv(key, env[key])
     watch = tmp_path / "watch.yaml"
     watch.write_text(f"models:\n  - model: acme/not-on-the-hub\n  - model: {TINY}\n    keep: 1\n")
-    with temporary_settings({PREFECT_API_URL: prefect_api}), pytest.raises(RefreshFailed) as caught:
+    with pytest.raises(RefreshFailed) as caught:
         model_refresh(str(watch))
     rows = {r["model"]: r for r in caught.value.rows}
     assert rows["acme/not-on-the-hub"]["status"] == "failed" and "not found" in rows["acme/not-on-the-hub"]["error"]

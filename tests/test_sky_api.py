@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tests import sky_offline
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import subprocess
 import pytest
 from prefect.client.orchestration import get_client
 
-from modelferry.tasks import catalog, embedded, layout, tiny_llama
+from modelferry.tasks import catalog, embedded, layout
 from modelferry.tasks.local_target import vllm_python
-from tests.conftest import ACCESS_KEY, SECRET_KEY, TINY, steps_by_name
+from tests.helpers import ACCESS_KEY, SECRET_KEY, TINY, make_local_model, steps_by_name
 
 STEPS = ["resolve", "download", "local_verify", "upload", "remote_verify", "publish"]
 
@@ -169,22 +169,6 @@ def test_interrupted_stage_resumes_sending_only_what_is_missing(cli, s3):
     want = repo_files["vocab.txt"].stat().st_size + repo_files["config.json"].stat().st_size
     assert by["upload"]["files"] == 2 and by["upload"]["bytes"] == want
     assert by["publish"]["status"] == "completed"
-
-
-def make_local_model(root, extra: dict | None = None):
-    import numpy as np
-
-    (root / "nested dir" / "deeper").mkdir(parents=True)
-    (root / "model.safetensors").write_bytes(tiny_llama.to_safetensors({
-        "w": ("F32", (1000,), np.arange(1000, dtype="<f4").tobytes()),
-        "b": ("F32", (3, 3), np.ones((3, 3), "<f4").tobytes())}))
-    (root / "config.json").write_text(json.dumps({"architectures": ["Toy"], "hidden_size": 3}))
-    (root / "tokenizer.json").write_text("{" + '"vocab": "abc", ' * 200 + '"end": 1}')
-    (root / "nested dir" / "deeper" / "notes with spaces.txt").write_text("hello")
-    (root / "empty.txt").write_bytes(b"")
-    for rel, data in (extra or {}).items():
-        (root / rel).write_bytes(data)
-    return root
 
 
 def test_local_checkpoint_nested_spaces_empty_and_globs(cli, bucket, s3, tmp_path):

@@ -1,0 +1,126 @@
+"""The suite's constants and helpers, imported by tests and by conftest.py (which holds only
+fixtures and hooks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelferry.tasks import tiny_llama
+
+ACCESS_KEY = "mf-test-access-7f3a1c"
+SECRET_KEY = "mf-test-secret-9c1e55d2"
+HF_TOKEN = "hf_mftesttoken4b8e2a"
+API_KEY = "mf-api-key-offline-1"  # the kept vLLM node's key
+DRY_RUN_API_KEY = "mf-api-key-5e7d"  # the VLLM_API_KEY of the dry runs that print a task
+DEMO_SECRETS = {"MODELFERRY_DEMO_ACCESS_KEY": "mf-demo-access-ZQ81", "MODELFERRY_DEMO_SECRET_KEY": "mf-demo-secret-XK42",
+                "HF_TOKEN": "hf_mfdemotokenRW77", "VLLM_API_KEY": "mf-demo-api-key-PL93"}  # the demo's environment
+# Every secret the suite hands to what it runs, by a name a finding may print (the value it may not).
+SECRETS = {"ACCESS_KEY": ACCESS_KEY, "SECRET_KEY": SECRET_KEY, "HF_TOKEN": HF_TOKEN, "API_KEY": API_KEY,
+           "DRY_RUN_API_KEY": DRY_RUN_API_KEY} | {f"demo {k}": v for k, v in DEMO_SECRETS.items()}
+BUCKET = "mf-test"
+TINY = "sentence-transformers/all-MiniLM-L6-v2"  # staging tests: real files, a 2-part safetensors
+LLAMA = tiny_llama.REPO  # everything that launches: real vLLM serves it
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 2**20
+
+
+class Run:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.rc, self.out, self.err = proc.returncode, proc.stdout, proc.stderr
+
+    def json(self):
+        return json.loads(self.out)
+
+    def __repr__(self):
+        return f"<rc={self.rc}\nstdout:\n{self.out[-3000:]}\nstderr:\n{self.err[-3000:]}>"
+
+
+def steps_by_name(rows: list[dict]) -> dict[str, dict]:
+    return {r["step"]: r for r in rows}
+
+
+def run_deployment(prefect, name: str, *params: str) -> subprocess.CompletedProcess:
+    args = ["deployment", "run", name, "--watch", "--watch-timeout", "900"]
+    for p in params:
+        args += ["-p", p]
+    return prefect(*args, timeout=960)
+
+
+def flow_run_id(output: str) -> str:
+    for line in output.splitlines():
+        if "UUID:" in line:
+            return line.split("UUID:")[1].strip()
+    raise AssertionError(f"no flow run id in: {output[-1000:]}")
+
+
+@dataclass
+class VllmSession:
+    deployed: subprocess.CompletedProcess  # `prefect deployment run stage-and-launch/default`: node A cold, then warm
+    results_a: Path
+    kept: Run  # `modelferry launch --keep`: node B, fresh, left running for the `down` test
+    results_b: Path
+    env: dict
+
+
+def make_local_model(root, extra: dict | None = None):
+    import numpy as np
+
+    (root / "nested dir" / "deeper").mkdir(parents=True)
+    (root / "model.safetensors").write_bytes(tiny_llama.to_safetensors({
+        "w": ("F32", (1000,), np.arange(1000, dtype="<f4").tobytes()),
+        "b": ("F32", (3, 3), np.ones((3, 3), "<f4").tobytes())}))
+    (root / "config.json").write_text(json.dumps({"architectures": ["Toy"], "hidden_size": 3}))
+    (root / "tokenizer.json").write_text("{" + '"vocab": "abc", ' * 200 + '"end": 1}')
+    (root / "nested dir" / "deeper" / "notes with spaces.txt").write_text("hello")
+    (root / "empty.txt").write_bytes(b"")
+    for rel, data in (extra or {}).items():
+        (root / rel).write_bytes(data)
+    return root
+
+
+def model_dir(root: Path) -> tuple[Path, int]:
+    root.mkdir(parents=True)
+    # c and d outgrow loopback socket buffers: a killed client can't have handed them over whole.
+    sizes = {"config.json": 0, "a.safetensors": 1, "b.safetensors": 2, "c.safetensors": 24, "d.safetensors": 24}
+    for name, mib in sizes.items():
+        (root / name).write_bytes(os.urandom(mib * MiB) if mib else b"{}")
+    return root, sum(p.stat().st_size for p in root.iterdir())
+
+
+def start_stage(env, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "modelferry.flows", "stage", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"never saw {needle!r}: {''.join(seen)[-2000:]}")
+
+
+def secret_findings(roots: list[Path], secrets: dict[str, str]) -> list[str]:
+    """'FILE holds NAME' for each secret found in a file under `roots` (databases, logs, tables and
+    plots included: any bytes), never the secret itself."""
+    found = []
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if not path.is_file() or path.is_symlink():
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            found += [f"{path} holds {name}" for name, value in secrets.items() if value.encode() in data]
+    return found
