@@ -5,7 +5,7 @@ same run. Stages the tiny Llama (tasks/tiny_llama.py) from an offline Hub into a
 bucket, then, per strategy: node A cold (miss; it saves the cache through the bucket) and warm (a
 restart on A's disk), then node B, a fresh node that restores A's cache. Six vLLM starts.
 
-    MODELFERRY_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/vllm_cold_start.py
+    .venv/bin/python bench/vllm_cold_start.py     # in a checkout, after `make`: it finds .venv-vllm
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def run(work: Path) -> list[dict]:
     with embedded.olah_mirror(mirror, work / "olah") as hub, \
             embedded.rclone_bucket(work / "data", "bench", "bench-access-3", "bench-secret-3") as bucket, \
             embedded.prefect_server(work / "prefect") as api:
-        env = dict(os.environ, **bucket.env(), HF_ENDPOINT=hub, PREFECT_API_URL=api, MODELFERRY_CACHE=str(work / "cache"),
+        # The CLI runs in a work dir of its own: a tool's path given relative to here must still point at it.
+        tools = {k: os.path.abspath(os.environ[k]) for k in ("MODELFERRY_VLLM_PYTHON", "MODELFERRY_OLAH") if os.environ.get(k)}
+        env = dict(os.environ, **tools, **bucket.env(), HF_ENDPOINT=hub, PREFECT_API_URL=api, MODELFERRY_CACHE=str(work / "cache"),
                    VLLM_API_KEY="bench-api-key-4")
         staged = subprocess.run([sys.executable, "-m", "modelferry.flows", "stage", tiny_llama.REPO], env=env,
                                 capture_output=True, text=True)

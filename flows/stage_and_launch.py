@@ -1,8 +1,10 @@
-"""Flow `stage-and-launch`: stage -> verify -> launch -> bench -> teardown.
+"""Flow `stage-and-launch`: stage -> verify -> then per strategy: launch -> bench -> teardown.
 
 The CLI's `launch` and `bench` run it with `stage=False`. The flow prepares each deployment, holds it,
 and hands it to the launch step, the warm runs and the teardown, which runs in every failure path
 unless `keep`; deployment names derive from the flow run id, so a retried step never provisions twice.
+With `strategy="both"` one strategy's node is down before the next one starts, so no start is
+measured while another node still holds the machine.
 """
 
 from __future__ import annotations
@@ -85,15 +87,15 @@ def _measured(dep: Deployment, kind: str, n: int) -> Run:
 
 
 @step("bench", retries=0)
-def warm_runs(deployments: list[Deployment], runs: int):
+def warm_runs(dep: Deployment, runs: int):
+    """Runs 2..runs: the serving job restarted on the same node (same disk, same caches)."""
     measured = []
-    for dep in deployments:
-        for n in range(2, runs + 1):
-            launcher.restart(dep)
-            launcher.wait_ready(dep, dep.options.ready_timeout)
-            launcher.first_token(dep)
-            measured.append(_measured(dep, "warm", n))
-    return measured, StepStats("bench", files=len(measured), note=f"{len(measured)} warm restart(s)")
+    for n in range(2, runs + 1):
+        launcher.restart(dep)
+        launcher.wait_ready(dep, dep.options.ready_timeout)
+        launcher.first_token(dep)
+        measured.append(_measured(dep, "warm", n))
+    return measured, StepStats("bench", files=len(measured), note=f"{len(measured)} warm restart(s) of {dep.name}")
 
 
 @flow(name="stage-and-launch", log_prints=False)
@@ -120,7 +122,7 @@ def stage_and_launch(model: str, revision: str | None = None, name: str | None =
     steps = Steps("stage-and-launch-steps", f"stage-and-launch {model}")
     run_id = str(flow_run.id or uuid.uuid4())
     measured: list[Run] = []
-    deployments: list[Deployment] = []
+    live: list[Deployment] = []  # held from prepare to teardown: a launch that fails after starting a node is torn down
     try:
         if stage:
             revision = steps(_stage, source_dir_or_repo, revision, include, exclude, name, name="stage")
@@ -131,15 +133,15 @@ def stage_and_launch(model: str, revision: str | None = None, name: str | None =
                 if source == "r2":
                     raise
                 log.warning("%s is not staged or not verified: launch decides the source", model)
-        for each in options.each_strategy():
-            dep = steps.before("launch", launcher.prepare, config.load(), model, revision, each,
-                               f"{run_id}-{each.strategy}")
-            deployments.append(dep)  # held from here: a launch that fails after starting a node is torn down
-            measured.append(steps(launch, dep))
-        if runs > 1:
-            measured += steps(warm_runs, deployments, runs)
+        for each in options.each_strategy():  # one at a time: each start is measured on a machine of its own
+            live.append(steps.before("launch", launcher.prepare, config.load(), model, revision, each,
+                                     f"{run_id}-{each.strategy}"))
+            measured.append(steps(launch, live[-1]))
+            if runs > 1:
+                measured += steps(warm_runs, live[-1], runs)
+            _teardown(live.pop(), keep)
     finally:
-        for dep in deployments:
+        for dep in live:
             _teardown(dep, keep)
         saved = _saved(steps, measured, model, Path(results_dir), run_id)
     steps.publish()

@@ -59,9 +59,10 @@ def step(name: str, retries: int = 3, timeout_s: float | None = None):
                 if getattr(exc, "transient", False) and task_run.run_count <= retries:
                     raise  # Prefect retries it
                 raise LastAttempt(exc, task_run.run_count) from exc
-            value, stats = out if isinstance(out, tuple) else (None, out)
+            stats = out[-1] if isinstance(out, tuple) else out
             for one in stats if isinstance(stats, list) else [stats]:
-                one.attempts = task_run.run_count
+                if isinstance(one, StepStats):  # a step called outside Steps may return a plain value
+                    one.attempts = task_run.run_count
             return out
 
         base = float(os.environ.get("MODELFERRY_RETRY_BASE_S", "2"))

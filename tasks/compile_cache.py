@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,15 +24,20 @@ import urllib.request
 from pathlib import Path
 
 PREFIX = "compile-cache"
+DEFAULT_READY_S = 24 * 3600  # longer than any --ready-timeout (21600 s at most)
 
 
 def local_dirs() -> dict[str, Path]:
     """Where this node's vLLM keeps what a restart reuses, found the way vLLM and Triton find them.
-    vLLM's torch_compile_cache holds its AOT-compiled model and the inductor artifacts it needs."""
-    home = Path.home()
-    vllm_root = Path(os.environ.get("VLLM_CACHE_ROOT") or home / ".cache" / "vllm")
-    return {"vllm": vllm_root / "torch_compile_cache",
-            "triton": Path(os.environ.get("TRITON_CACHE_DIR") or home / ".triton" / "cache")}
+    vLLM's torch_compile_cache holds its AOT-compiled model and the inductor artifacts it needs.
+    vLLM 0.32 (envs.py): VLLM_CACHE_ROOT, else $XDG_CACHE_HOME/vllm, else ~/.cache/vllm; Triton 3.x
+    (knobs.py): TRITON_CACHE_DIR, else $TRITON_HOME/.triton/cache, else ~/.triton/cache. Read with
+    os.getenv and a default, as vLLM does: a variable set but empty counts as set."""
+    xdg_cache = os.getenv("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    vllm_root = os.path.expanduser(os.getenv("VLLM_CACHE_ROOT", os.path.join(xdg_cache, "vllm")))
+    triton_home = os.getenv("TRITON_HOME", os.path.expanduser("~/"))
+    triton = os.getenv("TRITON_CACHE_DIR", os.path.join(triton_home, ".triton", "cache"))
+    return {"vllm": Path(vllm_root) / "torch_compile_cache", "triton": Path(triton)}
 
 
 def derive_key(*, model_uri: str, revision: str, vllm_version: str, gpu: str, tensor_parallel: int | str,
@@ -190,6 +196,11 @@ def _wait_ready(url: str, timeout: float) -> bool:
     return False
 
 
+def _stopped(signum, frame) -> None:
+    _log("not saved: the job ended first")
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
     try:
         if argv[:1] == ["key"]:
@@ -197,7 +208,11 @@ def main(argv: list[str]) -> int:
         elif argv[:1] == ["restore"]:
             _log(restore(argv[1]))
         elif argv[:1] == ["save-when-ready"]:
-            if _wait_ready(argv[2], float(argv[3]) if len(argv) > 3 else 3600):
+            # The task passes --ready-timeout (at most 6 h), and stops the saver when vLLM exits: then
+            # an upload in flight is killed (subprocess.run kills its child on SystemExit) and the
+            # staging copy removed; no manifest was written, so nothing half-saved is ever restored.
+            signal.signal(signal.SIGTERM, _stopped)
+            if _wait_ready(argv[2], float(argv[3]) if len(argv) > 3 else DEFAULT_READY_S):
                 _log(save(argv[1]))
             else:
                 _log("not saved: the server never became ready")

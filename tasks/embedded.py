@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelferry.tasks.errors import SettingsError
-from modelferry.tasks.processes import free_port, start, stop, wait_http, which
+from modelferry.tasks.processes import free_port, from_checkout, start, stop, wait_http, which
 
 
-def tool(setting: str, name: str, how: str) -> str:
-    """The path of an embedded-default tool: the setting if given, else `name` from this
-    environment or PATH. A missing one is a SettingsError saying how to get it."""
-    path = os.environ.get(setting) or which(name)
+def tool(setting: str, name: str, how: str, built: str | None = None) -> str:
+    """The path of an embedded-default tool: the setting if given, else in a checkout the one `make`
+    built there (`built`, relative to the checkout), else `name` from this environment or PATH. A
+    missing one is a SettingsError saying how to get it."""
+    path = os.environ.get(setting) or (built and from_checkout(built)) or which(name)
     if not (os.path.isfile(path) or shutil.which(path)):
         raise SettingsError(f"{name} not found: {how}, or set {setting} to its path")
     return path
@@ -38,7 +39,8 @@ def rclone() -> str:
 
 def olah() -> str:
     return tool("MODELFERRY_OLAH", "olah-cli",
-                "python -m venv ~/.venv-olah && ~/.venv-olah/bin/pip install olah==0.5.4 (or `make venv` in a checkout)")
+                "python -m venv ~/.venv-olah && ~/.venv-olah/bin/pip install olah==0.5.4 (or `make venv` in a checkout)",
+                built=".venv-olah/bin/olah-cli")
 
 
 @dataclass

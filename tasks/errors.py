@@ -120,8 +120,11 @@ class LastAttempt(Exception):
     the step's own task so that the task run shows the failure; `flows.steps.Steps` unwraps it."""
 
     def __init__(self, cause: BaseException, attempts: int):
-        super().__init__(str(cause))
+        super().__init__(cause, attempts)  # in args, so it survives pickling (a Dask worker's share)
         self.cause, self.attempts = cause, attempts
+
+    def __str__(self) -> str:
+        return str(self.cause)
 
 
 class RefreshFailed(ModelferryError):

@@ -25,6 +25,8 @@ from modelferry.tasks.targets import TARGETS, Target
 
 log = logging.getLogger("modelferry.launch")
 
+PLACEMENT = ("gpu", "gpus", "instance_type", "cloud", "region", "spot")  # where a run ran, in its row
+
 
 @dataclass
 class Deployment:
@@ -181,7 +183,7 @@ def wait_ready(dep: Deployment, timeout: float = 1800, poll: float | None = None
         state = job_state(dep)
         if state is not None and state not in LIVE:
             text = job_log(dep)
-            said = startlog.error_line(text) or " | ".join(text.strip().splitlines()[-3:])
+            said = startlog.error_line(text) or " | ".join(startlog.plain_log(text).strip().splitlines()[-3:])
             raise NotReady(f"{dep.name}: the vLLM job is {state} before serving: {said}")
         dep.url = dep.url or dep.place.url(dep)
         if dep.url and _healthy(dep.url):
@@ -234,13 +236,15 @@ def measure(dep: Deployment, kind: str, run: int) -> dict:
     first token) and the serving job's log (the node's marks and vLLM's lines)."""
     logged = startlog.parse_vllm_log(job_log(dep))
     marks = {**startlog.node_marks(logged), **dep.marks}
+    where = dep.place.where(dep)
     return {"model": dep.model, "revision": dep.revision, "target": dep.target, "source": dep.weights,
             "strategy": dep.options.strategy if dep.weights == "r2" else "hub", "kind": kind, "run": run,
             **startlog.phases(marks), **{k: logged.get(k) for k in ("weights_s", "compile_s", "graph_capture_s",
                                                                   "init_engine_s")},
             "compile_cache": logged.get("compile_cache") or ("on" if dep.options.compile_cache else "off"),
             "cache_saved": logged.get("cache_saved"),
-            "vllm": dep.vllm_version,
+            "vllm": dep.vllm_version, "streamer": logged.get("streamer"),
+            **{k: where.get(k) for k in PLACEMENT},
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(dep.marks["request"]))}
 
 

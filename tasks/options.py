@@ -38,7 +38,8 @@ def _option(default, help: str, **flag):
 class LaunchOptions:
     """Where and how to launch, as the user gave it."""
 
-    target: str = _option("local", "sky: SkyPilot spot GPUs; local: the local target on this machine (default)")
+    target: str = _option("local", "sky: SkyPilot spot GPUs; local: the local target on this machine (default)",
+                          choices=("sky", "local"))
     source: str = _option("auto", "auto: the bucket if staged and intact, else the Hub; r2: bucket only; hub: Hub only")
     mode: str = _option("cluster", "cluster (autostop + down), job (managed job, spot recovery), "
                                    "serve (SkyServe, on-demand fallback)")
@@ -133,7 +134,7 @@ def add_flags(parser, strategy_help: str = "") -> None:
             parser.add_argument(flag, dest=f.name, action="append", metavar=meta.get("metavar"), help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=meta.get("metavar"),
-                                help=help_text)
+                                choices=meta.get("choices"), help=help_text)
 
 
 def _scalar(hint) -> type:

@@ -28,6 +28,16 @@ def which(name: str) -> str:
     return str(found) if found.exists() else (shutil.which(name) or name)
 
 
+CHECKOUT = Path(__file__).resolve().parent.parent  # the repo's root when this code runs from a checkout
+
+
+def from_checkout(relpath: str) -> str | None:
+    """A tool `make` built in the checkout this code runs from (an editable install, as `make`
+    makes), else None: installed from a wheel, there is no checkout and the settings say where."""
+    path = CHECKOUT / relpath
+    return str(path) if (CHECKOUT / "Makefile").is_file() and path.is_file() else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,6 +140,39 @@ def stop(proc: subprocess.Popen, grace: float = 5) -> None:
         pass
     _kill_group(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of `pid` (every thread's), from /proc."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(k) for k in (task / "children").read_text().split()]
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process `pid` started, and what they started, from /proc (a snapshot)."""
+    found, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+def groups_of(pids: list[int]) -> set[int]:
+    """The process groups `pids` are in (those still running)."""
+    out = set()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            out.add(os.getpgid(pid))
+    return out
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Send `sig` to a process group that may be gone already."""
+    _kill_group(pgid, sig)
 
 
 def _kill_group(pgid: int, sig: int) -> None:

@@ -189,10 +189,10 @@ def scrub(text: str) -> str:
 
 def loader_env(endpoint: str) -> dict[str, str]:
     """What vLLM's Run:ai streamer (and s5cmd, and boto3) on a node need to read the bucket, minus
-    the keys. Non-AWS endpoints need the endpoint twice and path-style addressing."""
+    the keys. Non-AWS endpoints need the endpoint (vLLM hands AWS_ENDPOINT_URL to the streamer) and
+    path-style addressing."""
     return {
         "AWS_ENDPOINT_URL": endpoint,
-        "RUNAI_STREAMER_S3_ENDPOINT": endpoint,
         "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
         "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_REGION": R2_REGION,

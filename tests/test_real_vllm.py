@@ -40,6 +40,8 @@ def test_node_a_streams_from_the_bucket_cold_then_warm(vllm_session):
         assert df.loc[kind, "strategy"] == "stream"
         assert df.loc[kind, "weights_s"] is not None  # the streamer's own bar (whole seconds: 0 at 34 MB)
     assert df.loc["cold", "cache_saved"].startswith(("saved", "already stored"))
+    assert (df.loc["cold", "gpu"], df.loc["cold", "cloud"], bool(df.loc["cold", "spot"])) == ("cpu", "local", False)
+    assert str(df.loc["cold", "streamer"]).startswith("0.17.0/")  # the streamer the setup checked, as it reports
     cold, warm = (next(vllm_session.results_a.rglob(f"stream-run{n}.log")).read_text() for n in (1, 2))
     assert "--load-format runai_streamer" not in cold  # the task's script, not ours: vLLM prints its own args
     assert "'load_format': 'runai_streamer'" in cold and "'model': 's3://mf-test/models/modelferry/tiny-llama/" in cold

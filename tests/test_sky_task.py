@@ -1,12 +1,20 @@
 """The generated SkyPilot task: SkyPilot's own schema, secrets only in `secrets`, clear option errors."""
 
+import contextlib
+import os
+import queue
 import shutil
+import signal
 import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 import yaml
 
-from modelferry.tasks import options, skytask
+from modelferry.tasks import options, processes, skytask
 from modelferry.tasks.errors import SettingsError
 from modelferry.tasks.options import LaunchOptions
 from modelferry.tasks.settings import loader_env
@@ -29,14 +37,20 @@ def test_generated_task_passes_skypilots_schema(mode, strategy, sky_home):
     cfg = build(options=LaunchOptions(target="sky", mode=mode, strategy=strategy))
     task = skytask.validate(cfg)
     assert task.envs["MODEL_URI"] == "s3://models/models/acme/m/abc/"
-    assert task.envs["RUNAI_STREAMER_S3_ENDPOINT"] == ENDPOINT and task.envs["AWS_ENDPOINT_URL"] == ENDPOINT
+    # vLLM hands AWS_ENDPOINT_URL to the streamer; nothing reads RUNAI_STREAMER_S3_ENDPOINT.
+    assert task.envs["AWS_ENDPOINT_URL"] == ENDPOINT and "RUNAI_STREAMER_S3_ENDPOINT" not in task.envs
+    # VLLM_PORT is vLLM's own base for its internal ports, VLLM_HOST no vLLM variable at all.
+    assert not {"VLLM_PORT", "VLLM_HOST"} & set(task.envs) and task.envs["SERVE_PORT"] == "8000"
     assert task.envs["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] == "0"
     assert all(r.use_spot for r in task.resources)
     if mode == "serve":
         assert cfg["service"]["readiness_probe"]["path"] == "/health"
         assert cfg["service"]["replica_policy"]["dynamic_ondemand_fallback"] is True
     if mode == "job":
-        assert cfg["resources"]["job_recovery"]["max_restarts_on_errors"] == 3
+        # Preemption is recovered whatever this says; it counts only the job's own failures on a
+        # cluster still UP (SkyPilot 0.14.1 sky/jobs/controller.py -> should_restart_on_failure in
+        # sky/jobs/recovery_strategy.py). vLLM refusing its model fails alike on every node: no retry.
+        assert cfg["resources"]["job_recovery"] == {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
 
 
 def test_secrets_never_reach_envs_or_the_printed_yaml(sky_home):
@@ -115,3 +129,218 @@ def test_task_scripts_are_shellcheck_clean(part, compile_cache, tmp_path):
     script.write_text("#!/bin/bash\n" + build(options=LaunchOptions(compile_cache=compile_cache))[part])
     out = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
+
+
+# The scripts' process handling, run with bash here. Fake `vllm`, `s5cmd` and `pip` stand in on PATH:
+# what is under test is our scripts (when the job's output reaches EOF, its exit status, who gets a
+# stop, which streamer gets installed), not vLLM; the real vLLM runs the same scripts in the
+# real_vllm tier.
+FAKE_VLLM = """#!/usr/bin/python3
+import http.server, os, signal, sys, threading, time
+if os.environ["FAKE_VLLM"] == "fail":
+    sys.exit("fake vllm: refusing the model")
+def stop(*_):
+    print("fake vllm: stopped by SIGTERM", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", port), Health)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print("fake vllm: serving", flush=True)
+time.sleep(float(os.environ["FAKE_VLLM_SERVE_S"]))
+"""
+
+
+def fake_bin(tmp_path, **scripts) -> Path:
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    for name, text in scripts.items():
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    return folder
+
+
+class Job:
+    """A task script run the way SkyPilot's run_with_log runs it: its output read to EOF, and under
+    `bash -i` (log_lib.run_bash_command_with_log; background children then lead process groups of
+    their own) or plain `bash -c`."""
+
+    def __init__(self, script: str, env: dict[str, str], shell: str, folder: Path):
+        if shell == "bash -i":
+            (folder / "job.sh").write_text(script)
+            args = ["bash", "-i", str(folder / "job.sh")]
+        else:
+            args = ["bash", "-c", script]
+        self.marker = f"MF_TEST_JOB={uuid.uuid4().hex}"
+        env = {**env, "MF_TEST_JOB": self.marker.partition("=")[2]}
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=env, text=True, start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.eof_s: float | None = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.eof_s = time.monotonic() - self.started
+        self.lines.put(None)
+
+    def wait_for(self, text: str, timeout: float = 30) -> list[str]:
+        seen = []
+        deadline = time.monotonic() + timeout
+        while (line := self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))) is not None:
+            seen.append(line)
+            if text in line:
+                return seen
+        raise AssertionError(f"{text!r} never came before EOF: {''.join(seen)}")
+
+    def to_eof(self, timeout: float = 30) -> str:
+        seen = []
+        deadline = time.monotonic() + timeout
+        try:
+            while (line := self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))) is not None:
+                seen.append(line)
+        except queue.Empty:
+            raise AssertionError(f"no EOF within {timeout} s: {''.join(seen)}") from None
+        self.proc.wait(5)
+        return "".join(seen)
+
+    def survivors(self) -> list[int]:
+        """Processes still running with this job's environment (its children and theirs)."""
+        found = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            with contextlib.suppress(OSError):
+                if self.marker.encode() in environ.read_bytes().split(b"\0"):
+                    found.append(int(environ.parent.name))
+        return found
+
+    def kill(self):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture(params=["bash -i", "bash -c"])
+def job(request, tmp_path):
+    """Start the generated `run` script with a fake vLLM on PATH; everything it started is killed after."""
+    from modelferry.tasks import compile_cache
+
+    started = []
+    artifact = tmp_path / ".cache" / "vllm" / "torch_compile_cache" / "model" / "artifact"  # something to save
+    artifact.parent.mkdir(parents=True)
+    artifact.write_bytes(b"compiled")
+    # s5cmd: `ls` says whether the key is stored (FAKE_STORED), `cp` (the upload) takes FAKE_UPLOAD_S,
+    # anything else (the restore's `cat`) FAKE_S5CMD_S
+    bin_dir = fake_bin(tmp_path, vllm=FAKE_VLLM, s5cmd="""#!/bin/sh
+case " $* " in
+  *" ls "*) [ "${FAKE_STORED:-yes}" = yes ] ;;
+  *" cp "*) exec sleep "${FAKE_UPLOAD_S:-0}" ;;
+  *) exec sleep "${FAKE_S5CMD_S:-0}" ;;
+esac
+""")
+
+    def start(fake_vllm: str, serve_s: float = 60, compile_cache_on: bool = True, **env) -> Job:
+        cfg = build(options=LaunchOptions(compile_cache=compile_cache_on, ready_timeout=60), bucket="b")
+        node_env = {k: str(v) for k, v in cfg["envs"].items()}
+        node_env.update(PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(tmp_path), MF_COMPILE_CACHE_PY=compile_cache.__file__,
+                        S5CMD=str(bin_dir / "s5cmd"), MF_GPU_NAME="cpu", SKYPILOT_NUM_GPUS_PER_NODE="1",
+                        SERVE_HOST="127.0.0.1", SERVE_PORT=str(processes.free_port()), FAKE_VLLM=fake_vllm,
+                        FAKE_VLLM_SERVE_S=str(serve_s), **env)
+        started.append(Job(cfg["run"], node_env, request.param, tmp_path))
+        return started[-1]
+
+    yield start
+    for j in started:
+        j.kill()
+        for pid in j.survivors():  # what it left in process groups of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_the_job_ends_within_seconds_of_vllm_failing_with_its_status(job):
+    """The compile-cache saver, waiting for /health, must not hold the job's output open (the job
+    then stays RUNNING until it gives up: an hour, before)."""
+    run = job("fail")
+    out = run.to_eof(timeout=20)
+    assert run.eof_s < 5, out
+    assert run.proc.returncode == 1 and "fake vllm: refusing the model" in out
+    assert run.survivors() == []  # (the saver may die before it can say so: vLLM fails here at once)
+
+
+def test_a_save_in_flight_when_vllm_exits_is_stopped_with_its_upload(job):
+    run = job("serve", serve_s=2, FAKE_STORED="no", FAKE_UPLOAD_S="60")
+    out = run.to_eof(timeout=20)
+    assert run.eof_s < 8 and "not saved: the job ended first" in out, out
+    assert run.survivors() == []  # no s5cmd left uploading
+
+
+def test_the_savers_outcome_reaches_the_log_when_vllm_serves(job):
+    run = job("serve", serve_s=3)
+    out = run.to_eof(timeout=30)
+    # the fake s5cmd says every key is stored already
+    assert "modelferry compile cache: already stored" in out and "fake vllm: serving" in out, out
+    assert run.proc.returncode == 0 and run.eof_s < 10 and run.survivors() == []
+
+
+def test_a_stop_reaches_vllm_and_ends_the_job(job):
+    """SIGTERM to the script alone (SkyPilot's cancel, our local stop) is passed on to vLLM."""
+    run = job("serve")
+    run.wait_for("modelferry compile cache: already stored")
+    os.kill(run.proc.pid, signal.SIGTERM)
+    stopped = time.monotonic()
+    out = run.to_eof(timeout=10)
+    assert "fake vllm: stopped by SIGTERM" in out and time.monotonic() - stopped < 5, out
+    assert run.survivors() == []
+
+
+def test_a_stop_before_vllm_starts_never_starts_it(job):
+    run = job("serve", FAKE_S5CMD_S="2")  # the restore takes 2 s
+    run.wait_for("modelferry mark run-start")
+    time.sleep(0.5)  # past the traps, inside the restore
+    os.kill(run.proc.pid, signal.SIGTERM)
+    out = run.to_eof(timeout=15)
+    assert run.proc.returncode == 143 and "fake vllm" not in out, out
+
+
+def test_without_the_compile_cache_the_job_still_ends_with_vllm(job):
+    run = job("fail", compile_cache_on=False)
+    out = run.to_eof(timeout=20)
+    assert run.proc.returncode == 1 and run.eof_s < 5 and "compile cache: off" in out, out
+
+
+def dist_info(folder: Path, name: str, version: str) -> None:
+    meta = folder / f"{name.replace('-', '_')}-{version}.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+@pytest.mark.parametrize("strategy,installed,pip_runs", [
+    ("stream", {"runai-model-streamer": "0.17.0", "runai-model-streamer-s3": "0.17.0"}, False),
+    ("stream", {"runai-model-streamer": "0.15.7", "runai-model-streamer-s3": "0.15.7"}, True),  # the image's own
+    ("stream", {"runai-model-streamer": "0.17.0"}, True),  # no S3 backend
+    ("prefetch", {"runai-model-streamer": "0.15.7"}, False),  # not used: only reported
+])
+def test_setup_installs_the_pinned_streamer_unless_both_packages_match(strategy, installed, pip_runs, tmp_path):
+    site = tmp_path / "site"
+    for name, version in installed.items():
+        dist_info(site, name, version)
+    bin_dir = fake_bin(tmp_path, s5cmd="#!/bin/sh\n", python3=(
+        '#!/bin/sh\nif [ "$1 $2" = "-m pip" ]; then echo "$@" >> "$PIP_LOG"; exit 0; fi\nexec /usr/bin/python3 "$@"\n'))
+    cfg = build(options=LaunchOptions(strategy=strategy))
+    env = {k: str(v) for k, v in cfg["envs"].items()}
+    env.update(PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(tmp_path), PYTHONPATH=str(site), PIP_LOG=str(tmp_path / "pip.log"),
+               PREFETCH_DIR=str(tmp_path / "model"))
+    out = subprocess.run(["bash", "-c", cfg["setup"]], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pip = (tmp_path / "pip.log").read_text() if (tmp_path / "pip.log").exists() else ""
+    assert ("runai-model-streamer[s3]==0.17.0" in pip) is pip_runs, pip
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("modelferry streamer ")]
+    assert lines == ["modelferry streamer runai-model-streamer={} runai-model-streamer-s3={}".format(
+        installed.get("runai-model-streamer", "none"), installed.get("runai-model-streamer-s3", "none"))]
