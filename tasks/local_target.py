@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,20 +145,33 @@ def stop_job(node: LocalNode) -> None:
 
 
 def _stop(runner: subprocess.Popen, grace: float = 5) -> None:
-    """The runner and everything under it: SkyPilot's runner gives the script a session of its own,
-    and under `bash -i` each background child leads a process group of its own (vLLM's among them),
-    so every group found under the runner is stopped; then SkyPilot's daemon watching them, which
-    would otherwise linger 30 s."""
-    pids = processes.descendants(runner.pid)
+    """The runner and everything under it (see `stop_runner`)."""
+    stop_runner(runner.pid, lambda: stop(runner, grace))  # well inside the CLI's grace after Ctrl-C
+
+
+def stop_runner(pid: int, stop_it=None, grace: float = 5) -> None:
+    """Stop a job's runner `pid` and everything under it: SkyPilot's runner gives the script a session
+    of its own, and under `bash -i` each background child leads a process group of its own (vLLM's
+    among them), so every group found under the runner is stopped; then SkyPilot's daemon watching
+    them, which would otherwise linger 30 s. `stop_it` stops the runner itself (default: SIGTERM to
+    its group, then SIGKILL after `grace`), for a runner another command started (`modelferry down`)."""
+    pids = processes.descendants(pid)
     groups = processes.groups_of(pids) - {os.getpgid(0)}
     for pgid in groups:
         processes.signal_group(pgid, signal.SIGTERM)
-    stop(runner, grace)  # well inside the CLI's grace after Ctrl-C, so the teardown finishes
+    if stop_it:
+        stop_it()
+    else:
+        processes.signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while processes.running(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        processes.signal_group(pid, signal.SIGKILL)
     for pgid in groups:
         processes.signal_group(pgid, signal.SIGKILL)
-    for pid in pids + _daemons_of(runner.pid):
+    for leftover in pids + _daemons_of(pid):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(leftover, signal.SIGKILL)
 
 
 def _daemons_of(runner_pid: int) -> list[int]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import secrets as pysecrets
-import signal
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -93,10 +92,7 @@ class Local:
             rec = json.loads(rec_file.read_text())
             if everything or name in (rec["name"], rec["model"]):
                 if rec.get("pid"):
-                    try:
-                        os.killpg(rec["pid"], signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
+                    local_target.stop_runner(rec["pid"])
                 local_target.remove(local_target.LocalNode(state_dir() / rec["name"], {}))
                 rec_file.unlink()
                 taken.append(rec["name"])
