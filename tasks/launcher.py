@@ -79,11 +79,10 @@ class Staged:
 def choose_weights(source: str, serves_hub: bool, staged: Staged) -> tuple[str, str | None]:
     """Where a node loads the weights from: ("r2" | "hub", a warning to log or None). Raises
     IntegrityError, NotStaged or SettingsError when neither will do."""
-    if source == "hub":  # what the bucket holds doesn't matter, but there must be a Hub repo to load
-        staged = Staged(staged.model, staged.bucket, staged.revision, staged.from_local_dir)
-    elif staged.revision and not staged.problems:
+    problems = staged.problems if source != "hub" else ()  # --source hub: the bucket's state doesn't matter
+    if source != "hub" and staged.revision and not problems:
         return "r2", None
-    if staged.problems and (source == "r2" or not serves_hub or staged.from_local_dir):
+    if problems and (source == "r2" or not serves_hub or staged.from_local_dir):
         raise IntegrityError(staged.damage(), list(staged.bad_files))  # nothing else to serve it from
     if source == "r2":
         raise NotStaged(f"{staged.model} is not staged in bucket {staged.bucket}")
@@ -93,7 +92,7 @@ def choose_weights(source: str, serves_hub: bool, staged: Staged) -> tuple[str, 
         raise SettingsError("the local target only loads staged weights: stage the model first or use --source r2")
     if source == "hub":
         return "hub", None
-    return "hub", (staged.damage() if staged.problems else f"{staged.model} is not staged in bucket {staged.bucket}") \
+    return "hub", (staged.damage() if problems else f"{staged.model} is not staged in bucket {staged.bucket}") \
         + ": serving it from the Hub instead"
 
 
