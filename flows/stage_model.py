@@ -41,6 +41,7 @@ def resolve(source, revision, include, exclude, name, allow_unloadable):
 def _survey_and_prepare(plan, replace) -> tuple[int, str]:
     """What the bucket already holds; strays removed, unchanged files copied inside it."""
     bucket = Bucket(config.load())
+    bucket.probe()  # a retried transfer against an endpoint that died fails here, at once
     note = survey(bucket, plan, replace)
     log.info("%s@%s: %s", plan.name, plan.revision[:12], note)
     return in_bucket.prepare(bucket, plan), note

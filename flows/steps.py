@@ -163,18 +163,20 @@ class Steps:
 
 
 def progress_reporter(description: str):
-    """A Prefect progress artifact updated at most once a second; returns a callable(percent)."""
+    """A Prefect progress artifact updated at most once a second; returns a callable(percent, line):
+    `line` (bytes, rate, time left) becomes the artifact's description under `description`."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     if not task_run.id:
-        return lambda pct: None
+        return lambda pct, line=None: None
     artifact_id = create_progress_artifact(progress=0.0, description=description)
     last = [0.0]
 
-    def report(pct: float) -> None:
+    def report(pct: float, line: str | None = None) -> None:
         now = time.monotonic()
-        if pct >= 100 or now - last[0] >= 1:
+        if pct >= 100 or line or now - last[0] >= 1:
             last[0] = now
-            update_progress_artifact(artifact_id=artifact_id, progress=min(pct, 100.0))
+            update_progress_artifact(artifact_id=artifact_id, progress=min(pct, 100.0),
+                                     description=f"{description}: {line}" if line else None)
 
     return report

@@ -92,9 +92,15 @@ class Bucket:
             token = page["NextContinuationToken"]
 
     def probe(self) -> None:
-        """One cheap request that fails at once on a wrong endpoint, scheme, key or bucket: asked
-        before a stage starts, so a dead endpoint is an error in a second, not after the retries."""
-        self._call("list_objects_v2", Prefix=layout.FACTS, MaxKeys=1)
+        """One cheap request, tried once, that fails at once on a wrong endpoint, scheme, key or
+        bucket: asked before a stage starts (and before a retried transfer), so a dead endpoint is
+        an error in a second, not after every request's retries. Its failure is never retried."""
+        once = Bucket(self.settings, attempts=1)
+        try:
+            once._call("list_objects_v2", Prefix=layout.FACTS, MaxKeys=1)
+        except BucketError as exc:
+            exc.transient = False
+            raise
 
     def head(self, key: str) -> ObjectInfo | None:
         """Size and ETag of one object, or None when there is no such object."""

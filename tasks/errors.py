@@ -56,6 +56,10 @@ class GatedRepo(HubError):
     pass
 
 
+class HubRateLimited(HubError):
+    """The Hub kept answering 429 for longer than we wait (MODELFERRY_HUB_WAIT_S)."""
+
+
 class TransientHubError(HubError):
     transient = True
 

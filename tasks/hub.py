@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelferry.tasks.errors import GatedRepo, HubError, RepoNotFound, RevisionNotFound, SourceError, TransientHubError, first_line
+from modelferry.tasks.errors import (GatedRepo, HubError, HubRateLimited, RepoNotFound, RevisionNotFound, SourceError,
+                                    TransientHubError, first_line)
 from modelferry.tasks.integrity import check_relpath
 
 log = logging.getLogger("modelferry.hub")
@@ -40,6 +43,57 @@ def _api(token, endpoint):
     from huggingface_hub import HfApi
 
     return HfApi(endpoint=endpoint, token=token or False)
+
+
+HUB_WAIT_S = 600.0  # MODELFERRY_HUB_WAIT_S: the longest we wait out the Hub's rate limit, in all, per call
+
+
+def hub_wait() -> float:
+    value = os.environ.get("MODELFERRY_HUB_WAIT_S", "")
+    try:
+        return float(value) if value else HUB_WAIT_S
+    except ValueError:
+        raise SourceError(f"MODELFERRY_HUB_WAIT_S={value!r} is not a number of seconds") from None
+
+
+def rate_limit_wait(exc: Exception) -> tuple[float, str] | None:
+    """How long a 429 from the Hub says to wait, and which limit it is, as huggingface_hub's own
+    download retries read it (its `RateLimit` header, `"api";r=0;t=55`: reset in t seconds, plus
+    one); a 429 without the header waits its Retry-After, else a minute. None: not a 429."""
+    from huggingface_hub import errors as hf
+    from huggingface_hub.utils import parse_ratelimit_headers
+
+    response = exc.response if isinstance(exc, hf.HfHubHTTPError) else None
+    if response is None or response.status_code != 429:
+        return None
+    info = parse_ratelimit_headers(response.headers)
+    if info is not None:
+        return float(info.reset_in_seconds) + 1, f"{info.resource_type!r} limit"
+    retry_after = response.headers.get("Retry-After", "")
+    return (float(retry_after) if retry_after.isdigit() else 60.0), "limit"
+
+
+def _waiting_out_rate_limits(call, what: str, token, endpoint):
+    """`call()`, waiting out each 429 as the Hub says, up to MODELFERRY_HUB_WAIT_S in all."""
+    bound, waited = hub_wait(), 0.0
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            wait = rate_limit_wait(exc)
+            if wait is None:
+                raise
+            seconds, limit = wait
+            where = endpoint or "huggingface.co"
+            if waited + seconds > bound:
+                how = "authenticated requests get a higher limit: set HF_TOKEN" if not token else \
+                    "this HF_TOKEN's account is over its limit: wait, or use a token with a higher one"
+                raise HubRateLimited(f"{where} rate-limited {what} (429, {limit}) for longer than "
+                                     f"MODELFERRY_HUB_WAIT_S={bound:g} s would wait ({seconds:.0f} s more): {how}") from exc
+            log.warning("%s rate-limited %s (429, %s): waiting %.0f s as its RateLimit header says", where, what,
+                        limit, seconds)
+            time.sleep(seconds)
+            waited += seconds
 
 
 def _translate(exc: Exception, repo_id: str, revision: str, token, endpoint) -> Exception:
@@ -87,7 +141,10 @@ def resolve(repo_id: str, revision: str | None, include: list[str], exclude: lis
     revision = revision or "main"
     api = _api(token, endpoint)
     try:
-        info = api.model_info(repo_id, revision=revision)
+        info = _waiting_out_rate_limits(lambda: api.model_info(repo_id, revision=revision), f"{repo_id}'s info",
+                                        token, endpoint)
+    except HubRateLimited:
+        raise
     except Exception as exc:
         err = _translate(exc, repo_id, revision, token, endpoint)
         # A mirror (olah) answers 401 "not found" for a bad revision too: tell the two apart.
@@ -100,7 +157,11 @@ def resolve(repo_id: str, revision: str | None, include: list[str], exclude: lis
         raise err from exc
     commit = info.sha
     try:
-        tree = [e for e in api.list_repo_tree(repo_id, revision=commit, recursive=True) if isinstance(e, RepoFile)]
+        tree = _waiting_out_rate_limits(
+            lambda: [e for e in api.list_repo_tree(repo_id, revision=commit, recursive=True) if isinstance(e, RepoFile)],
+            f"the file listing of {repo_id}", token, endpoint)
+    except HubRateLimited:
+        raise
     except Exception as exc:
         raise _translate(exc, repo_id, commit, token, endpoint) from exc
     kept = list(filter_repo_objects(tree, allow_patterns=include or None, ignore_patterns=exclude or None,
@@ -147,6 +208,9 @@ def commit_of(repo_id: str, revision: str | None, token: str | None = None, endp
     """The commit a branch or tag points at now (one small request)."""
     revision = revision or "main"
     try:
-        return _api(token, endpoint).model_info(repo_id, revision=revision).sha
+        return _waiting_out_rate_limits(lambda: _api(token, endpoint).model_info(repo_id, revision=revision).sha,
+                                        f"{repo_id}'s info", token, endpoint)
+    except HubRateLimited:
+        raise
     except Exception as exc:
         raise _translate(exc, repo_id, revision, token, endpoint) from exc

@@ -190,6 +190,47 @@ class _Span:
         return round(self.end - self.start, 3) if self.start is not None else 0.0
 
 
+class Meter:
+    """Bytes, rate and time left of one upload, from samples of the bytes moved so far: the rate over
+    the last `window_s` seconds, so a stall shows as a falling rate rather than the run's average."""
+
+    def __init__(self, total: int, window_s: float = 20.0):
+        self.total, self.window_s = total, window_s
+        self.samples: list[tuple[float, int]] = []
+
+    def add(self, now: float, moved: int) -> None:
+        self.samples.append((now, min(moved, self.total)))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+            self.samples.pop(0)
+
+    @property
+    def rate(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def line(self, confirmed: int, files_done: int, files: int) -> str:
+        moved = self.samples[-1][1] if self.samples else 0
+        left = (self.total - moved) / self.rate if self.rate > 0 else None
+        eta = "time left unknown" if left is None else f"about {_duration(left)} left"
+        return (f"upload {moved / 1e9:.2f}/{self.total / 1e9:.2f} GB read by s5cmd ({100 * moved / max(self.total, 1):.0f}%), "
+                f"{self.rate / 1e6:.1f} MB/s, {eta}; {files_done}/{files} files ({confirmed / 1e9:.2f} GB) confirmed")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+def progress_every() -> float:
+    """MODELFERRY_PROGRESS_S: seconds between progress lines of a running upload (default 10)."""
+    try:
+        return max(0.2, float(os.environ.get("MODELFERRY_PROGRESS_S") or 10))
+    except ValueError:
+        raise SourceError("MODELFERRY_PROGRESS_S must be a number of seconds") from None
+
+
 class _Run:
     """One pass of the pipeline over `todo`: a few fetch-and-hash workers feed one s5cmd process;
     each finished upload is proven on a small pool while the rest go on."""
@@ -204,6 +245,8 @@ class _Run:
         self.failures: list[BaseException] = []
         self.bad: dict[str, str] = {}  # path -> why it may not go up
         self.stop = threading.Event()
+        self.done = threading.Event()  # the uploader has finished, one way or another
+        self.pct = 0.0
         self.proofs: list = []
         self.styles = layout.etag_styles(bucket)
 
@@ -214,6 +257,7 @@ class _Run:
         prover = ThreadPoolExecutor(4, thread_name_prefix="prove")
         try:
             with s5cmd.Uploader(settings, self.plan.part_size, on_done=lambda item: self._uploaded(item, prover)) as up:
+                threading.Thread(target=self._report, args=(up,), name="progress", daemon=True).start()
                 with ThreadPoolExecutor(workers, thread_name_prefix="ferry") as pool:
                     try:
                         list(pool.map(lambda f: self._one_file(f, up), self.todo))
@@ -232,11 +276,34 @@ class _Run:
             if not isinstance(exc, Exception):
                 raise
         finally:
+            self.done.set()
             prover.shutdown(wait=True, cancel_futures=True)
         if self.failures:
             raise self.failures[0]
         if self.bad:
             raise bad_files(self.bad)
+
+    def _report(self, up: s5cmd.Uploader) -> None:
+        """A line every few seconds while bytes are moving: what s5cmd has read of the files handed
+        to it (the kernel's count; a 5 GB shard is otherwise silent until it is done)."""
+        meter, last = Meter(self.total), None
+        meter.add(time.monotonic(), 0)
+        while not self.done.wait(progress_every()):
+            moved = up.read_bytes()
+            meter.add(time.monotonic(), moved)
+            if moved == last or not up.in_flight():
+                continue
+            last = moved
+            line = meter.line(self.counts["up_bytes"], self.counts["uploaded"], len(self.todo))
+            log.info("%s", line)
+            self._progress(100.0 * min(moved, self.total) / max(self.total, 1), line)
+
+    def _progress(self, pct: float, line: str | None = None) -> None:
+        """The percentage only ever grows: bytes read run ahead of files confirmed."""
+        with self.count_lock:
+            pct, self.pct = max(pct, self.pct), max(pct, self.pct)
+        if self.progress:
+            self.progress(pct, line)
 
     def _one_file(self, f: PlanFile, uploader: s5cmd.Uploader) -> None:
         if self.stop.is_set():
@@ -280,8 +347,7 @@ class _Run:
 
     def _uploaded(self, item: s5cmd.Upload, prover: ThreadPoolExecutor) -> None:
         _, sent = self._count("uploaded", "up_bytes", item.size, self.by_key[item.key].path, "upload")
-        if self.progress:
-            self.progress(100.0 * sent / self.total if self.total else 100.0)
+        self._progress(100.0 * sent / self.total if self.total else 100.0)
         self.proofs.append(prover.submit(self._prove, self.by_key[item.key]))
 
     def _prove(self, f: PlanFile) -> None:

@@ -121,15 +121,22 @@ def load(env: dict[str, str] | None = None) -> Settings:
     return settings
 
 
+# botocore standard mode: waits of at most 1+2+4+8 s, so a bucket gone for good costs 15 s or less.
+REQUEST_ATTEMPTS = 5
+
+
 def _check_hf_endpoint(url: str) -> None:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise SettingsError(f"HF_ENDPOINT={url!r} is not a URL: leave it unset for huggingface.co")
 
 
-def s3_client(settings: Settings, *, connect_timeout: float = 5, read_timeout: float = 60, attempts: int = 1):
-    """A boto3 S3 client with the R2 profile. One attempt under short timeouts: retries belong to
-    the Prefect step (one retry layer), so a wrong endpoint fails in seconds, not minutes."""
+def s3_client(settings: Settings, *, connect_timeout: float = 5, read_timeout: float = 60,
+              attempts: int = REQUEST_ATTEMPTS):
+    """A boto3 S3 client with the R2 profile. botocore's standard retry mode retries each request
+    on throttling (SlowDown, 429), 5xx and a dropped or refused connection, `attempts` tries in all,
+    waiting a random 0-2^n s (at most 20 s) between them: a listing or a HEAD outlasts a busy bucket
+    without the step starting over. The pre-flight probe asks once (`attempts=1`)."""
     import boto3
     from botocore.config import Config
 
