@@ -103,8 +103,9 @@ def stage_and_launch(model: str, revision: str | None = None, name: str | None =
                      source: str = "auto", mode: str = "cluster", strategy: str = "stream",
                      accelerators: list[str] | None = None, concurrency: int = 32, compile_cache: bool = True,
                      vllm_image: str | None = None, ready_timeout: float = 1800, headroom: float = 1.3,
-                     memory_limit: int = -1, idle_minutes: int = 30, use_spot: bool = True,
-                     disk_size: int | None = None, extra_vllm_args: str = "", runs: int = 1, stage: bool = True,
+                     memory_limit: int | None = None, memory: str | None = None, idle_minutes: int = 30,
+                     use_spot: bool = True, disk_size: int | None = None, extra_vllm_args: str = "", runs: int = 1,
+                     stage: bool = True,
                      include: list[str] | None = None, exclude: list[str] | None = None, keep: bool = False,
                      results_dir: str = "results") -> Launched:
     """Stage a model (optional), verify it, launch it where it streams its weights from the bucket,

@@ -55,7 +55,12 @@ class LaunchOptions:
     ready_timeout: float = _option(1800, "how long to wait for /health before tearing down (default 1800)",
                                    metavar="SECONDS")
     headroom: float = _option(1.3, "GPU memory to ask for = weights x HEADROOM (KV cache, activations; default 1.3)")
-    memory_limit: int = _option(-1, "Run:ai streamer CPU buffer in bytes (default -1: unlimited)", metavar="BYTES")
+    memory_limit: int | None = _option(
+        None, "Run:ai streamer CPU buffer in bytes, for the whole node (default: sized at start from the node's "
+              "available memory and GPU count; 0: one buffer the size of the largest tensor)", metavar="BYTES")
+    memory: str | None = _option(
+        None, "host memory for every GPU option, in SkyPilot's syntax: GiB, '+' for at least, e.g. 64+ (default: "
+              "sized from the weights and the GPU count)", metavar="GIB[+]")
     idle_minutes: int = _option(30, "--mode cluster: SkyPilot autostop (down) after this many idle minutes (default 30)")
     use_spot: bool = _option(True, "on-demand instead of spot GPUs", flag="--on-demand")
     disk_size: int | None = _option(None, "node disk (default: 256 GB, or 2.5 x the model + 64 GB when bigger)",
@@ -82,8 +87,9 @@ class LaunchOptions:
         _one_of("--strategy", self.strategy, (*STRATEGIES, BOTH))
         if not 1 <= self.concurrency <= 256:
             raise SettingsError(f"--concurrency {self.concurrency} is out of range: use 1-256 (32-64 is typical)")
-        if self.memory_limit < -1:
-            raise SettingsError("--memory-limit must be -1 (unlimited) or a number of bytes")
+        _check_memory_limit(self.memory_limit)
+        if self.memory is not None:
+            host_memory_gib(self.memory)
         if not 1.0 <= self.headroom <= 10:
             raise SettingsError(f"--headroom {self.headroom:g} is out of range: use 1.0-10")
         if not 0 < self.ready_timeout <= 6 * 3600:
@@ -96,6 +102,32 @@ class LaunchOptions:
             parse_accelerators(self.accelerators)
         if self.target == "local" and self.mode != "cluster":
             raise SettingsError(f"--mode {self.mode} needs --target sky: the local target is one node")
+
+
+def _check_memory_limit(limit: int | None) -> None:
+    # -1 is the streamer's "unbounded": a buffer the size of every file streamed, per rank, which is
+    # the host OOM this option exists to prevent; so it is refused rather than passed on.
+    if limit is None or limit == 0 or limit >= 2**20:
+        return
+    if limit == -1:
+        raise SettingsError("--memory-limit -1 (unbounded) is refused: the streamer would buffer every file it "
+                            "streams and can exhaust the host; leave it unset to size it from the node, or give BYTES")
+    if limit < 0:
+        raise SettingsError(f"--memory-limit {limit} is not a size: give BYTES, or leave it unset to size it "
+                            "from the node")
+    raise SettingsError(f"--memory-limit {limit} is in bytes, far below any tensor: e.g. 8589934592 for 8 GiB")
+
+
+def host_memory_gib(spec: str) -> float:
+    """The GiB a `--memory` value asks for ("64", "64+", "12.5+"), or a SettingsError naming the flag."""
+    number = spec[:-1] if spec.endswith("+") else spec
+    try:
+        gib = float(number)
+    except ValueError:
+        gib = 0
+    if not gib > 0 or not number.replace(".", "", 1).isdigit():
+        raise SettingsError(f"--memory {spec!r} is not a size: give GiB, with '+' for at least, e.g. 64+")
+    return gib
 
 
 def _one_of(flag: str, value: str, choices: tuple[str, ...]) -> None:

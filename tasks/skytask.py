@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,33 @@ def fitting_accelerators(model_bytes: int, headroom: float, requested: dict[str,
     return out
 
 
+# Host RAM, in GiB, as the template's `run` sizes the streamer's buffer (loader_memory_limit there:
+# available less PROCESS_GIB per vLLM process, halved, at most RING_CAP_GIB): the ask below is the
+# host on which that rule gives the ring it needs. Change them together (a test runs the script on
+# a host of exactly the asked size).
+PROCESS_GIB = 3  # vLLM's API server and one worker per GPU, each with torch and a CUDA context
+RING_CAP_GIB = 32
+RING_MIN_GIB = 4  # a few buffers of the largest tensor (an 8B model's embedding is about 1 GiB)
+RING_FLOOR_GIB = 2  # below this the run script falls back to one buffer of the largest tensor
+SYSTEM_GIB = 2  # the OS, Docker, SkyPilot's Ray and skylet: not in MemAvailable when `run` reads it
+
+
+def ring_gib(model_bytes: int) -> float:
+    """The streamer buffer a load wants: the whole model when small, else 4 GiB or 1/16 of the
+    weights, whichever is more (an embedding, the largest tensor, is about 1/16 of an 8B model and
+    less of bigger ones, so the ring keeps a few buffers' depth), at most the run script's cap; and
+    never under the script's floor, so even a tiny model's host gets a real ring, not the fallback."""
+    weights = model_bytes / 2**30
+    return max(RING_FLOOR_GIB, min(weights, max(RING_MIN_GIB, weights / 16), RING_CAP_GIB))
+
+
+def host_memory_ask(model_bytes: int, gpus: int) -> str:
+    """SkyPilot's `memory` for one GPU option: at least the host on which the run script's rule gives
+    `ring_gib` and leaves vLLM's processes theirs. 1 GPU and a small model: 12+, fits a 16 GiB host."""
+    gib = SYSTEM_GIB + PROCESS_GIB * (gpus + 1) + 2 * ring_gib(model_bytes)
+    return f"{math.ceil(gib)}+"
+
+
 def run_name(model: str, revision: str, run_id: str) -> str:
     """Deterministic cluster/service name for one run: a Prefect retry reuses it, never a second one."""
     slug = re.sub(r"[^a-z0-9-]+", "-", model.split("/")[-1].lower()).strip("-")[:24]
@@ -62,7 +90,8 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, wei
     envs = cfg["envs"]
     envs.update(MODEL_URI=model_uri, SERVED_MODEL_NAME=served_name, MODEL_REVISION=revision,
                 LOAD_STRATEGY=options.strategy if weights == "r2" else "hub",
-                LOADER_CONCURRENCY=str(options.concurrency), LOADER_MEMORY_LIMIT=str(options.memory_limit),
+                LOADER_CONCURRENCY=str(options.concurrency),
+                LOADER_MEMORY_LIMIT="auto" if options.memory_limit is None else str(options.memory_limit),
                 EXTRA_VLLM_ARGS=options.extra_vllm_args, COMPILE_CACHE="on" if options.compile_cache else "off",
                 COMPILE_CACHE_BUCKET=bucket, READY_TIMEOUT=f"{options.ready_timeout:g}")
     cfg["file_mounts"] = {dst: packaged_file(src) for dst, src in cfg.get("file_mounts", {}).items()}
@@ -70,7 +99,10 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, wei
     res = cfg["resources"]
     gpus = fitting_accelerators(model_bytes, options.headroom,
                                 parse_accelerators(options.accelerators) if options.accelerators else None)
-    res["any_of"] = [{"accelerators": {g: n}} for g, n in gpus.items()]
+    # Per option: eight GPUs run nine vLLM processes on their host, one GPU two. Unset, SkyPilot may
+    # pick the smallest host that carries the GPU (16 GiB for an L4).
+    res["any_of"] = [{"accelerators": {g: n}, "memory": options.memory or host_memory_ask(model_bytes, n)}
+                     for g, n in gpus.items()]
     res["use_spot"] = options.use_spot
     res["disk_size"] = options.disk_size or max(res.get("disk_size", 256), int(model_bytes * 2.5 / 1e9) + 64)
     if options.vllm_image:

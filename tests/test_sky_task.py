@@ -1,6 +1,7 @@
 """The generated SkyPilot task: SkyPilot's own schema, secrets only in `secrets`, clear option errors."""
 
 import contextlib
+import json
 import os
 import queue
 import shutil
@@ -90,6 +91,12 @@ def test_accelerators_fit_the_weights():
     (LaunchOptions(accelerators=["TPU9"]), {}, "unknown accelerator 'TPU9'"),
     (LaunchOptions(accelerators=["T4:1"]), {}, "T4:1 cannot hold"),
     (LaunchOptions(accelerators=["L4:3"]), {}, "accelerator count 3"),
+    (LaunchOptions(memory_limit=-1), {}, "--memory-limit -1 .unbounded. is refused"),
+    (LaunchOptions(memory_limit=8), {}, "--memory-limit 8 is in bytes"),
+    (LaunchOptions(memory="lots"), {}, "--memory 'lots' is not a size"),
+    (LaunchOptions(memory="64GB"), {}, "--memory '64GB' is not a size"),
+    (LaunchOptions(memory="0+"), {}, "--memory '0.' is not a size"),
+    (LaunchOptions(memory="-4"), {}, "--memory '-4' is not a size"),
 ])
 def test_bad_options_are_clear_errors(options, kw, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
@@ -344,3 +351,181 @@ def test_setup_installs_the_pinned_streamer_unless_both_packages_match(strategy,
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("modelferry streamer ")]
     assert lines == ["modelferry streamer runai-model-streamer={} runai-model-streamer-s3={}".format(
         installed.get("runai-model-streamer", "none"), installed.get("runai-model-streamer-s3", "none"))]
+
+
+# Host memory: what each GPU option asks SkyPilot for, and the streamer buffer the `run` script sizes
+# from the node it lands on.
+GIB = 2**30
+
+
+def asks(cfg: dict) -> dict[str, float]:
+    """{"L4:1": 12.0, ...}: each any_of option's `memory`, in GiB, all of them "at least"."""
+    out = {}
+    for option in cfg["resources"]["any_of"]:
+        (gpu, n), = option["accelerators"].items()
+        assert option["memory"].endswith("+"), option
+        out[f"{gpu}:{n}"] = float(option["memory"][:-1])
+    return out
+
+
+def test_each_gpu_option_asks_for_host_memory_growing_with_its_gpus(sky_home):
+    cfg = build(model_bytes=16 * GB, options=LaunchOptions(target="sky", accelerators=["L4:1,L40S:2,A100:4,H100:8"]))
+    memory = asks(cfg)
+    assert list(memory) == ["L4:1", "L40S:2", "A100:4", "H100:8"]
+    assert memory["L4:1"] < memory["L40S:2"] < memory["A100:4"] < memory["H100:8"], memory
+    task = skytask.validate(cfg)  # SkyPilot's own schema and Resources accept the syntax
+    assert {r.memory for r in task.resources} == {f"{g:g}+" for g in memory.values()}
+
+
+@pytest.mark.parametrize("model_bytes", [0, 34 * 10**6, 2 * GB, 16 * GB])  # 0: a Hub model without manifest
+def test_a_small_model_on_one_l4_fits_a_16_gib_host(model_bytes):
+    """g6.xlarge and GCP's g2-standard-4, the cheapest L4 hosts, have 16 GiB."""
+    memory = asks(build(model_bytes=model_bytes, options=LaunchOptions(accelerators=["L4:1"])))
+    assert 8 <= memory["L4:1"] <= 16, memory
+
+
+def test_the_memory_option_overrides_every_gpu_options_ask(sky_home):
+    for spec in ("64+", "48"):
+        cfg = build(model_bytes=140 * GB, options=LaunchOptions(target="sky", memory=spec))
+        assert len(cfg["resources"]["any_of"]) > 1
+        assert {o["memory"] for o in cfg["resources"]["any_of"]} == {spec}
+        assert {r.memory for r in skytask.validate(cfg).resources} == {spec}
+
+
+def test_skypilots_schema_checks_the_memory_we_write(sky_home):
+    """validate() is the check that would catch a syntax SkyPilot does not take."""
+    cfg = build()
+    cfg["resources"]["any_of"][0]["memory"] = "lots"
+    with pytest.raises(SettingsError, match="SkyPilot rejected"):
+        skytask.validate(cfg)
+
+
+@pytest.mark.parametrize("opts", [LaunchOptions(), LaunchOptions(strategy="prefetch"), LaunchOptions(memory_limit=0),
+                                  LaunchOptions(memory_limit=8 * GIB)])
+def test_no_unbounded_buffer_ever_reaches_the_task(opts):
+    cfg = build(options=opts)
+    assert cfg["envs"]["LOADER_MEMORY_LIMIT"] == ("auto" if opts.memory_limit is None else str(opts.memory_limit))
+    assert "-1" not in yaml.safe_dump(cfg["envs"]) and '"memory_limit": -1' not in cfg["run"]
+    with pytest.raises(SettingsError, match="--memory-limit -1"):
+        build(options=LaunchOptions(memory_limit=-1))
+
+
+def test_the_dry_runs_yaml_shows_each_options_memory():
+    """`launch --dry-run` prints redacted_yaml of the task (flows/commands.py launch)."""
+    cfg = build(options=LaunchOptions(accelerators=["L4:1,H100:8"]))
+    shown = yaml.safe_load(skytask.redacted_yaml(cfg))
+    assert shown["resources"]["any_of"] == [{"accelerators": {"L4": 1}, "memory": "16+"},
+                                            {"accelerators": {"H100": 8}, "memory": "37+"}]
+
+
+# The `run` script's sizing, run with bash against fake /proc/meminfo and cgroup files
+# (MF_MEMINFO/MF_CGROUP_ROOT point it at them). The `vllm` on PATH is a stub that prints its
+# arguments and exits 0: this tests our script and what it hands vLLM, not vLLM (the real_vllm tier
+# starts real vLLM with this script).
+ARGS_VLLM = '#!/bin/sh\nfor arg in "$@"; do printf "vllm-arg %s\\n" "$arg"; done\n'
+
+
+def meminfo(folder: Path, available_bytes: int) -> Path:
+    path = folder / "meminfo"
+    path.write_text(f"MemTotal:       {available_bytes // 1024 + 1048576} kB\nMemFree:        1024 kB\n"
+                    f"MemAvailable:   {available_bytes // 1024} kB\nBuffers:        0 kB\n")
+    return path
+
+
+def cgroup_v2(folder: Path, limit: str, current: int, inactive_file: int) -> Path:
+    root = folder / "cgroup"
+    root.mkdir()
+    (root / "memory.max").write_text(limit + "\n")
+    (root / "memory.current").write_text(f"{current}\n")
+    (root / "memory.stat").write_text(f"anon {current - inactive_file}\nfile {inactive_file}\n"
+                                      f"active_file 0\ninactive_file {inactive_file}\n")
+    return root
+
+
+def cgroup_v1(folder: Path, limit: int, usage: int, inactive_file: int) -> Path:
+    root = folder / "cgroup"
+    (root / "memory").mkdir(parents=True)
+    (root / "memory" / "memory.limit_in_bytes").write_text(f"{limit}\n")
+    (root / "memory" / "memory.usage_in_bytes").write_text(f"{usage}\n")
+    (root / "memory" / "memory.stat").write_text(f"cache {inactive_file}\ntotal_inactive_file {inactive_file}\n")
+    return root
+
+
+def run_on_node(tmp_path, gpus: int, available: int, cgroup: Path | None = None, options=None, **env):
+    """The generated `run` on a fake node: (its output, the loader line, the JSON handed to vLLM or None)."""
+    cfg = build(options=options or LaunchOptions(compile_cache=False))
+    bin_dir = fake_bin(tmp_path, vllm=ARGS_VLLM)
+    node_env = {k: str(v) for k, v in cfg["envs"].items()}
+    node_env.update(PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(tmp_path), SKYPILOT_NUM_GPUS_PER_NODE=str(gpus),
+                    MF_MEMINFO=str(meminfo(tmp_path, available)),
+                    MF_CGROUP_ROOT=str(cgroup or tmp_path / "no-cgroup"), **env)
+    out = subprocess.run(["bash", "-c", cfg["run"]], env=node_env, capture_output=True, text=True, timeout=30)
+    lines = out.stdout.splitlines()
+    loader = [ln for ln in lines if ln.startswith("modelferry loader ")]
+    args = [ln.removeprefix("vllm-arg ") for ln in lines if ln.startswith("vllm-arg ")]
+    flag = "--model-loader-extra-config"
+    extra = json.loads(args[args.index(flag) + 1]) if flag in args else None
+    return out, loader, extra
+
+
+@pytest.mark.parametrize("gpus,available,limit,distributed", [
+    (1, 64 * GIB, 29 * GIB, False),  # (64 - 2 processes x 3) / 2
+    (4, 64 * GIB, 49 * GIB // 2, True),  # (64 - 5 x 3) / 2: the ranks share one node total
+    (4, 512 * GIB, 32 * GIB, True),  # capped
+    (8, 1024 * GIB, 32 * GIB, True),
+    (1, 14 * GIB, 4 * GIB, False),  # a 16 GiB host, as MemAvailable sees it after boot
+    (1, 8 * GIB, 0, False),  # under the 2 GiB floor: one buffer of the largest tensor
+    (8, 20 * GIB, 0, True),  # less than the processes need: still the least that streams, never -1
+])
+def test_the_run_script_sizes_the_buffer_from_the_node(tmp_path, gpus, available, limit, distributed):
+    out, loader, extra = run_on_node(tmp_path, gpus, available)
+    assert out.returncode == 0, out.stderr
+    assert extra == {"concurrency": 32, "memory_limit": limit, "distributed": distributed}
+    assert loader == [f"modelferry loader concurrency=32 memory_limit={limit} distributed={str(distributed).lower()} "
+                      f"(host {available} bytes available, cgroup none; sized from the node)"]
+
+
+@pytest.mark.parametrize("make_cgroup,counted", [
+    (lambda d: cgroup_v2(d, str(16 * GIB), 6 * GIB, 2 * GIB), 12 * GIB),  # limit - (current - inactive page cache)
+    (lambda d: cgroup_v1(d, 16 * GIB, 6 * GIB, 2 * GIB), 12 * GIB),
+    (lambda d: cgroup_v2(d, "max", 6 * GIB, 0), None),
+    (lambda d: cgroup_v1(d, 9223372036854771712, 6 * GIB, 0), None),  # v1's "unlimited"
+    (lambda d: cgroup_v2(d, str(1024 * GIB), GIB, 0), 1023 * GIB),  # a limit above MemAvailable: MemAvailable
+])
+def test_a_container_memory_limit_bounds_what_counts_as_available(tmp_path, make_cgroup, counted):
+    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, cgroup=make_cgroup(tmp_path))
+    assert out.returncode == 0, out.stderr
+    available = min(counted or 64 * GIB, 64 * GIB)
+    assert extra["memory_limit"] == min((available - 6 * GIB) // 2, 32 * GIB)
+    assert f"cgroup {counted if counted is not None else 'none'};" in loader[0], loader
+
+
+def test_memory_limit_overrides_the_sizing(tmp_path):
+    out, loader, extra = run_on_node(tmp_path, 4, 64 * GIB,
+                                     options=LaunchOptions(compile_cache=False, memory_limit=5 * GIB, concurrency=64))
+    assert out.returncode == 0, out.stderr
+    assert extra == {"concurrency": 64, "memory_limit": 5 * GIB, "distributed": True}
+    assert loader[0].endswith("; set by --memory-limit)"), loader
+
+
+@pytest.mark.parametrize("value", ["-1", "", "lots"])
+def test_the_run_script_refuses_a_hand_edited_unbounded_limit(tmp_path, value):
+    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, LOADER_MEMORY_LIMIT=value)
+    assert out.returncode == 2 and extra is None and "use auto or a number of bytes" in out.stderr, out
+
+
+def test_other_strategies_hand_vllm_no_loader_config(tmp_path):
+    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, options=LaunchOptions(compile_cache=False,
+                                                                                  strategy="prefetch"))
+    assert out.returncode == 0 and loader == [] and extra is None, out
+
+
+@pytest.mark.parametrize("model_bytes", [0, 2 * GB, 16 * GB, 70 * GB, 140 * GB, 800 * GB])
+@pytest.mark.parametrize("gpus", options.GPU_COUNTS)
+def test_a_host_of_exactly_the_asked_size_gets_the_ring_the_ask_assumed(tmp_path, model_bytes, gpus):
+    """The ask (skytask.host_memory_ask) and the run script's rule agree: on a host with just the
+    memory asked for, less what the system holds, the buffer is at least ring_gib and not the fallback."""
+    ask = float(skytask.host_memory_ask(model_bytes, gpus)[:-1])
+    out, loader, extra = run_on_node(tmp_path, gpus, int((ask - skytask.SYSTEM_GIB) * GIB))
+    assert out.returncode == 0, out.stderr
+    assert skytask.ring_gib(model_bytes) * GIB <= extra["memory_limit"] <= skytask.RING_CAP_GIB * GIB, loader

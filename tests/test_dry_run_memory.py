@@ -1,0 +1,24 @@
+"""`launch --dry-run` prints the task as it would be launched: each GPU option's host memory is in it,
+the `--memory` override too, and no unbounded streamer buffer."""
+
+import yaml
+
+from tests.helpers import DRY_RUN_API_KEY, TINY
+
+
+def dry_run(cli, *flags: str) -> dict:
+    run = cli("launch", TINY, "--target", "sky", "--dry-run", *flags, extra_env={"VLLM_API_KEY": DRY_RUN_API_KEY})
+    assert run.rc == 0, run
+    return yaml.safe_load(run.out.split("\n", 1)[1])
+
+
+def test_the_dry_run_shows_each_gpu_options_memory_and_the_override(cli):
+    assert cli("stage", TINY).rc == 0
+    cfg = dry_run(cli, "--accelerators", "L4:1,H100:8")
+    # a 90 MB model: the floors alone, one GPU's within a 16 GiB host, eight GPUs' more
+    assert cfg["resources"]["any_of"] == [{"accelerators": {"L4": 1}, "memory": "12+"},
+                                          {"accelerators": {"H100": 8}, "memory": "33+"}]
+    assert cfg["envs"]["LOADER_MEMORY_LIMIT"] == "auto" and "-1" not in cfg["envs"].values()
+    cfg = dry_run(cli, "--memory", "64+", "--memory-limit", str(8 * 2**30))
+    assert {o["memory"] for o in cfg["resources"]["any_of"]} == {"64+"}
+    assert cfg["envs"]["LOADER_MEMORY_LIMIT"] == str(8 * 2**30)
