@@ -136,21 +136,21 @@ def stage_and_launch(model: str, revision: str | None = None, name: str | None =
                 log.warning("%s is not staged or not verified: launch decides the source", model)
         for each in options.each_strategy():  # one at a time: each start is measured on a machine of its own
             live.append(steps.before("launch", launcher.prepare, config.load(), model, revision, each,
-                                     f"{run_id}-{each.strategy}"))
+                                     f"{run_id}-{each.strategy}", keep))
             measured.append(steps(launch, live[-1]))
             if runs > 1:
                 measured += steps(warm_runs, live[-1], runs)
-            _teardown(live.pop(), keep)
+            _teardown(live.pop())
     finally:
         for dep in live:
-            _teardown(dep, keep)
+            _teardown(dep)
         saved = _saved(steps, measured, model, Path(results_dir), run_id)
     steps.publish()
     return Launched([m.row for m in measured], saved)
 
 
-def _teardown(dep: Deployment, keep: bool) -> None:
-    if keep or dep.kept:
+def _teardown(dep: Deployment) -> None:
+    if dep.kept:
         log.info("kept: %s (take down with `modelferry down %s`)", dep.name, dep.name)
         return
     try:

@@ -40,7 +40,7 @@ class Deployment:
     cfg: dict
     secrets: dict[str, str] = field(repr=False)
     url: str | None = None
-    kept: bool = False  # left running on purpose (managed jobs: SkyPilot's controller owns them)
+    kept: bool = False  # left running on purpose: --keep, or a managed job (SkyPilot's controller owns it)
     node: local_target.LocalNode | None = None  # the local target's handle
     job_id: int | None = None  # SkyPilot's handle: the serving job on its cluster
     marks: dict[str, float] = field(default_factory=dict)
@@ -96,9 +96,10 @@ def choose_weights(source: str, serves_hub: bool, staged: Staged) -> tuple[str, 
         + ": serving it from the Hub instead"
 
 
-def prepare(settings: Settings, model: str, revision: str | None, options: LaunchOptions, run_id: str) -> Deployment:
+def prepare(settings: Settings, model: str, revision: str | None, options: LaunchOptions, run_id: str,
+            keep: bool = False) -> Deployment:
     """The deployment for one run: where its weights come from, and its SkyPilot task, schema-checked.
-    Starts nothing."""
+    Starts nothing. `keep`: it outlives the command that starts it (`modelferry down` ends it)."""
     options.check()
     place = TARGETS[options.target]
     bucket = Bucket(settings)
@@ -133,7 +134,8 @@ def prepare(settings: Settings, model: str, revision: str | None, options: Launc
     # A null secret is one SkyPilot must be given at launch: list only those we will give.
     cfg["secrets"] = {k: None for k in cfg["secrets"] if k in secret_values}
     skytask.validate(cfg, secret_values)
-    return Deployment(skytask.run_name(model, rev, run_id), model, rev, weights, options, cfg, secret_values)
+    return Deployment(skytask.run_name(model, rev, run_id), model, rev, weights, options, cfg, secret_values,
+                      kept=keep)
 
 
 def start(dep: Deployment) -> None:

@@ -20,6 +20,11 @@ under `bash -i` in a session of its own, its output read to EOF into the job's l
 output pipe closes, exactly as on a cloud node: a background child holding it keeps the job
 RUNNING here too. The launcher reads that log exactly as it reads a SkyPilot job's. What SkyPilot
 adds on a cloud node and not here: Ray's driver, which prefixes each line (`startlog` reads both).
+
+A node nobody keeps ends with the command that started it, however that command ends: a spot node
+is torn down by its launch's `finally`, which a SIGKILL or an OOM kill never runs. So each runner
+watches the process that started it and, once that is gone, stops everything under it and removes
+the node's disk and record (`_end_when_orphaned`). A node started with `--keep` is not watched.
 """
 
 from __future__ import annotations
@@ -63,10 +68,16 @@ class LocalNode:
     proc: subprocess.Popen | None = None  # the running job's runner (SkyPilot's log_lib around `run`)
     log: Path | None = None  # the running job's log
     jobs: int = 0
+    kept: bool = False  # outlives the command that started it (`--keep`): its runner watches no one
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.env['SERVE_PORT']}"
+
+    @property
+    def record(self) -> Path:
+        """What `modelferry down` finds the node by (pid and URL, no keys), beside its work dir."""
+        return self.workdir.parent / f"{self.workdir.name}.json"
 
 
 def make_node(cfg: dict, secrets: dict[str, str], workdir: Path, port: int) -> LocalNode:
@@ -103,11 +114,12 @@ def make_node(cfg: dict, secrets: dict[str, str], workdir: Path, port: int) -> L
 
 
 def submit(node: LocalNode, cfg: dict, with_setup: bool, setup_timeout: float = 1800) -> None:
-    """Start a job: `setup` (waited for, as SkyPilot does before `run`) when asked, then `run`."""
+    """Start a job: `setup` (waited for, as SkyPilot does before `run`) when asked, then `run`.
+    Setup always ends with this process; `run` too unless the node is kept."""
     node.jobs += 1
     node.log = node.workdir / f"job-{node.jobs}.log"
     if with_setup:
-        setup = _job(node, "setup", cfg.get("setup") or "true")
+        setup = _job(node, "setup", cfg.get("setup") or "true", watched=True)
         try:
             code = setup.wait(setup_timeout)
         except BaseException:
@@ -117,17 +129,19 @@ def submit(node: LocalNode, cfg: dict, with_setup: bool, setup_timeout: float = 
         if code:
             tail = node.log.read_text(errors="replace").strip().splitlines()[-3:]
             raise ModelferryError(f"task setup failed (exit {code}): {' | '.join(tail)}")
-    node.proc = _job(node, "run", cfg["run"])
+    node.proc = _job(node, "run", cfg["run"], watched=not node.kept)
 
 
-def _job(node: LocalNode, part: str, script: str) -> subprocess.Popen:
+def _job(node: LocalNode, part: str, script: str, watched: bool) -> subprocess.Popen:
     """One script through SkyPilot's job runner, in a process of its own (on a cloud node, Ray's
     driver), in a session of its own (adopted: an interrupted command stops all of it). The
-    environment travels in the process's, not in the script file: the file holds no secret."""
+    environment travels in the process's, not in the script file: the file holds no secret.
+    `watched`: the runner ends the node when this process is gone (see the module's docstring)."""
     path = node.workdir / f"job-{node.jobs}-{part}.sh"
     path.write_text(script)
+    watch = ["--watch", str(os.getpid()), "--node", str(node.workdir)] if watched else []
     # cwd "/": SkyPilot's daemon inherits it and must not hold the node's disk once the node is gone
-    return start([sys.executable, "-m", "modelferry.tasks.local_target", str(path), str(node.log)],
+    return start([sys.executable, "-m", "modelferry.tasks.local_target", str(path), str(node.log), *watch],
                  node.workdir / f"job-{node.jobs}-{part}.runner.log", node.env, Path("/"))
 
 
@@ -186,14 +200,54 @@ def _daemons_of(runner_pid: int) -> list[int]:
 
 
 def remove(node: LocalNode) -> None:
-    """The node's disk goes with it, as a spot node's does."""
+    """The node's disk goes with it, as a spot node's does, and so does its record."""
     tmp = node.workdir / "tmp"
     if tmp.is_symlink():
         shutil.rmtree(tmp.resolve(), ignore_errors=True)
     shutil.rmtree(node.workdir, ignore_errors=True)
+    node.record.unlink(missing_ok=True)
 
 
-if __name__ == "__main__":  # the job runner: python -m modelferry.tasks.local_target SCRIPT LOG
+ORPHAN_POLL_S = 0.2
+
+
+def _end_when_orphaned(starter: int, workdir: Path, grace: float = 5) -> None:
+    """In the runner, on a thread: once `starter` (the command that started this runner) is gone,
+    stop what this runner started, remove the node, and exit. Polls our parent: a child outlives its
+    parent by being re-parented, so `getppid()` changes however the parent died. Not the kernel's
+    PR_SET_PDEATHSIG: it fires when the starting *thread* ends, and a Prefect step is a thread."""
+    while os.getppid() == starter:
+        time.sleep(ORPHAN_POLL_S)
+    print(f"modelferry: the command that started this node (pid {starter}) is gone: ending the node",
+          file=sys.stderr, flush=True)
+
+    def wait_for_them() -> None:
+        deadline = time.monotonic() + grace
+        while any(processes.running(p) for p in processes.descendants(os.getpid())) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    stop_runner(os.getpid(), wait_for_them, grace)
+    remove(LocalNode(workdir, {}))
+    os._exit(137)
+
+
+def _main(argv: list[str]) -> int:
+    """The job runner: SCRIPT LOG [--watch PID --node WORKDIR] (see `_job`)."""
+    import argparse
+    import threading
+
     from sky.skylet import log_lib
 
-    sys.exit(log_lib.run_bash_command_with_log(Path(sys.argv[1]).read_text(), sys.argv[2]))
+    ap = argparse.ArgumentParser(prog="python -m modelferry.tasks.local_target")
+    ap.add_argument("script", type=Path)
+    ap.add_argument("log")
+    ap.add_argument("--watch", type=int, help="end the node once this process is gone")
+    ap.add_argument("--node", type=Path, help="the node's work dir, removed with it")
+    args = ap.parse_args(argv)
+    if args.watch:
+        threading.Thread(target=_end_when_orphaned, args=(args.watch, args.node), daemon=True).start()
+    return log_lib.run_bash_command_with_log(args.script.read_text(), args.log)
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

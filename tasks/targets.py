@@ -58,6 +58,7 @@ class Local:
     def start(self, dep: Deployment) -> None:
         if dep.node is None:
             dep.node = local_target.make_node(dep.cfg, dep.secrets, state_dir() / dep.name, free_port())
+            dep.node.kept = dep.kept
         local_target.submit(dep.node, dep.cfg, with_setup=True)
         dep.url = dep.node.url
         self._record(dep)
@@ -84,7 +85,6 @@ class Local:
         if dep.node:
             local_target.stop_job(dep.node)
             local_target.remove(dep.node)  # the job logs are kept with the results
-        (state_dir() / f"{dep.name}.json").unlink(missing_ok=True)
 
     def down(self, name: str | None, everything: bool) -> list[str]:
         taken = []
@@ -94,14 +94,12 @@ class Local:
                 if rec.get("pid"):
                     local_target.stop_runner(rec["pid"])
                 local_target.remove(local_target.LocalNode(state_dir() / rec["name"], {}))
-                rec_file.unlink()
                 taken.append(rec["name"])
         return taken
 
     @staticmethod
     def _record(dep: Deployment) -> None:
-        state_dir().mkdir(parents=True, exist_ok=True)
-        (state_dir() / f"{dep.name}.json").write_text(json.dumps(
+        dep.node.record.write_text(json.dumps(
             {"name": dep.name, "model": dep.model, "target": dep.target, "mode": dep.options.mode, "url": dep.url,
              "pid": dep.node.proc.pid if dep.node.proc else None}))
 
