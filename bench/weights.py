@@ -1,0 +1,189 @@
+"""Weights at real size on the local target: the stream strategy's weights phase against what it
+takes this machine to get the same bytes in otherwise, and the node's peak host memory.
+
+Model: `tiny_llama.SIZED` by default (12 layers, hidden 2048, head_dim 128: 1.33 GB of bf16 in 4
+shards; seeded, made here), staged from a local directory into `rclone serve s3` on loopback.
+Measured in one run:
+- GET: `s5cmd cp` of the staged shards to local disk (the bucket's limit here);
+- the streamer alone (runai-model-streamer in the node's venv, every tensor into CPU memory, then
+  with vLLM's per-tensor `clone()`), at each --concurrency, with the buffer the run script sizes and
+  with one as big as the checkpoint (what the old `memory_limit: -1` gave), and vLLM's own iterator
+  (`runai_safetensors_weights_iterator`, each tensor copied out), free and pinned to one core as
+  vLLM's CPU worker is unless told not to; each with its peak RSS;
+- with --vllm: `modelferry bench --strategy both` on the local target: vLLM's own weights line for
+  stream (Run:ai bar) and prefetch (s5cmd sync in setup, then vLLM's load from disk), "Model loading
+  took" for both, and each node's peak host memory (the run script's sampler, in the row).
+Baseline (named in the output): the larger of the GET and prefetch's load from disk, what vLLM
+itself needs to ingest the bytes here. Goal: stream weights <= 1.2x that.
+
+    .venv/bin/python bench/weights.py [--shards 4] [--rounds 3] [--concurrency 4,16,32] [--vllm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.stage_throughput import in_scratch_dir  # noqa: E402
+from modelferry.tasks import embedded, processes, tiny_llama  # noqa: E402
+from modelferry.tasks.local_target import vllm_python  # noqa: E402
+from modelferry.tasks.settings import loader_env  # noqa: E402
+
+GIB = 2**30
+MODEL = "bench/sized"
+
+# The streamer as vLLM drives it (weight_utils.py runai_safetensors_weights_iterator), timed from
+# stream_files to the last tensor; VmHWM: this process's peak RSS.
+STREAM = """
+import json, os, sys, time
+mode = sys.argv[1]
+t = time.perf_counter()
+n = 0
+if mode == "vllm":  # vLLM's own iterator (clone included), each tensor then copied out as a weight load does
+    import torch
+    from vllm.model_executor.model_loader.weight_utils import runai_safetensors_weights_iterator
+    t = time.perf_counter()
+    for name, tensor in runai_safetensors_weights_iterator(sys.argv[2:], False):
+        torch.empty_like(tensor).copy_(tensor)
+        n += tensor.nbytes
+else:
+    from runai_model_streamer import SafetensorsStreamer
+    with SafetensorsStreamer() as s:
+        s.stream_files(sys.argv[2:], device="cpu", is_distributed=False)
+        for name, tensor in s.get_tensors():
+            n += (tensor.clone() if mode == "clone" else tensor).nbytes
+took = time.perf_counter() - t
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"s": took, "bytes": n, "peak": hwm}))
+"""
+
+
+def sized_limit() -> int:
+    """The buffer the run script's rule gives on this host for one GPU (deployments/vllm.yaml
+    loader_memory_limit), from MemAvailable now."""
+    avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+    budget = min((avail - 2 * 3 * GIB) // 2, 32 * GIB)
+    return budget if budget >= 2 * GIB else 0
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed: {proc.stderr[-3000:]}")
+    return time.perf_counter() - t, proc
+
+
+def vllm_row(env: dict, results: Path, strategy: str, extra: list[str]) -> dict:
+    """One `modelferry bench` start on the local target, its row and the node's log (kept under
+    `results`: the bar's progress lines say how the weights phase went)."""
+    _, proc = timed([sys.executable, "-m", "modelferry.flows", "bench", MODEL, "--target", "local", "--strategy",
+                     strategy, "--runs", "1", "--extra-vllm-args", "--max-model-len 512", "--results", str(results),
+                     "--json", *extra], env)
+    (row,) = json.loads(proc.stdout)
+    return row
+
+
+def run(work: Path, args) -> int:
+    shape = tiny_llama.Shape(args.layers, args.hidden, args.intermediate, head_dim=128)
+    t = time.perf_counter()
+    total = tiny_llama.write_checkpoint(work / "ckpt", shape, args.shards)
+    print(f"checkpoint: {total / 1e9:.2f} GB of weights in {args.shards} shards, made in "
+          f"{time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    conc = [int(c) for c in args.concurrency.split(",")]
+    got: dict[str, list[float]] = {}
+    peaks: dict[str, int] = {}
+    with embedded.rclone_bucket(work / "data", "bench", "bench-access-1", "bench-secret-1") as bucket, \
+            embedded.prefect_server(work / "prefect") as api:
+        env = dict(os.environ, **bucket.env(), PREFECT_API_URL=api, PREFECT_HOME=str(work / "prefect"),
+                   MODELFERRY_CACHE=str(work / "cache"))
+        node_env = dict(os.environ, AWS_ACCESS_KEY_ID=bucket.access_key, AWS_SECRET_ACCESS_KEY=bucket.secret_key,
+                        **loader_env(bucket.endpoint))
+        timed([sys.executable, "-m", "modelferry.flows", "stage", str(work / "ckpt"), "--name", MODEL], env)
+        rev = next((bucket.root / "bench" / "models" / MODEL).iterdir()).name
+        shards = sorted(p.name for p in (work / "ckpt").glob("*.safetensors"))
+        urls = [f"s3://bench/models/{MODEL}/{rev}/{name}" for name in shards]
+        limit, whole = sized_limit(), total + 64 * 2**20
+        for r in range(args.rounds):  # interleaved: the machine's noise spreads over every method
+            get_dir = work / "get"
+            took, _ = timed([processes.which("s5cmd"), "--endpoint-url", bucket.endpoint, "cp",
+                             f"s3://bench/models/{MODEL}/{rev}/*.safetensors", f"{get_dir}/"], node_env)
+            got.setdefault("s5cmd GET to disk", []).append(took)
+            shutil.rmtree(get_dir)
+            for c in conc:
+                for label, mode, mem, pin in (
+                        ("streamer c={} sized buffer", "plain", limit, []),
+                        ("streamer c={} checkpoint-sized buffer", "plain", whole, []),
+                        ("streamer c={} sized buffer + clone", "clone", limit, []),
+                        ("vLLM's iterator c={}", "vllm", limit, []),
+                        # as vLLM's CPU worker runs it when pinned (VLLM_CPU_OMP_THREADS_BIND=auto)
+                        ("vLLM's iterator c={}, pinned to one core", "vllm", limit, ["taskset", "-c", "0"])):
+                    label = label.format(c)
+                    stream_env = {**node_env, "RUNAI_STREAMER_CONCURRENCY": str(c),
+                                  "RUNAI_STREAMER_MEMORY_LIMIT": str(mem)}
+                    _, proc = timed([*pin, vllm_python(), "-c", STREAM, mode, *urls], stream_env)
+                    out = json.loads(proc.stdout.strip().splitlines()[-1])
+                    assert out["bytes"] == total, (out, total)
+                    got.setdefault(label, []).append(out["s"])
+                    peaks[label] = max(peaks.get(label, 0), out["peak"])
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        rows = []
+        if args.vllm:
+            results = Path(args.results).resolve() / time.strftime("%Y%m%dT%H%M%S")
+            print(f"vLLM starts: rows and node logs under {results}", file=sys.stderr, flush=True)
+            rows.append(vllm_row(env, results / "prefetch", "prefetch", []))
+            for c in args.vllm_concurrency.split(","):
+                for mem in args.vllm_memory_limit.split(","):
+                    row = vllm_row(env, results / f"stream-c{c}-m{mem}", "stream",
+                                   (["--concurrency", c] if c != "auto" else [])
+                                   + (["--memory-limit", str(whole if mem == "whole" else mem)] if mem != "auto" else []))
+                    rows.append({**row, "label": f"stream c={c} memory_limit={mem}"})
+    print(f"\n{total / 1e9:.2f} GB in {args.shards} shards (layers {shape.layers}, hidden {shape.hidden}), loopback "
+          f"rclone, {os.cpu_count()} cores; median of {args.rounds} interleaved rounds; sized buffer "
+          f"{limit / GIB:.1f} GiB, checkpoint-sized {whole / GIB:.2f} GiB")
+    print(f"{'method':46s} {'seconds':>8s} {'GB/s':>6s} {'peak RSS GiB':>13s}")
+    for label, runs in got.items():
+        med = statistics.median(runs)
+        peak = f"{peaks[label] / GIB:13.2f}" if label in peaks else ""
+        print(f"{label:46s} {med:8.2f} {total / med / 1e9:6.2f} {peak}")
+    get_s = statistics.median(got["s5cmd GET to disk"])
+    if rows:
+        prefetch = rows[0]
+        base = max(get_s, prefetch["weights_s"])
+        print(f"\nvLLM on the local target; baseline max(GET {get_s:.2f} s, prefetch's load from disk "
+              f"{prefetch['weights_s']:.2f} s) = {base:.2f} s; goal: stream weights <= 1.2x baseline")
+        print(f"{'start':34s} {'weights s':>9s} {'x base':>7s} {'setup s':>8s} {'total s':>8s} {'peak host GiB':>14s}")
+        for row in rows:
+            print(f"{row.get('label', 'prefetch (s5cmd sync, then disk)'):34s} {row['weights_s']:9.2f} "
+                  f"{row['weights_s'] / base:7.2f} {row['setup_s']:8.1f} {row['total_s']:8.1f} {row['host_peak_gib']:14}")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=tiny_llama.SIZED.layers)
+    ap.add_argument("--hidden", type=int, default=tiny_llama.SIZED.hidden)
+    ap.add_argument("--intermediate", type=int, default=tiny_llama.SIZED.intermediate)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", default="4,16,32", help="streamer concurrencies to try, comma-separated")
+    ap.add_argument("--vllm", action="store_true", help="also start vLLM: prefetch once, stream per concurrency "
+                    "and memory limit (about 2.5 min a start here)")
+    ap.add_argument("--vllm-concurrency", default="auto", help="stream starts: --concurrency values (auto: the "
+                    "run script's choice)")
+    ap.add_argument("--vllm-memory-limit", default="auto", help="stream starts: --memory-limit values (auto: sized "
+                    "by the run script; whole: as big as the checkpoint, what memory_limit -1 gave)")
+    ap.add_argument("--results", default="results/bench-weights", help="where the vLLM rows and node logs go")
+    return in_scratch_dir("mf-bench-weights-", run, ap.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
