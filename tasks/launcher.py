@@ -232,16 +232,30 @@ def wait_cache_saved(dep: Deployment, timeout: float = 180) -> str | None:
     return None
 
 
+def _served_log(dep: Deployment) -> dict:
+    """The job's log, parsed, once it holds the node's peak host memory line: the run script's
+    sampler prints it when it sees /health answer, within its own 0.5 s poll, which may be just
+    after we did (a fast restart's first token is quicker). Waited for up to the target's
+    `peak_wait_s` (0 on SkyPilot, where each read is an API call and a log read lags the node by
+    more than that poll); without a served server (a managed job) read once."""
+    logged = startlog.parse_vllm_log(job_log(dep))
+    deadline = time.monotonic() + (dep.place.peak_wait_s if "ready" in dep.marks else 0)
+    while "host_peak_gib" not in logged and time.monotonic() < deadline and job_state(dep) in LIVE:
+        time.sleep(0.5)
+        logged = startlog.parse_vllm_log(job_log(dep))
+    return logged
+
+
 def measure(dep: Deployment, kind: str, run: int) -> dict:
     """The phase row for the run that just completed, from the controller's marks (request, ready,
     first token) and the serving job's log (the node's marks and vLLM's lines)."""
-    logged = startlog.parse_vllm_log(job_log(dep))
+    logged = _served_log(dep)
     marks = {**startlog.node_marks(logged), **dep.marks}
     where = dep.place.where(dep)
     return {"model": dep.model, "revision": dep.revision, "target": dep.target, "source": dep.weights,
             "strategy": dep.options.strategy if dep.weights == "r2" else "hub", "kind": kind, "run": run,
             **startlog.phases(marks), **{k: logged.get(k) for k in ("weights_s", "compile_s", "graph_capture_s",
-                                                                  "init_engine_s")},
+                                                                  "init_engine_s", "host_peak_gib")},
             "compile_cache": logged.get("compile_cache") or ("on" if dep.options.compile_cache else "off"),
             "cache_saved": logged.get("cache_saved"),
             "vllm": dep.vllm_version, "streamer": logged.get("streamer"),

@@ -40,6 +40,8 @@ _STAMP = re.compile(r"\b(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) (\d\d)-(\d\d) (\d\
 _MARK = re.compile(r"^modelferry mark (\S+) ([\d.]+)\s*$", re.M)
 # The task's setup script says which streamer it installed ("none" where it isn't installed).
 _STREAMER = re.compile(r"^modelferry streamer runai-model-streamer=(\S+) runai-model-streamer-s3=(\S+)\s*$", re.M)
+# The run script's sampler: the highest sum of RSS over vLLM's processes until it served.
+_PEAK = re.compile(r"^modelferry host memory peak (\d+) bytes\s*$", re.M)
 _SAVED = re.compile(r"modelferry compile cache: (saved .*|already stored|nothing to save|not saved.*)")
 _RESTORE = re.compile(r"modelferry compile cache: (hit|miss|off|refused)")
 _USED = re.compile(r"Directly load (?:AOT compilation from path|the compiled graph\(s\) for)")
@@ -94,8 +96,9 @@ def _loaded_at(lines: list[str], year: int) -> float | None:
 
 def parse_vllm_log(text: str) -> dict:
     """What one job's log says about its start: vLLM's durations (seconds), the task's marks (epoch
-    seconds), when the weights were loaded, what happened to the compile cache, and which streamer
-    the setup installed ("<runai-model-streamer>/<runai-model-streamer-s3>" versions, or None)."""
+    seconds), when the weights were loaded, what happened to the compile cache, which streamer
+    the setup installed ("<runai-model-streamer>/<runai-model-streamer-s3>" versions, or None), and
+    the node's peak host memory (GiB: the sampled sum of RSS over vLLM's processes until it served)."""
     text = plain_log(text)
     out: dict = {}
     for key, pattern in _DURATIONS.items():
@@ -121,6 +124,9 @@ def parse_vllm_log(text: str) -> dict:
     streamer = _STREAMER.findall(text)
     out["streamer"] = "/".join(streamer[-1]) if streamer else None
     out["compile_cache"] = compile_cache(text)
+    peak = _PEAK.findall(text)
+    if peak:
+        out["host_peak_gib"] = round(int(peak[-1]) / 2**30, 3)
     saved = _SAVED.findall(text)
     if saved:
         out["cache_saved"] = saved[-1].strip()

@@ -28,6 +28,7 @@ class Target(Protocol):
     name: str
     poll_s: float  # how often to ask for the job's state while waiting
     serves_hub: bool  # can its node load weights from the Hub?
+    peak_wait_s: float  # how long a measurement waits for the node's peak memory line after /health
 
     def api_key(self) -> str: ...
     def start(self, dep: Deployment) -> None: ...
@@ -50,7 +51,7 @@ def state_dir() -> Path:
 class Local:
     """One node on this machine running the task's own scripts with real vLLM (`local_target`)."""
 
-    name, poll_s, serves_hub = "local", 0.2, False
+    name, poll_s, serves_hub, peak_wait_s = "local", 0.2, False, 5.0
 
     def api_key(self) -> str:
         return os.environ.get("VLLM_API_KEY") or pysecrets.token_urlsafe(24)
@@ -107,7 +108,7 @@ class Local:
 class Sky:
     """SkyPilot: a cluster, a managed job or a service, through its SDK (`sky`)."""
 
-    name, poll_s, serves_hub = "sky", 5.0, True
+    name, poll_s, serves_hub, peak_wait_s = "sky", 5.0, True, 0.0
 
     def api_key(self) -> str:
         key = os.environ.get("VLLM_API_KEY")

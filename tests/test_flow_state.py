@@ -12,7 +12,7 @@ from modelferry.tasks.errors import StepFailed
 class NodeThatDies:
     """A target whose node starts, then its job fails before serving (vLLM refused the model)."""
 
-    name, poll_s, serves_hub = "sky", 0.05, True
+    name, poll_s, serves_hub, peak_wait_s = "sky", 0.05, True, 0.0
 
     def __init__(self):
         self.started: list[str] = []

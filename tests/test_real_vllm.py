@@ -30,6 +30,8 @@ def check_row(r) -> None:
     assert all(v is not None and v >= 0 for v in phases), phases
     assert r["load_s"] > 0 and r["engine_s"] > 0 and r["first_token_s"] > 0
     assert abs(sum(phases) - r["total_s"]) < 0.01
+    # The run script's sampler (deployments/vllm.yaml): API server + engine core, torch loaded in each
+    assert 0.5 < r["host_peak_gib"] < 16, r["host_peak_gib"]
 
 
 def test_node_a_streams_from_the_bucket_cold_then_warm(vllm_session):
@@ -58,7 +60,16 @@ def test_a_fresh_node_restores_the_compile_cache_another_node_saved(vllm_session
     log = next(vllm_session.results_b.rglob("stream-run1.log")).read_text()
     assert "modelferry compile cache: hit" in log  # restored from the bucket, verified against its manifest
     assert row["compile_cache"] == startlog.compile_cache(log) and row["compile_cache"].startswith("hit")
-    assert [k for k in s3.listing("compile-cache/") if k.endswith("/manifest.json")]
+    manifests = [k for k in s3.listing("compile-cache/") if k.endswith("/manifest.json")]
+    assert manifests
+    # What else vLLM derives and checks itself went along (compile_cache.DERIVED): the model-class
+    # inspection. B used the restored file rather than inspecting again: vLLM rewrites it only then.
+    carried = {f["path"] for key in manifests for f in s3.get_json(key)["files"]}
+    assert any(p.startswith("modelinfos/") and p.endswith("LlamaForCausalLM.json") for p in carried), carried
+    (record,) = [json.loads(p.read_text()) for p in (Path(vllm_session.env["MODELFERRY_CACHE"]) / "launches").glob("*.json")]
+    (info,) = (Path(vllm_session.env["MODELFERRY_CACHE"]) / "launches" / record["name"]).glob(
+        "home/.cache/vllm/modelinfos/*LlamaForCausalLM.json")
+    assert info.stat().st_mtime < startlog.parse_vllm_log(log)["marks"]["exec"], "B inspected the model class again"
 
 
 def test_the_completion_comes_from_vllm(vllm_session):
