@@ -101,7 +101,7 @@ def warm_runs(dep: Deployment, runs: int):
 @flow(name="stage-and-launch", log_prints=False)
 def stage_and_launch(model: str, revision: str | None = None, name: str | None = None, target: str = "local",
                      source: str = "auto", mode: str = "cluster", strategy: str = "stream",
-                     accelerators: list[str] | None = None, concurrency: int = 32, compile_cache: bool = True,
+                     accelerators: list[str] | None = None, concurrency: int | None = None, compile_cache: bool = True,
                      vllm_image: str | None = None, ready_timeout: float = 1800, headroom: float = 1.3,
                      memory_limit: int | None = None, memory: str | None = None, idle_minutes: int = 30,
                      use_spot: bool = True, disk_size: int | None = None, extra_vllm_args: str = "", runs: int = 1,

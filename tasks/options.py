@@ -47,7 +47,8 @@ class LaunchOptions:
     accelerators: list[str] | None = _option(
         None, "GPUs to allow, e.g. L4:1 or A100:2 (repeatable; default: every GPU whose memory fits the model)",
         metavar="GPU[:N]")
-    concurrency: int = _option(32, "Run:ai streamer concurrency (default 32)")
+    concurrency: int | None = _option(None, "Run:ai streamer readers (default: sized on the node, one per CPU "
+                                            "core, 2-32)")
     compile_cache: bool = _option(True, "don't restore/save vLLM's torch.compile and Triton caches through the bucket",
                                   flag="--no-compile-cache")
     vllm_image: str | None = _option(None, "the node's container image (default: the template's vllm/vllm-openai:v0.32.0, "
@@ -85,8 +86,8 @@ class LaunchOptions:
         _one_of("--source", self.source, SOURCES)
         _one_of("--mode", self.mode, MODES)
         _one_of("--strategy", self.strategy, (*STRATEGIES, BOTH))
-        if not 1 <= self.concurrency <= 256:
-            raise SettingsError(f"--concurrency {self.concurrency} is out of range: use 1-256 (32-64 is typical)")
+        if self.concurrency is not None and not 1 <= self.concurrency <= 256:
+            raise SettingsError(f"--concurrency {self.concurrency} is out of range: use 1-256 (default: one per core of the node)")
         _check_memory_limit(self.memory_limit)
         if self.memory is not None:
             host_memory_gib(self.memory)

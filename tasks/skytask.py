@@ -90,7 +90,7 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, wei
     envs = cfg["envs"]
     envs.update(MODEL_URI=model_uri, SERVED_MODEL_NAME=served_name, MODEL_REVISION=revision,
                 LOAD_STRATEGY=options.strategy if weights == "r2" else "hub",
-                LOADER_CONCURRENCY=str(options.concurrency),
+                LOADER_CONCURRENCY=str(options.concurrency or "auto"),
                 LOADER_MEMORY_LIMIT="auto" if options.memory_limit is None else str(options.memory_limit),
                 EXTRA_VLLM_ARGS=options.extra_vllm_args, COMPILE_CACHE="on" if options.compile_cache else "off",
                 COMPILE_CACHE_BUCKET=bucket, READY_TIMEOUT=f"{options.ready_timeout:g}")

@@ -458,7 +458,7 @@ def run_on_node(tmp_path, gpus: int, available: int, cgroup: Path | None = None,
     node_env = {k: str(v) for k, v in cfg["envs"].items()}
     node_env.update(PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(tmp_path), SKYPILOT_NUM_GPUS_PER_NODE=str(gpus),
                     MF_MEMINFO=str(meminfo(tmp_path, available)),
-                    MF_CGROUP_ROOT=str(cgroup or tmp_path / "no-cgroup"), **env)
+                    MF_CGROUP_ROOT=str(cgroup or tmp_path / "no-cgroup"), **{"MF_NPROC": "16", **env})
     out = subprocess.run(["bash", "-c", cfg["run"]], env=node_env, capture_output=True, text=True, timeout=30)
     lines = out.stdout.splitlines()
     loader = [ln for ln in lines if ln.startswith("modelferry loader ")]
@@ -480,8 +480,8 @@ def run_on_node(tmp_path, gpus: int, available: int, cgroup: Path | None = None,
 def test_the_run_script_sizes_the_buffer_from_the_node(tmp_path, gpus, available, limit, distributed):
     out, loader, extra = run_on_node(tmp_path, gpus, available)
     assert out.returncode == 0, out.stderr
-    assert extra == {"concurrency": 32, "memory_limit": limit, "distributed": distributed}
-    assert loader == [f"modelferry loader concurrency=32 memory_limit={limit} distributed={str(distributed).lower()} "
+    assert extra == {"concurrency": 16, "memory_limit": limit, "distributed": distributed}
+    assert loader == [f"modelferry loader concurrency=16 memory_limit={limit} distributed={str(distributed).lower()} "
                       f"(host {available} bytes available, cgroup none; sized from the node)"]
 
 
@@ -506,6 +506,20 @@ def test_memory_limit_overrides_the_sizing(tmp_path):
     assert out.returncode == 0, out.stderr
     assert extra == {"concurrency": 64, "memory_limit": 5 * GIB, "distributed": True}
     assert loader[0].endswith("; set by --memory-limit)"), loader
+
+
+@pytest.mark.parametrize("cores,readers", [(1, 2), (2, 2), (8, 8), (16, 16), (96, 32)])
+def test_the_run_script_gives_the_streamer_one_reader_per_core(tmp_path, cores, readers):
+    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, MF_NPROC=str(cores))
+    assert out.returncode == 0 and extra["concurrency"] == readers, out
+    assert loader[0].startswith(f"modelferry loader concurrency={readers} "), loader
+
+
+def test_concurrency_overrides_the_readers_per_core(tmp_path):
+    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, options=LaunchOptions(compile_cache=False, concurrency=48))
+    assert out.returncode == 0 and extra["concurrency"] == 48, out
+    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, LOADER_CONCURRENCY="many")
+    assert out.returncode == 2 and extra is None and "use auto or a number" in out.stderr, out
 
 
 @pytest.mark.parametrize("value", ["-1", "", "lots"])
