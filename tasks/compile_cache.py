@@ -27,17 +27,40 @@ PREFIX = "compile-cache"
 DEFAULT_READY_S = 24 * 3600  # longer than any --ready-timeout (21600 s at most)
 
 
+# What else vLLM 0.32 derives under VLLM_CACHE_ROOT and checks itself before using, so that a node
+# of the same cache key (model, vLLM, GPU type and count) may take another's:
+DERIVED = {
+    # model_executor/models/registry.py _LazyRegisteredModel: each model class's inspection (else
+    # re-run in a subprocess that imports torch at every start), stored with a hash of the class's
+    # source file and ignored when that differs.
+    "modelinfos": "modelinfos",
+    # v1/worker/startup_plan.py (VLLM_ENABLE_STARTUP_PLAN=1, GPU workers only): the memory-profiling
+    # result, fingerprinted by vLLM's config hash, device name, total memory, capability, torch,
+    # CUDA, rank and world size, and applied only where free memory is at least what it was.
+    "startup_plan": "startup_plan",
+    # model_executor/warmup/flashinfer_autotune_cache.py: FlashInfer's kernel choices, under its
+    # per-architecture workspace name and the config hash (GPU only).
+    "flashinfer_autotune": "flashinfer_autotune_cache",
+}
+# Not carried: gpu_p2p_access_cache_for_<CUDA_VISIBLE_DEVICES>.json (distributed/device_communicators/
+# all_reduce_utils.py), which GPU pairs can reach each other. It is keyed by device ids alone and
+# holds only for the same instance topology, which our key (GPU type and count) does not pin; a
+# wrong matrix would turn custom all-reduce on where P2P fails.
+
+
 def local_dirs() -> dict[str, Path]:
     """Where this node's vLLM keeps what a restart reuses, found the way vLLM and Triton find them.
-    vLLM's torch_compile_cache holds its AOT-compiled model and the inductor artifacts it needs.
-    vLLM 0.32 (envs.py): VLLM_CACHE_ROOT, else $XDG_CACHE_HOME/vllm, else ~/.cache/vllm; Triton 3.x
-    (knobs.py): TRITON_CACHE_DIR, else $TRITON_HOME/.triton/cache, else ~/.triton/cache. Read with
-    os.getenv and a default, as vLLM does: a variable set but empty counts as set."""
+    vLLM's torch_compile_cache holds its AOT-compiled model and the inductor artifacts it needs;
+    `DERIVED` the rest it checks itself. vLLM 0.32 (envs.py): VLLM_CACHE_ROOT, else
+    $XDG_CACHE_HOME/vllm, else ~/.cache/vllm; Triton 3.x (knobs.py): TRITON_CACHE_DIR, else
+    $TRITON_HOME/.triton/cache, else ~/.triton/cache. Read with os.getenv and a default, as vLLM
+    does: a variable set but empty counts as set."""
     xdg_cache = os.getenv("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    vllm_root = os.path.expanduser(os.getenv("VLLM_CACHE_ROOT", os.path.join(xdg_cache, "vllm")))
+    vllm_root = Path(os.path.expanduser(os.getenv("VLLM_CACHE_ROOT", os.path.join(xdg_cache, "vllm"))))
     triton_home = os.getenv("TRITON_HOME", os.path.expanduser("~/"))
     triton = os.getenv("TRITON_CACHE_DIR", os.path.join(triton_home, ".triton", "cache"))
-    return {"vllm": Path(vllm_root) / "torch_compile_cache", "triton": Path(triton)}
+    return {"vllm": vllm_root / "torch_compile_cache", "triton": Path(triton),
+            **{name: vllm_root / sub for name, sub in DERIVED.items()}}
 
 
 def derive_key(*, model_uri: str, revision: str, vllm_version: str, gpu: str, tensor_parallel: int | str,

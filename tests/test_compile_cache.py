@@ -105,15 +105,22 @@ def test_the_cache_dirs_are_where_the_nodes_vllm_keeps_them(monkeypatch, tmp_pat
     for name in ("VLLM_CACHE_ROOT", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TRITON_HOME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+    def derived(root):  # vLLM 0.32: registry.py, v1/worker/startup_plan.py, warmup/flashinfer_autotune_cache.py
+        return {"modelinfos": root / "modelinfos", "startup_plan": root / "startup_plan",
+                "flashinfer_autotune": root / "flashinfer_autotune_cache"}
+
     assert cc.local_dirs() == {"vllm": tmp_path / "home" / ".cache" / "vllm" / "torch_compile_cache",
-                               "triton": tmp_path / "home" / ".triton" / "cache"}
+                               "triton": tmp_path / "home" / ".triton" / "cache",
+                               **derived(tmp_path / "home" / ".cache" / "vllm")}
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("TRITON_HOME", str(tmp_path / "th"))
     assert cc.local_dirs() == {"vllm": tmp_path / "xdg" / "vllm" / "torch_compile_cache",
-                               "triton": tmp_path / "th" / ".triton" / "cache"}
+                               "triton": tmp_path / "th" / ".triton" / "cache", **derived(tmp_path / "xdg" / "vllm")}
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "v"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "t"))
-    assert cc.local_dirs() == {"vllm": tmp_path / "v" / "torch_compile_cache", "triton": tmp_path / "t"}
+    assert cc.local_dirs() == {"vllm": tmp_path / "v" / "torch_compile_cache", "triton": tmp_path / "t",
+                               **derived(tmp_path / "v")}
 
 
 def test_the_nodes_vllm_agrees_on_the_cache_root(tmp_path):
