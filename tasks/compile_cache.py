@@ -60,7 +60,25 @@ def local_dirs() -> dict[str, Path]:
     triton_home = os.getenv("TRITON_HOME", os.path.expanduser("~/"))
     triton = os.getenv("TRITON_CACHE_DIR", os.path.join(triton_home, ".triton", "cache"))
     return {"vllm": vllm_root / "torch_compile_cache", "triton": Path(triton),
-            **{name: vllm_root / sub for name, sub in DERIVED.items()}}
+            **{name: vllm_root / sub for name, sub in DERIVED.items()}, "inductor_headers": _inductor_headers()}
+
+
+def _inductor_headers() -> Path:
+    """Where inductor's C++ backend (vLLM on a CPU) keeps its precompiled headers, outside vLLM's
+    folder: torch 2.13 _inductor/codecache.py _HEADER_DIR, under runtime/cache_dir_utils.py
+    default_cache_dir() ($TMPDIR/torchinductor_<user>, the user name sanitised the same way). Each
+    is named by a hash of its compiler command line, the preprocessed header and the compiler's
+    version, and gcc ignores one built for other options; building them is what a fresh CPU node's
+    warm-up redoes that a restart does not (149 MB for the tiny model here). A GPU node's kernels
+    are Triton's: it writes none."""
+    import getpass
+    import re
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):
+        user = f"uid_{os.getuid()}"
+    return Path(tempfile.gettempdir()) / ("torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user)) / "precompiled_headers"
 
 
 def derive_key(*, model_uri: str, revision: str, vllm_version: str, gpu: str, tensor_parallel: int | str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -105,10 +106,14 @@ def test_the_cache_dirs_are_where_the_nodes_vllm_keeps_them(monkeypatch, tmp_pat
     for name in ("VLLM_CACHE_ROOT", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TRITON_HOME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setenv("LOGNAME", "node")
 
-    def derived(root):  # vLLM 0.32: registry.py, v1/worker/startup_plan.py, warmup/flashinfer_autotune_cache.py
+    def derived(root):  # vLLM 0.32: registry.py, v1/worker/startup_plan.py, warmup/flashinfer_autotune_cache.py;
+        # torch 2.13: _inductor/codecache.py _HEADER_DIR
         return {"modelinfos": root / "modelinfos", "startup_plan": root / "startup_plan",
-                "flashinfer_autotune": root / "flashinfer_autotune_cache"}
+                "flashinfer_autotune": root / "flashinfer_autotune_cache",
+                "inductor_headers": tmp_path / "tmp" / "torchinductor_node" / "precompiled_headers"}
 
     assert cc.local_dirs() == {"vllm": tmp_path / "home" / ".cache" / "vllm" / "torch_compile_cache",
                                "triton": tmp_path / "home" / ".triton" / "cache",
