@@ -73,7 +73,6 @@ class LocalNode:
     proc: subprocess.Popen | None = None  # the running job's runner (SkyPilot's log_lib around `run`)
     log: Path | None = None  # the running job's log
     jobs: int = 0
-    kept: bool = False  # outlives the command that started it (`--keep`): its runner watches no one
 
     @property
     def url(self) -> str:
@@ -118,9 +117,9 @@ def make_node(cfg: dict, secrets: dict[str, str], workdir: Path, port: int) -> L
     return LocalNode(workdir, env)
 
 
-def submit(node: LocalNode, cfg: dict, with_setup: bool, setup_timeout: float = 1800) -> None:
+def submit(node: LocalNode, cfg: dict, with_setup: bool, kept: bool = False, setup_timeout: float = 1800) -> None:
     """Start a job: `setup` (waited for, as SkyPilot does before `run`) when asked, then `run`.
-    Setup always ends with this process; `run` too unless the node is kept."""
+    Setup always ends with this process; `run` too unless the node is `kept` (`--keep`)."""
     node.jobs += 1
     node.log = node.workdir / f"job-{node.jobs}.log"
     if with_setup:
@@ -134,7 +133,7 @@ def submit(node: LocalNode, cfg: dict, with_setup: bool, setup_timeout: float = 
         if code:
             tail = node.log.read_text(errors="replace").strip().splitlines()[-3:]
             raise ModelferryError(f"task setup failed (exit {code}): {' | '.join(tail)}")
-    node.proc = _job(node, "run", cfg["run"], watched=not node.kept)
+    node.proc = _job(node, "run", cfg["run"], watched=not kept)
 
 
 def _job(node: LocalNode, part: str, script: str, watched: bool) -> subprocess.Popen:

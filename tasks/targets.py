@@ -59,14 +59,13 @@ class Local:
     def start(self, dep: Deployment) -> None:
         if dep.node is None:
             dep.node = local_target.make_node(dep.cfg, dep.secrets, state_dir() / dep.name, free_port())
-            dep.node.kept = dep.kept
-        local_target.submit(dep.node, dep.cfg, with_setup=True)
+        local_target.submit(dep.node, dep.cfg, with_setup=True, kept=dep.kept)
         dep.url = dep.node.url
         self._record(dep)
 
     def restart(self, dep: Deployment) -> None:
         local_target.stop_job(dep.node)
-        local_target.submit(dep.node, dep.cfg, with_setup=False)
+        local_target.submit(dep.node, dep.cfg, with_setup=False, kept=dep.kept)
         self._record(dep)
 
     def state(self, dep: Deployment) -> str | None:
