@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.stage_throughput import in_scratch_dir  # noqa: E402
-from modelferry.tasks import embedded, processes, tiny_llama  # noqa: E402
+from modelferry.tasks import embedded, processes, skytask, tiny_llama  # noqa: E402
 from modelferry.tasks.local_target import vllm_python  # noqa: E402
 from modelferry.tasks.settings import loader_env  # noqa: E402
 
@@ -68,10 +68,10 @@ print(json.dumps({"s": took, "bytes": n, "peak": hwm}))
 
 def sized_limit() -> int:
     """The buffer the run script's rule gives on this host for one GPU (deployments/vllm.yaml
-    loader_memory_limit), from MemAvailable now."""
+    loader_memory_limit, whose constants skytask mirrors), from MemAvailable now."""
     avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
-    budget = min((avail - 2 * 3 * GIB) // 2, 32 * GIB)
-    return budget if budget >= 2 * GIB else 0
+    budget = min((avail - 2 * skytask.PROCESS_GIB * GIB) // 2, skytask.RING_CAP_GIB * GIB)
+    return budget if budget >= skytask.RING_FLOOR_GIB * GIB else 0
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:

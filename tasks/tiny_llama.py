@@ -11,6 +11,7 @@ for the benches that need weights of real size (`SIZED`: 12 layers, hidden 2048,
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,8 @@ def write_checkpoint(root: Path, shape: Shape, shards: int) -> int:
     """A checkpoint of `shape` under `root` in `shards` safetensors files of about equal size (whole
     tensors each, in name order) with the index HF writes beside them; one weight in memory at a
     time. Returns the bytes of weights written."""
-    sizes = {name: 2 * _count(dims) for name, dims in shape.tensors().items()}
+    tensors = shape.tensors()
+    sizes = {name: 2 * math.prod(dims) for name, dims in tensors.items()}
     total, names = sum(sizes.values()), sorted(sizes)
     owner, filled, shard = {}, 0, 0
     for name in names:  # a shard is full once it holds its share of the total
@@ -129,7 +131,7 @@ def write_checkpoint(root: Path, shape: Shape, shards: int) -> int:
     for i in range(shards):
         mine = [n for n in names if owner[n] == i]
         with open(root / file_of[i], "wb") as f:
-            f.write(_header({n: shape.tensors()[n] for n in mine}))
+            f.write(_header({n: tensors[n] for n in mine}))
             for _ in mine:
                 f.write(next(weights)[2])
     index = {"metadata": {"total_size": total}, "weight_map": {n: file_of[owner[n]] for n in names}}
@@ -137,14 +139,7 @@ def write_checkpoint(root: Path, shape: Shape, shards: int) -> int:
     return total
 
 
-def _count(dims: tuple[int, ...]) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
-
-
 def _header(tensors: dict[str, tuple[int, ...]]) -> bytes:
     """The safetensors header of bf16 `tensors` laid out in name order, as `to_safetensors` writes it."""
     return to_safetensors({n: ("BF16", dims, b"") for n, dims in tensors.items()}, sizes={
-        n: 2 * _count(dims) for n, dims in tensors.items()})
+        n: 2 * math.prod(dims) for n, dims in tensors.items()})
