@@ -33,8 +33,11 @@ _DURATIONS = {
     "graph_capture_s": re.compile(r"Graph capturing finished in ([\d.]+) secs?"),
     "init_engine_s": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) (?:s|seconds)"),
 }
-# The streamer prints no duration line, only a tqdm bar whose elapsed time is whole seconds.
-_STREAMER_BAR = re.compile(r"Loading safetensors using Runai Model Streamer: 100% Completed \| \d+/\d+ \[([\d:]+)<")
+# The streamer prints no duration line, only a tqdm bar (weight_utils.py _BAR_FORMAT): its elapsed
+# time is whole seconds (tqdm format_interval truncates), its rate has two decimals ("it/s", or
+# "s/it" below one a second, "?" when none was measured) and gives the tensors' count over the time to within a few ms.
+_STREAMER_BAR = re.compile(r"Loading safetensors using Runai Model Streamer: 100% Completed \| (\d+)/\d+ "
+                           r"\[([\d:]+)<[^,\]]*, *\??([\d.]*)(it/s|s/it)\]")
 _LOADED = re.compile(r"Model loading took|Loading weights took")
 _STAMP = re.compile(r"\b(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) (\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) ")
 _MARK = re.compile(r"^modelferry mark (\S+) ([\d.]+)\s*$", re.M)
@@ -75,6 +78,16 @@ def _seconds(clock: str) -> float:
     return total
 
 
+def _bar_seconds(count: str, elapsed: str, rate: str, unit: str) -> float:
+    """The streamer bar's time: the count over the rate, kept within the whole second its elapsed
+    time names (the rate is tqdm's smoothed one; its two decimals matter for a fast bar)."""
+    whole, value = _seconds(elapsed), float(rate or 0)
+    if not value:
+        return whole
+    took = int(count) / value if unit == "it/s" else int(count) * value
+    return round(min(max(took, whole), whole + 1), 3)
+
+
 def _stamp(line: str, year: int) -> float | None:
     """A vLLM log line's time (vLLM prints month-day and seconds, no zone: the task sets TZ=UTC)."""
     m = _STAMP.search(line)
@@ -108,7 +121,7 @@ def parse_vllm_log(text: str) -> dict:
             out[key] = float(next(v for v in last if v) if isinstance(last, tuple) else last)
     bar = _STREAMER_BAR.findall(text)
     if bar and "weights_s" not in out:
-        out["weights_s"] = _seconds(bar[-1])
+        out["weights_s"] = _bar_seconds(*bar[-1])
     lines = text.splitlines()
     marks = {name: float(t) for name, t in _MARK.findall(text)}
     year = time.gmtime(marks.get("exec", time.time())).tm_year

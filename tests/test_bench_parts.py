@@ -23,7 +23,7 @@ def log(name: str) -> str:
 
 def test_a_real_cold_stream_start():
     got = startlog.parse_vllm_log(log("vllm-0.32/stream-cold.log"))
-    assert got["weights_s"] == 0.0  # the streamer's tqdm bar: whole seconds, 34 MB
+    assert got["weights_s"] == 0.297  # the streamer's tqdm bar: 21 tensors at 70.80 it/s, 34 MB
     assert got["compile_cache"] == "miss" and got["cache_saved"].startswith("saved")
     assert got["compile_s"] > 5 and got["init_engine_s"] > got["compile_s"]
     marks = got["marks"]
@@ -164,3 +164,15 @@ def test_cost_compares_s3_egress_with_r2():
     assert c["r2_usd"] < c["s3_egress_usd"] and c["saving_vs_s3_usd"] > 0
     with pytest.raises(ValueError):
         cost.monthly(-1, 1)
+
+
+@pytest.mark.parametrize("bar, seconds", [
+    ("111/111 [00:03<00:00, 36.87it/s]", 3.011),  # the sized model: the bar's count over its rate
+    ("4/4 [01:10<00:00, 17.60s/it]", 70.4),       # slower than one a second: tqdm inverts the rate
+    ("111/111 [00:03<00:00, 20.00it/s]", 4.0),    # a smoothed rate past the whole second named
+    ("111/111 [00:03<00:00, 99.00it/s]", 3.0),
+    ("1/1 [00:00<00:00, ?it/s]", 0.0),            # no rate measured
+])
+def test_the_streamer_bar_times_the_weights_below_a_second(bar, seconds):
+    line = f"Loading safetensors using Runai Model Streamer: 100% Completed | {bar}\n"
+    assert startlog.parse_vllm_log(line)["weights_s"] == seconds
