@@ -4,12 +4,14 @@ takes this machine to get the same bytes in otherwise, and the node's peak host 
 Model: `tiny_llama.SIZED` by default (12 layers, hidden 2048, head_dim 128: 1.33 GB of bf16 in 4
 shards; seeded, made here), staged from a local directory into `rclone serve s3` on loopback.
 Measured in one run:
-- GET: `s5cmd cp` of the staged shards to local disk (the bucket's limit here);
+- GET: `s5cmd cp` of the staged shards to local disk (the bucket's limit here), then vLLM's own
+  disk iterator over the files it wrote (`safetensors_weights_iterator`, each tensor copied out);
 - the streamer alone (runai-model-streamer in the node's venv, every tensor into CPU memory, then
   with vLLM's per-tensor `clone()`), at each --concurrency, with the buffer the run script sizes and
   with one as big as the checkpoint (what the old `memory_limit: -1` gave), and vLLM's own iterator
   (`runai_safetensors_weights_iterator`, each tensor copied out), free and pinned to one core as
-  vLLM's CPU worker is unless told not to; each with its peak RSS;
+  vLLM's CPU worker is unless told not to; each with its peak RSS, and the CPU seconds it and the
+  bucket spent (with the bucket on the same cores, wall time >= CPU seconds / cores);
 - with --vllm: `modelferry bench --strategy both` on the local target: vLLM's own weights line for
   stream (Run:ai bar) and prefetch (s5cmd sync in setup, then vLLM's load from disk), "Model loading
   took" for both, and each node's peak host memory (the run script's sampler, in the row).
@@ -17,6 +19,7 @@ Baseline (named in the output): the larger of the GET and prefetch's load from d
 itself needs to ingest the bytes here. Goal: stream weights <= 1.2x that.
 
     .venv/bin/python bench/weights.py [--shards 4] [--rounds 3] [--concurrency 4,16,32] [--vllm]
+        [--vllm-memory-limit auto,whole,0] [--vllm-args '--max-model-len 512 --enforce-eager']
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -39,19 +43,28 @@ from modelferry.tasks.settings import loader_env  # noqa: E402
 
 GIB = 2**30
 MODEL = "bench/sized"
+GET = "s5cmd GET to disk"
+DISK = "vLLM's disk iterator on the GET's files"
 
 # The streamer as vLLM drives it (weight_utils.py runai_safetensors_weights_iterator), timed from
 # stream_files to the last tensor; VmHWM: this process's peak RSS.
 STREAM = """
-import json, os, sys, time
+import json, os, resource, sys, time
 mode = sys.argv[1]
-t = time.perf_counter()
+def cpu():
+    ru = resource.getrusage(resource.RUSAGE_SELF)  # every thread's, the streamer's readers included
+    return ru.ru_utime + ru.ru_stime
+t, c = time.perf_counter(), cpu()
 n = 0
-if mode == "vllm":  # vLLM's own iterator (clone included), each tensor then copied out as a weight load does
+if mode in ("vllm", "disk"):  # vLLM's own iterators, each tensor then copied out as a weight load does
     import torch
-    from vllm.model_executor.model_loader.weight_utils import runai_safetensors_weights_iterator
-    t = time.perf_counter()
-    for name, tensor in runai_safetensors_weights_iterator(sys.argv[2:], False):
+    from vllm.model_executor.model_loader import weight_utils
+    t, c = time.perf_counter(), cpu()
+    if mode == "vllm":  # the stream strategy's (the streamer's clone() included)
+        tensors = weight_utils.runai_safetensors_weights_iterator(sys.argv[2:], False)
+    else:  # the default loader's, prefetch's load from local disk
+        tensors = weight_utils.safetensors_weights_iterator(sys.argv[2:], False)
+    for name, tensor in tensors:
         torch.empty_like(tensor).copy_(tensor)
         n += tensor.nbytes
 else:
@@ -60,18 +73,19 @@ else:
         s.stream_files(sys.argv[2:], device="cpu", is_distributed=False)
         for name, tensor in s.get_tensors():
             n += (tensor.clone() if mode == "clone" else tensor).nbytes
-took = time.perf_counter() - t
+took, spent = time.perf_counter() - t, cpu() - c
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"s": took, "bytes": n, "peak": hwm}))
+print(json.dumps({"s": took, "cpu": spent, "bytes": n, "peak": hwm}))
 """
 
 
-def sized_limit() -> int:
+def sized_limit(total: int, largest_file: int) -> int:
     """The buffer the run script's rule gives on this host for one GPU (deployments/vllm.yaml
-    loader_memory_limit, whose constants skytask mirrors), from MemAvailable now."""
+    loader_memory_limit, whose constants skytask mirrors), from MemAvailable now, under the ring
+    these weights want (skytask.ring_bytes)."""
     avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
     budget = min((avail - 2 * skytask.PROCESS_GIB * GIB) // 2, skytask.RING_CAP_GIB * GIB)
-    return budget if budget >= skytask.RING_FLOOR_GIB * GIB else 0
+    return min(budget, skytask.ring_bytes(total, largest_file)) if budget >= skytask.RING_FLOOR_GIB * GIB else 0
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
@@ -82,11 +96,28 @@ def timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess
     return time.perf_counter() - t, proc
 
 
-def vllm_row(env: dict, results: Path, strategy: str, extra: list[str]) -> dict:
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) of process `pid`, or of this process's waited-for children."""
+    if pid is None:
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(cmd: list[str], env: dict, bucket_pid: int) -> tuple[float, float, float, subprocess.CompletedProcess]:
+    """`cmd`'s wall seconds, the CPU seconds it and the bucket spent, and its outcome: on a machine
+    whose cores the bucket shares, a method's wall time is bounded below by that CPU over the cores."""
+    mine, bucket = cpu_seconds(), cpu_seconds(bucket_pid)
+    took, proc = timed(cmd, env)
+    return took, cpu_seconds() - mine, cpu_seconds(bucket_pid) - bucket, proc
+
+
+def vllm_row(env: dict, results: Path, strategy: str, vllm_args: str, extra: list[str]) -> dict:
     """One `modelferry bench` start on the local target, its row and the node's log (kept under
     `results`: the bar's progress lines say how the weights phase went)."""
     _, proc = timed([sys.executable, "-m", "modelferry.flows", "bench", MODEL, "--target", "local", "--strategy",
-                     strategy, "--runs", "1", "--extra-vllm-args", "--max-model-len 512", "--results", str(results),
+                     strategy, "--runs", "1", "--extra-vllm-args", vllm_args, "--results", str(results),
                      "--json", *extra], env)
     (row,) = json.loads(proc.stdout)
     return row
@@ -100,6 +131,7 @@ def run(work: Path, args) -> int:
           f"{time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     conc = [int(c) for c in args.concurrency.split(",")]
     got: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     peaks: dict[str, int] = {}
     with embedded.rclone_bucket(work / "data", "bench", "bench-access-1", "bench-secret-1") as bucket, \
             embedded.prefect_server(work / "prefect") as api:
@@ -111,12 +143,21 @@ def run(work: Path, args) -> int:
         rev = next((bucket.root / "bench" / "models" / MODEL).iterdir()).name
         shards = sorted(p.name for p in (work / "ckpt").glob("*.safetensors"))
         urls = [f"s3://bench/models/{MODEL}/{rev}/{name}" for name in shards]
-        limit, whole = sized_limit(), total + 64 * 2**20
+        limit = sized_limit(total, max(p.stat().st_size for p in (work / 'ckpt').glob('*.safetensors')))
+        whole = total + 64 * 2**20
         for r in range(args.rounds):  # interleaved: the machine's noise spreads over every method
             get_dir = work / "get"
-            took, _ = timed([processes.which("s5cmd"), "--endpoint-url", bucket.endpoint, "cp",
-                             f"s3://bench/models/{MODEL}/{rev}/*.safetensors", f"{get_dir}/"], node_env)
-            got.setdefault("s5cmd GET to disk", []).append(took)
+            took, spent, served, _ = measured([processes.which("s5cmd"), "--endpoint-url", bucket.endpoint, "cp",
+                                       f"s3://bench/models/{MODEL}/{rev}/*.safetensors", f"{get_dir}/"], node_env,
+                                      bucket.proc.pid)
+            got.setdefault(GET, []).append(took)
+            cpu.setdefault(GET, []).append(spent + served)
+            subprocess.run(["sync"], check=True)  # the GET's writeback is not the next method's cost
+            _, _, _, proc = measured([vllm_python(), "-c", STREAM, "disk", *(str(get_dir / n) for n in shards)],
+                                     node_env, bucket.proc.pid)
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            got.setdefault(DISK, []).append(out["s"])
+            cpu.setdefault(DISK, []).append(out["cpu"])
             shutil.rmtree(get_dir)
             for c in conc:
                 for label, mode, mem, pin in (
@@ -129,32 +170,35 @@ def run(work: Path, args) -> int:
                     label = label.format(c)
                     stream_env = {**node_env, "RUNAI_STREAMER_CONCURRENCY": str(c),
                                   "RUNAI_STREAMER_MEMORY_LIMIT": str(mem)}
-                    _, proc = timed([*pin, vllm_python(), "-c", STREAM, mode, *urls], stream_env)
+                    _, _, served, proc = measured([*pin, vllm_python(), "-c", STREAM, mode, *urls], stream_env,
+                                                  bucket.proc.pid)
                     out = json.loads(proc.stdout.strip().splitlines()[-1])
                     assert out["bytes"] == total, (out, total)
                     got.setdefault(label, []).append(out["s"])
+                    cpu.setdefault(label, []).append(out["cpu"] + served)  # the bucket idles while torch imports
                     peaks[label] = max(peaks.get(label, 0), out["peak"])
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         rows = []
         if args.vllm:
             results = Path(args.results).resolve() / time.strftime("%Y%m%dT%H%M%S")
             print(f"vLLM starts: rows and node logs under {results}", file=sys.stderr, flush=True)
-            rows.append(vllm_row(env, results / "prefetch", "prefetch", []))
+            rows.append(vllm_row(env, results / "prefetch", "prefetch", args.vllm_args, []))
             for c in args.vllm_concurrency.split(","):
                 for mem in args.vllm_memory_limit.split(","):
-                    row = vllm_row(env, results / f"stream-c{c}-m{mem}", "stream",
+                    row = vllm_row(env, results / f"stream-c{c}-m{mem}", "stream", args.vllm_args,
                                    (["--concurrency", c] if c != "auto" else [])
                                    + (["--memory-limit", str(whole if mem == "whole" else mem)] if mem != "auto" else []))
                     rows.append({**row, "label": f"stream c={c} memory_limit={mem}"})
     print(f"\n{total / 1e9:.2f} GB in {args.shards} shards (layers {shape.layers}, hidden {shape.hidden}), loopback "
           f"rclone, {os.cpu_count()} cores; median of {args.rounds} interleaved rounds; sized buffer "
-          f"{limit / GIB:.1f} GiB, checkpoint-sized {whole / GIB:.2f} GiB")
-    print(f"{'method':46s} {'seconds':>8s} {'GB/s':>6s} {'peak RSS GiB':>13s}")
+          f"{limit / GIB:.2f} GiB, checkpoint-sized {whole / GIB:.2f} GiB")
+    print("CPU s: the method's own (from its first read to its last tensor; s5cmd's whole run) and the bucket's")
+    print(f"{'method':46s} {'seconds':>8s} {'GB/s':>6s} {'CPU s':>6s} {'peak RSS GiB':>13s}")
     for label, runs in got.items():
         med = statistics.median(runs)
         peak = f"{peaks[label] / GIB:13.2f}" if label in peaks else ""
-        print(f"{label:46s} {med:8.2f} {total / med / 1e9:6.2f} {peak}")
-    get_s = statistics.median(got["s5cmd GET to disk"])
+        print(f"{label:46s} {med:8.2f} {total / med / 1e9:6.2f} {statistics.median(cpu[label]):6.2f} {peak}")
+    get_s = statistics.median(got[GET])
     if rows:
         prefetch = rows[0]
         base = max(get_s, prefetch["weights_s"])
@@ -181,6 +225,9 @@ def main() -> int:
                     "run script's choice)")
     ap.add_argument("--vllm-memory-limit", default="auto", help="stream starts: --memory-limit values (auto: sized "
                     "by the run script; whole: as big as the checkpoint, what memory_limit -1 gave)")
+    ap.add_argument("--vllm-args", default="--max-model-len 512", help="vLLM's extra arguments for every start "
+                    "(add --enforce-eager for a start of about 40 s instead of 2.5 min: the weights come before "
+                    "the compile)")
     ap.add_argument("--results", default="results/bench-weights", help="where the vLLM rows and node logs go")
     return in_scratch_dir("mf-bench-weights-", run, ap.parse_args())
 

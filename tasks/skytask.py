@@ -41,9 +41,10 @@ def fitting_accelerators(model_bytes: int, headroom: float, requested: dict[str,
 
 
 # Host RAM, in GiB, as the template's `run` sizes the streamer's buffer (loader_memory_limit there:
-# available less PROCESS_GIB per vLLM process, halved, at most RING_CAP_GIB): the ask below is the
-# host on which that rule gives the ring it needs. Change them together (a test runs the script on
-# a host of exactly the asked size).
+# available less PROCESS_GIB per vLLM process, halved, at most RING_CAP_GIB and the weights' ring):
+# the ask below is the host on which that rule gives a ring of at least `ring_gib`. Change them
+# together (a test runs the script on a host of exactly the asked size).
+GIB = 2**30
 PROCESS_GIB = 3  # vLLM's API server and one worker per GPU, each with torch and a CUDA context
 RING_CAP_GIB = 32
 RING_MIN_GIB = 4  # a few buffers of the largest tensor (an 8B model's embedding is about 1 GiB)
@@ -51,12 +52,22 @@ RING_FLOOR_GIB = 2  # below this the run script falls back to one buffer of the 
 SYSTEM_GIB = 2  # the OS, Docker, SkyPilot's Ray and skylet: not in MemAvailable when `run` reads it
 
 
+def ring_bytes(model_bytes: int, largest_file: int) -> int:
+    """The most streamer buffer a load of these weights wants (the run script's LOADER_RING): a
+    quarter of them, so that the ring's buffers are refilled (a ring that spans the model puts every
+    byte in memory never touched before: 2.7-4.7 s for the sized model here against 2.2-2.5 s with a
+    quarter or a half, bench/weights.py), never less than the largest weights file (a tensor lies
+    within one file, and the streamer refuses a limit below its largest tensor), at most the cap."""
+    return min(max(model_bytes // 4, largest_file), RING_CAP_GIB * GIB)
+
+
 def ring_gib(model_bytes: int) -> float:
-    """The streamer buffer a load wants: the whole model when small, else 4 GiB or 1/16 of the
-    weights, whichever is more (an embedding, the largest tensor, is about 1/16 of an 8B model and
-    less of bigger ones, so the ring keeps a few buffers' depth), at most the run script's cap; and
-    never under the script's floor, so even a tiny model's host gets a real ring, not the fallback."""
-    weights = model_bytes / 2**30
+    """The streamer buffer a host is asked for: the whole model when small, else 4 GiB or 1/16 of
+    the weights, whichever is more (an embedding, the largest tensor, is about 1/16 of an 8B model
+    and less of bigger ones, so the ring keeps a few buffers' depth), at most the run script's cap;
+    and never under the script's floor, so even a tiny model's host gets a real ring, not the
+    fallback."""
+    weights = model_bytes / GIB
     return max(RING_FLOOR_GIB, min(weights, max(RING_MIN_GIB, weights / 16), RING_CAP_GIB))
 
 
@@ -81,10 +92,12 @@ def packaged_file(path: str) -> str:
 
 
 def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, weights: str, options: LaunchOptions,
-                      loader_env: dict[str, str], revision: str = "", bucket: str = "",
+                      loader_env: dict[str, str], revision: str = "", bucket: str = "", largest_file: int = 0,
                       template: Path = TEMPLATE) -> dict:
     """The SkyPilot task as a YAML-ready dict, for weights read from `weights` ("r2": the bucket, as
-    `options.strategy` says; "hub": the Hub). Secrets are null (supplied at launch)."""
+    `options.strategy` says; "hub": the Hub) of `model_bytes`, the largest file `largest_file` (0:
+    unknown, the node's memory alone sizes the streamer's buffer). Secrets are null (supplied at
+    launch)."""
     options.check()
     cfg = yaml.safe_load(template.read_text())
     envs = cfg["envs"]
@@ -92,6 +105,7 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, wei
                 LOAD_STRATEGY=options.strategy if weights == "r2" else "hub",
                 LOADER_CONCURRENCY=str(options.concurrency or "auto"),
                 LOADER_MEMORY_LIMIT="auto" if options.memory_limit is None else str(options.memory_limit),
+                LOADER_RING=str(ring_bytes(model_bytes, largest_file)) if largest_file else "",
                 EXTRA_VLLM_ARGS=options.extra_vllm_args, COMPILE_CACHE="on" if options.compile_cache else "off",
                 COMPILE_CACHE_BUCKET=bucket, READY_TIMEOUT=f"{options.ready_timeout:g}")
     cfg["file_mounts"] = {dst: packaged_file(src) for dst, src in cfg.get("file_mounts", {}).items()}
