@@ -19,7 +19,7 @@ Baseline (named in the output): the larger of the GET and prefetch's load from d
 itself needs to ingest the bytes here. Goal: stream weights <= 1.2x that.
 
     .venv/bin/python bench/weights.py [--shards 4] [--rounds 3] [--concurrency 4,16,32] [--vllm]
-        [--vllm-memory-limit auto,whole,0] [--vllm-args '--max-model-len 512 --enforce-eager']
+        [--vllm-rounds 3] [--vllm-memory-limit auto,whole,0] [--vllm-args '--max-model-len 512 --enforce-eager']
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ GIB = 2**30
 MODEL = "bench/sized"
 GET = "s5cmd GET to disk"
 DISK = "vLLM's disk iterator on the GET's files"
+PREFETCH = "prefetch (s5cmd sync, then disk)"
 
 # The streamer as vLLM drives it (weight_utils.py runai_safetensors_weights_iterator), timed from
 # stream_files to the last tensor; VmHWM: this process's peak RSS.
@@ -178,17 +179,19 @@ def run(work: Path, args) -> int:
                     cpu.setdefault(label, []).append(out["cpu"] + served)  # the bucket idles while torch imports
                     peaks[label] = max(peaks.get(label, 0), out["peak"])
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-        rows = []
+        starts: dict[str, list[dict]] = {}
         if args.vllm:
             results = Path(args.results).resolve() / time.strftime("%Y%m%dT%H%M%S")
             print(f"vLLM starts: rows and node logs under {results}", file=sys.stderr, flush=True)
-            rows.append(vllm_row(env, results / "prefetch", "prefetch", args.vllm_args, []))
-            for c in args.vllm_concurrency.split(","):
-                for mem in args.vllm_memory_limit.split(","):
-                    row = vllm_row(env, results / f"stream-c{c}-m{mem}", "stream", args.vllm_args,
-                                   (["--concurrency", c] if c != "auto" else [])
-                                   + (["--memory-limit", str(whole if mem == "whole" else mem)] if mem != "auto" else []))
-                    rows.append({**row, "label": f"stream c={c} memory_limit={mem}"})
+            for r in range(args.vllm_rounds):  # interleaved, as the rounds above
+                starts.setdefault(PREFETCH, []).append(
+                    vllm_row(env, results / f"prefetch-{r}", "prefetch", args.vllm_args, []))
+                for c in args.vllm_concurrency.split(","):
+                    for mem in args.vllm_memory_limit.split(","):
+                        flags = ((["--concurrency", c] if c != "auto" else [])
+                                 + (["--memory-limit", str(whole if mem == "whole" else mem)] if mem != "auto" else []))
+                        starts.setdefault(f"stream c={c} memory_limit={mem}", []).append(
+                            vllm_row(env, results / f"stream-c{c}-m{mem}-{r}", "stream", args.vllm_args, flags))
     print(f"\n{total / 1e9:.2f} GB in {args.shards} shards (layers {shape.layers}, hidden {shape.hidden}), loopback "
           f"rclone, {os.cpu_count()} cores; median of {args.rounds} interleaved rounds; sized buffer "
           f"{limit / GIB:.2f} GiB, checkpoint-sized {whole / GIB:.2f} GiB")
@@ -199,15 +202,19 @@ def run(work: Path, args) -> int:
         peak = f"{peaks[label] / GIB:13.2f}" if label in peaks else ""
         print(f"{label:46s} {med:8.2f} {total / med / 1e9:6.2f} {statistics.median(cpu[label]):6.2f} {peak}")
     get_s = statistics.median(got[GET])
-    if rows:
-        prefetch = rows[0]
-        base = max(get_s, prefetch["weights_s"])
-        print(f"\nvLLM on the local target; baseline max(GET {get_s:.2f} s, prefetch's load from disk "
-              f"{prefetch['weights_s']:.2f} s) = {base:.2f} s; goal: stream weights <= 1.2x baseline")
-        print(f"{'start':34s} {'weights s':>9s} {'x base':>7s} {'setup s':>8s} {'total s':>8s} {'peak host GiB':>14s}")
-        for row in rows:
-            print(f"{row.get('label', 'prefetch (s5cmd sync, then disk)'):34s} {row['weights_s']:9.2f} "
-                  f"{row['weights_s'] / base:7.2f} {row['setup_s']:8.1f} {row['total_s']:8.1f} {row['host_peak_gib']:14}")
+    if starts:
+        base = max(get_s, statistics.median(row["weights_s"] for row in starts[PREFETCH]))
+        print(f"\nvLLM on the local target, median of {args.vllm_rounds} interleaved starts each; baseline max(GET "
+              f"{get_s:.2f} s, prefetch's load from disk) = {base:.2f} s; goal: stream weights <= 1.2x baseline")
+        print(f"{'start':34s} {'weights s':>9s} {'range':>11s} {'x base':>7s} {'setup s':>8s} {'total s':>8s} "
+              f"{'peak host GiB':>14s}")
+        for label, rows in starts.items():
+            weights = [row["weights_s"] for row in rows]
+            med = statistics.median(weights)
+            print(f"{label:34s} {med:9.2f} {min(weights):5.2f}-{max(weights):<5.2f} {med / base:7.2f} "
+                  f"{statistics.median(row['setup_s'] for row in rows):8.1f} "
+                  f"{statistics.median(row['total_s'] for row in rows):8.1f} "
+                  f"{max(row['host_peak_gib'] for row in rows):14}")
     return 0
 
 
@@ -221,6 +228,8 @@ def main() -> int:
     ap.add_argument("--concurrency", default="4,16,32", help="streamer concurrencies to try, comma-separated")
     ap.add_argument("--vllm", action="store_true", help="also start vLLM: prefetch once, stream per concurrency "
                     "and memory limit (about 2.5 min a start here)")
+    ap.add_argument("--vllm-rounds", type=int, default=1, help="starts of each kind, interleaved (the median is "
+                    "reported)")
     ap.add_argument("--vllm-concurrency", default="auto", help="stream starts: --concurrency values (auto: the "
                     "run script's choice)")
     ap.add_argument("--vllm-memory-limit", default="auto", help="stream starts: --memory-limit values (auto: sized "
