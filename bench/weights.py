@@ -44,7 +44,7 @@ from modelferry.tasks.settings import loader_env  # noqa: E402
 GIB = 2**30
 MODEL = "bench/sized"
 GET = "s5cmd GET to disk"
-DISK = "vLLM's disk iterator on the GET's files"
+DISK = "vLLM's disk iterator, the GET's files cached"
 PREFETCH = "prefetch (s5cmd sync, then disk)"
 
 # The streamer as vLLM drives it (weight_utils.py runai_safetensors_weights_iterator), timed from
@@ -80,13 +80,13 @@ print(json.dumps({"s": took, "cpu": spent, "bytes": n, "peak": hwm}))
 """
 
 
-def sized_limit(total: int, largest_file: int) -> int:
+def sized_limit(files: tuple[int, ...]) -> int:
     """The buffer the run script's rule gives on this host for one GPU (deployments/vllm.yaml
     loader_memory_limit, whose constants skytask mirrors), from MemAvailable now, under the ring
     these weights want (skytask.ring_bytes)."""
     avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
     budget = min((avail - 2 * skytask.PROCESS_GIB * GIB) // 2, skytask.RING_CAP_GIB * GIB)
-    return min(budget, skytask.ring_bytes(total, largest_file)) if budget >= skytask.RING_FLOOR_GIB * GIB else 0
+    return min(budget, skytask.ring_bytes(files)) if budget >= skytask.RING_FLOOR_GIB * GIB else 0
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
@@ -144,7 +144,7 @@ def run(work: Path, args) -> int:
         rev = next((bucket.root / "bench" / "models" / MODEL).iterdir()).name
         shards = sorted(p.name for p in (work / "ckpt").glob("*.safetensors"))
         urls = [f"s3://bench/models/{MODEL}/{rev}/{name}" for name in shards]
-        limit = sized_limit(total, max(p.stat().st_size for p in (work / 'ckpt').glob('*.safetensors')))
+        limit = sized_limit(tuple(p.stat().st_size for p in (work / "ckpt").glob("*.safetensors")))
         whole = total + 64 * 2**20
         for r in range(args.rounds):  # interleaved: the machine's noise spreads over every method
             get_dir = work / "get"
@@ -207,7 +207,7 @@ def run(work: Path, args) -> int:
         print(f"\nvLLM on the local target, median of {args.vllm_rounds} interleaved starts each; baseline max(GET "
               f"{get_s:.2f} s, prefetch's load from disk) = {base:.2f} s; goal: stream weights <= 1.2x baseline")
         print(f"{'start':34s} {'weights s':>9s} {'range':>11s} {'x base':>7s} {'setup s':>8s} {'total s':>8s} "
-              f"{'peak host GiB':>14s}")
+              f"{'max peak GiB':>14s}")
         for label, rows in starts.items():
             weights = [row["weights_s"] for row in rows]
             med = statistics.median(weights)

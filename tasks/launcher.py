@@ -122,10 +122,12 @@ def prepare(settings: Settings, model: str, revision: str | None, options: Launc
     rev = manifest.revision if weights == "r2" else (revision or (manifest.revision if manifest else "main"))
     model_uri = bucket.uri(layout.model_prefix(model, rev)) if weights == "r2" else (
         manifest.source.get("repo_id", model) if manifest else model)
-    weight_files = [f.size for f in manifest.files if f.path.endswith(".safetensors")] if manifest else []
+    # What the streamer reads: the top folder's safetensors (vLLM's list_safetensors lists no deeper).
+    weight_files = tuple(f.size for f in manifest.files if f.path.endswith(".safetensors") and "/" not in f.path) \
+        if manifest else ()
     cfg = skytask.build_task_config(model_uri=model_uri, served_name=model, model_bytes=manifest.total_bytes if manifest
                                     else 0, weights=weights, options=options, loader_env=loader_env(settings.endpoint),
-                                    bucket=bucket.name, revision=rev, largest_file=max(weight_files, default=0))
+                                    bucket=bucket.name, revision=rev, weight_files=weight_files)
     skytask.validate(cfg)
     secret_values = dict(loader_secrets(settings))  # the weights (r2) and the compile cache read the bucket
     secret_values["VLLM_API_KEY"] = place.api_key()

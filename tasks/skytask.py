@@ -42,8 +42,9 @@ def fitting_accelerators(model_bytes: int, headroom: float, requested: dict[str,
 
 # Host RAM, in GiB, as the template's `run` sizes the streamer's buffer (loader_memory_limit there:
 # available less PROCESS_GIB per vLLM process, halved, at most RING_CAP_GIB and the weights' ring):
-# the ask below is the host on which that rule gives a ring of at least `ring_gib`. Change them
-# together (a test runs the script on a host of exactly the asked size).
+# the ask below is the host on which that rule gives a ring of at least `ring_gib`, or the weights'
+# ring where that is less. Change them together (a test runs the script on a host of exactly the
+# asked size).
 GIB = 2**30
 PROCESS_GIB = 3  # vLLM's API server and one worker per GPU, each with torch and a CUDA context
 RING_CAP_GIB = 32
@@ -52,13 +53,14 @@ RING_FLOOR_GIB = 2  # below this the run script falls back to one buffer of the 
 SYSTEM_GIB = 2  # the OS, Docker, SkyPilot's Ray and skylet: not in MemAvailable when `run` reads it
 
 
-def ring_bytes(model_bytes: int, largest_file: int) -> int:
-    """The most streamer buffer a load of these weights wants (the run script's LOADER_RING): a
-    quarter of them, so that the ring's buffers are refilled (a ring that spans the model puts every
-    byte in memory never touched before: 2.7-4.7 s for the sized model here against 2.2-2.5 s with a
-    quarter or a half, bench/weights.py), never less than the largest weights file (a tensor lies
-    within one file, and the streamer refuses a limit below its largest tensor), at most the cap."""
-    return min(max(model_bytes // 4, largest_file), RING_CAP_GIB * GIB)
+def ring_bytes(weight_files: tuple[int, ...], gpus: int = 1) -> int:
+    """The most streamer buffer (a node total) a load of weights in files of these sizes wants, as
+    the run script's loader_ring computes it: a quarter of them, so that the ring's buffers are
+    refilled (a ring that spans the weights puts every byte in memory never touched before:
+    bench/weights.py), never less than the largest file per GPU (a tensor lies within one file, the
+    streamer refuses a limit below its largest tensor, and each rank gets its share of the node
+    total), at most the cap. One file: the whole of it, which spans."""
+    return min(max(sum(weight_files) // 4, max(weight_files, default=0) * gpus), RING_CAP_GIB * GIB)
 
 
 def ring_gib(model_bytes: int) -> float:
@@ -92,12 +94,12 @@ def packaged_file(path: str) -> str:
 
 
 def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, weights: str, options: LaunchOptions,
-                      loader_env: dict[str, str], revision: str = "", bucket: str = "", largest_file: int = 0,
-                      template: Path = TEMPLATE) -> dict:
+                      loader_env: dict[str, str], revision: str = "", bucket: str = "",
+                      weight_files: tuple[int, ...] = (), template: Path = TEMPLATE) -> dict:
     """The SkyPilot task as a YAML-ready dict, for weights read from `weights` ("r2": the bucket, as
-    `options.strategy` says; "hub": the Hub) of `model_bytes`, the largest file `largest_file` (0:
-    unknown, the node's memory alone sizes the streamer's buffer). Secrets are null (supplied at
-    launch)."""
+    `options.strategy` says; "hub": the Hub) of `model_bytes` in all, the sizes of the safetensors
+    files the streamer reads `weight_files` (none: the node's memory alone sizes its buffer).
+    Secrets are null (supplied at launch)."""
     options.check()
     cfg = yaml.safe_load(template.read_text())
     envs = cfg["envs"]
@@ -105,7 +107,8 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, wei
                 LOAD_STRATEGY=options.strategy if weights == "r2" else "hub",
                 LOADER_CONCURRENCY=str(options.concurrency or "auto"),
                 LOADER_MEMORY_LIMIT="auto" if options.memory_limit is None else str(options.memory_limit),
-                LOADER_RING=str(ring_bytes(model_bytes, largest_file)) if largest_file else "",
+                LOADER_WEIGHTS_BYTES=str(sum(weight_files)) if weight_files else "",
+                LOADER_LARGEST_FILE=str(max(weight_files)) if weight_files else "",
                 EXTRA_VLLM_ARGS=options.extra_vllm_args, COMPILE_CACHE="on" if options.compile_cache else "off",
                 COMPILE_CACHE_BUCKET=bucket, READY_TIMEOUT=f"{options.ready_timeout:g}")
     cfg["file_mounts"] = {dst: packaged_file(src) for dst, src in cfg.get("file_mounts", {}).items()}

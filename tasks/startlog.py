@@ -34,10 +34,12 @@ _DURATIONS = {
     "init_engine_s": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) (?:s|seconds)"),
 }
 # The streamer prints no duration line, only a tqdm bar (weight_utils.py _BAR_FORMAT): its elapsed
-# time is whole seconds (tqdm format_interval truncates), its rate has two decimals ("it/s", or
-# "s/it" below one a second, "?" when none was measured) and gives the tensors' count over the time to within a few ms.
+# time is whole seconds (tqdm format_interval truncates); its last rate, printed at close() as
+# count / elapsed with two decimals ("it/s", or "s/it" below one a second; "?" when none), times it
+# to within a few ms.
 _STREAMER_BAR = re.compile(r"Loading safetensors using Runai Model Streamer: 100% Completed \| (\d+)/\d+ "
-                           r"\[([\d:]+)<[^,\]]*, *\??([\d.]*)(it/s|s/it)\]")
+                           r"\[([\d:]+)<([^\]]*)\]")
+_BAR_RATE = re.compile(r", *([\d.]+)(it/s|s/it)$")
 _LOADED = re.compile(r"Model loading took|Loading weights took")
 _STAMP = re.compile(r"\b(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) (\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) ")
 _MARK = re.compile(r"^modelferry mark (\S+) ([\d.]+)\s*$", re.M)
@@ -78,14 +80,14 @@ def _seconds(clock: str) -> float:
     return total
 
 
-def _bar_seconds(count: str, elapsed: str, rate: str, unit: str) -> float:
-    """The streamer bar's time: the count over the rate, kept within the whole second its elapsed
-    time names (the rate is tqdm's smoothed one; its two decimals matter for a fast bar)."""
-    whole, value = _seconds(elapsed), float(rate or 0)
-    if not value:
+def _bar_seconds(count: str, elapsed: str, rest: str) -> float:
+    """The streamer bar's time: its count over its rate, kept within the whole second its elapsed
+    time names; the elapsed time alone where the bar has no rate we read."""
+    whole, rate = _seconds(elapsed), _BAR_RATE.search(rest)
+    if not rate or not float(rate[1]):
         return whole
-    took = int(count) / value if unit == "it/s" else int(count) * value
-    return round(min(max(took, whole), whole + 1), 3)
+    took = int(count) / float(rate[1]) if rate[2] == "it/s" else int(count) * float(rate[1])
+    return round(min(max(took, whole), whole + 0.999), 3)
 
 
 def _stamp(line: str, year: int) -> float | None:

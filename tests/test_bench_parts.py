@@ -169,9 +169,10 @@ def test_cost_compares_s3_egress_with_r2():
 @pytest.mark.parametrize("bar, seconds", [
     ("111/111 [00:03<00:00, 36.87it/s]", 3.011),  # the sized model: the bar's count over its rate
     ("4/4 [01:10<00:00, 17.60s/it]", 70.4),       # slower than one a second: tqdm inverts the rate
-    ("111/111 [00:03<00:00, 20.00it/s]", 4.0),    # a smoothed rate past the whole second named
-    ("111/111 [00:03<00:00, 99.00it/s]", 3.0),
-    ("1/1 [00:00<00:00, ?it/s]", 0.0),            # no rate measured
+    ("111/111 [1:02:03<00:00,  0.03it/s]", 3723.0),  # past an hour: the rate rounded, kept in the second
+    ("111/111 [00:03<00:00, 99.00it/s]", 3.0),    # a rate that says less than the elapsed time
+    ("1/1 [00:00<?, ?it/s]", 0.0),                # no rate measured
+    ("111/111 [00:03<00:00, 2.43kit/s]", 3.0),    # a form we don't read: the elapsed time
 ])
 def test_the_streamer_bar_times_the_weights_below_a_second(bar, seconds):
     line = f"Loading safetensors using Runai Model Streamer: 100% Completed | {bar}\n"

@@ -19,7 +19,8 @@ def test_the_dry_run_shows_each_gpu_options_memory_and_the_override(cli):
     assert cfg["resources"]["any_of"] == [{"accelerators": {"L4": 1}, "memory": "12+"},
                                           {"accelerators": {"H100": 8}, "memory": "33+"}]
     assert cfg["envs"]["LOADER_MEMORY_LIMIT"] == "auto" and "-1" not in cfg["envs"].values()
-    assert int(cfg["envs"]["LOADER_RING"]) > 0  # from the manifest's weights: the node stays under it
+    # from the manifest's top-level safetensors: the node stays under the ring they want
+    assert int(cfg["envs"]["LOADER_WEIGHTS_BYTES"]) >= int(cfg["envs"]["LOADER_LARGEST_FILE"]) > 0
     cfg = dry_run(cli, "--memory", "64+", "--memory-limit", str(8 * 2**30))
     assert {o["memory"] for o in cfg["resources"]["any_of"]} == {"64+"}
     assert cfg["envs"]["LOADER_MEMORY_LIMIT"] == str(8 * 2**30)

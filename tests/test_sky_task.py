@@ -534,49 +534,69 @@ def test_other_strategies_hand_vllm_no_loader_config(tmp_path):
     assert out.returncode == 0 and loader == [] and extra is None, out
 
 
+def shards(model_bytes: int) -> tuple[int, ...]:
+    """The Hub's usual layout: 5 GB files, the last one what is left."""
+    full, rest = divmod(model_bytes, 5 * GB)
+    return (5 * GB,) * full + ((rest,) if rest else ())
+
+
 @pytest.mark.parametrize("model_bytes", [0, 2 * GB, 16 * GB, 70 * GB, 140 * GB, 800 * GB])
 @pytest.mark.parametrize("gpus", options.GPU_COUNTS)
 def test_a_host_of_exactly_the_asked_size_gets_the_ring_the_ask_assumed(tmp_path, model_bytes, gpus):
     """The ask (skytask.host_memory_ask) and the run script's rule agree: on a host with just the
     memory asked for, less what the system holds, the buffer is at least ring_gib, or the weights'
     ring where that is less, and never the fallback."""
-    largest = min(model_bytes, 5 * GB)  # the Hub's usual shard
+    files = shards(model_bytes)
     ask = float(skytask.host_memory_ask(model_bytes, gpus)[:-1])
-    built = LaunchOptions(compile_cache=False)
-    out, loader, extra = run_on_node(tmp_path, gpus, int((ask - skytask.SYSTEM_GIB) * GIB), options=built,
-                                     **({"LOADER_RING": str(skytask.ring_bytes(model_bytes, largest))} if largest else {}))
+    out, loader, extra = run_on_node(tmp_path, gpus, int((ask - skytask.SYSTEM_GIB) * GIB),
+                                     LOADER_WEIGHTS_BYTES=str(sum(files)) if files else "",
+                                     LOADER_LARGEST_FILE=str(max(files)) if files else "")
     assert out.returncode == 0, out.stderr
-    wanted = skytask.ring_bytes(model_bytes, largest) if largest else skytask.RING_CAP_GIB * GIB
+    wanted = skytask.ring_bytes(files, gpus) if files else skytask.RING_CAP_GIB * GIB
     assert min(skytask.ring_gib(model_bytes) * GIB, wanted) <= extra["memory_limit"] <= wanted, loader
 
 
-@pytest.mark.parametrize("model_bytes,largest,ring", [
-    (16 * GB, 5 * GB, 5 * GB),  # an 8B model in the Hub's 5 GB shards: its largest file
-    (140 * GB, 5 * GB, 35 * GB),  # a quarter...
-    (800 * GB, 5 * GB, 32 * GIB),  # ...at most the cap
-    (1_330_000_000, 300_000_000, 1_330_000_000 // 4),  # bench/weights.py's sized model: a quarter
-    (34 * 10**6, 34 * 10**6, 34 * 10**6),  # one file: the whole of it
+@pytest.mark.parametrize("files,gpus,ring", [
+    (shards(16 * GB), 1, 5 * GB),  # an 8B model in the Hub's 5 GB shards: its largest file
+    (shards(16 * GB), 8, 32 * GIB),  # eight ranks: a file each, at most the cap
+    (shards(16 * GB), 2, 10 * GB),  # two ranks, a file each
+    (shards(120 * GB), 1, 30 * GB),  # a quarter
+    (shards(800 * GB), 1, 32 * GIB),  # at most the cap
+    ((333_000_000,) * 3 + (331_000_000,), 1, 333_000_000),  # bench/weights.py's sized model: its largest file
+    ((400_000_000,) * 8, 1, 800_000_000),  # small files: a quarter
+    ((34 * 10**6,), 1, 34 * 10**6),  # one file: the whole of it (it spans)
 ])
-def test_the_weights_ring_is_a_quarter_of_them_and_holds_their_largest_file(model_bytes, largest, ring):
-    assert skytask.ring_bytes(model_bytes, largest) == min(ring, 32 * GIB)
-    cfg = build(model_bytes=model_bytes, largest_file=largest)
-    assert cfg["envs"]["LOADER_RING"] == str(min(ring, 32 * GIB))
-    assert build(model_bytes=model_bytes)["envs"]["LOADER_RING"] == ""  # no files known: the node alone
+def test_the_weights_ring_is_a_quarter_of_them_and_holds_their_largest_file_per_gpu(tmp_path, files, gpus, ring):
+    assert skytask.ring_bytes(files, gpus) == ring
+    cfg = build(model_bytes=sum(files), weight_files=files)
+    assert (cfg["envs"]["LOADER_WEIGHTS_BYTES"], cfg["envs"]["LOADER_LARGEST_FILE"]) == (str(sum(files)), str(max(files)))
+    out, loader, extra = run_on_node(tmp_path, gpus, 1024 * GIB, LOADER_WEIGHTS_BYTES=str(sum(files)),
+                                     LOADER_LARGEST_FILE=str(max(files)))
+    assert out.returncode == 0 and extra["memory_limit"] == ring, loader  # the script computes the same
+    assert build(model_bytes=sum(files))["envs"]["LOADER_WEIGHTS_BYTES"] == ""  # none known: the node alone
 
 
-@pytest.mark.parametrize("available,ring,limit", [
-    (64 * GIB, 5 * GB, 5 * GB),  # the node has more: the ring the weights want
-    (14 * GIB, 5 * GB, 4 * GIB),  # a 16 GiB host: the node's budget
-    (8 * GIB, 5 * GB, 0),  # under the floor: still the fallback, not a ring the node can't hold
-    (64 * GIB, 333_000_000, 333_000_000),  # below the floor itself is fine: it holds the largest file
+@pytest.mark.parametrize("available,limit", [
+    (64 * GIB, 5 * GB),  # the node has more: the ring the weights want
+    (14 * GIB, 4 * GIB),  # a 16 GiB host: the node's budget
+    (8 * GIB, 0),  # under the floor: still the fallback, not a ring the node can't hold
 ])
-def test_the_run_script_stays_under_the_weights_ring(tmp_path, available, ring, limit):
-    out, loader, extra = run_on_node(tmp_path, 1, available, LOADER_RING=str(ring))
+def test_the_run_script_stays_under_the_weights_ring(tmp_path, available, limit):
+    out, loader, extra = run_on_node(tmp_path, 1, available, LOADER_WEIGHTS_BYTES=str(16 * GB),
+                                     LOADER_LARGEST_FILE=str(5 * GB))
     assert out.returncode == 0, out.stderr
     assert extra["memory_limit"] == limit, loader
-    assert loader[0].endswith(f"sized from the node and the ring of {ring} bytes the weights want)"), loader
+    assert loader[0].endswith(f"sized from the node and the ring of {5 * GB} bytes the weights want)"), loader
 
 
-def test_the_run_script_refuses_a_ring_that_is_no_size(tmp_path):
-    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, LOADER_RING="4GB")
-    assert out.returncode == 2 and extra is None and "LOADER_RING=4GB: use a number of bytes" in out.stderr, out
+@pytest.mark.parametrize("weights,largest", [("16GB", "5000000000"), ("08", "1"), ("16000000000", "-1")])
+def test_the_run_script_refuses_weights_that_are_no_size(tmp_path, weights, largest):
+    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, LOADER_WEIGHTS_BYTES=weights, LOADER_LARGEST_FILE=largest)
+    assert out.returncode == 2 and extra is None and "use numbers of bytes, or leave both empty" in out.stderr, out
+    # --memory-limit decides alone: what the weights say is not read
+    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, options=LaunchOptions(compile_cache=False,
+                                                                                  memory_limit=5 * GIB),
+                                     LOADER_WEIGHTS_BYTES=weights, LOADER_LARGEST_FILE=largest)
+    assert out.returncode == 0 and extra["memory_limit"] == 5 * GIB, out
+
+
