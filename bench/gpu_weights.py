@@ -111,11 +111,10 @@ def loader_settings(sizes: list[int], gpus: int, script: Path, work: Path) -> di
     fake.mkdir(exist_ok=True)
     (fake / "vllm").write_text('#!/bin/sh\nfor a in "$@"; do echo "vllm-arg $a"; done\n')
     (fake / "vllm").chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", LOAD_STRATEGY="stream", COMPILE_CACHE="off",
-               MODEL_URI="s3://check/m/", SERVED_MODEL_NAME="check", SKYPILOT_NUM_GPUS_PER_NODE=str(gpus),
-               LOADER_CONCURRENCY="auto", LOADER_MEMORY_LIMIT="auto", LOADER_WEIGHTS_BYTES=str(sum(sizes)),
-               LOADER_LARGEST_FILE=str(max(sizes)), SERVE_HOST="127.0.0.1", SERVE_PORT="1", EXTRA_VLLM_ARGS="",
-               READY_TIMEOUT="1")
+    # The task's own envs, as generated; only what this node and these weights decide is set here.
+    envs = json.loads(script.with_name("envs.json").read_text())
+    env = {**os.environ, **envs, "PATH": f"{fake}:{os.environ['PATH']}", "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus),
+           "LOADER_WEIGHTS_BYTES": str(sum(sizes)), "LOADER_LARGEST_FILE": str(max(sizes)), "SERVE_PORT": "1"}
     out = subprocess.run(["bash", "-c", script.read_text()], env=env, capture_output=True, text=True, timeout=60)
     args = [line.removeprefix("vllm-arg ") for line in out.stdout.splitlines() if line.startswith("vllm-arg ")]
     if "--model-loader-extra-config" not in args:
@@ -223,7 +222,8 @@ def prepare() -> None:
                                     options=LaunchOptions(compile_cache=False), loader_env=loader_env("http://x"))
     RUN_SCRIPT.parent.mkdir(parents=True, exist_ok=True)
     RUN_SCRIPT.write_text(cfg["run"])
-    print(f"wrote {RUN_SCRIPT}")
+    RUN_SCRIPT.with_name("envs.json").write_text(json.dumps({k: str(v) for k, v in cfg["envs"].items()}, indent=1))
+    print(f"wrote {RUN_SCRIPT} and its envs.json")
 
 
 def main() -> int:
@@ -234,8 +234,8 @@ def main() -> int:
     ap.add_argument("--gib", type=float, default=8.0, help="checkpoint size (default 8 GiB)")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is one")
-    ap.add_argument("--run-script", default=str(RUN_SCRIPT), help="the generated task's run script "
-                    "(`make gpu-check` writes it)")
+    ap.add_argument("--run-script", default=str(RUN_SCRIPT), help="the generated task's run script, its envs.json "
+                    "beside it (`make gpu-check` writes both)")
     ap.add_argument("--out", help="a folder for the JSON result")
     args = ap.parse_args()
     if not Path(args.run_script).is_file():

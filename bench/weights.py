@@ -142,9 +142,10 @@ def run(work: Path, args) -> int:
                         **loader_env(bucket.endpoint))
         timed([sys.executable, "-m", "modelferry.flows", "stage", str(work / "ckpt"), "--name", MODEL], env)
         rev = next((bucket.root / "bench" / "models" / MODEL).iterdir()).name
-        shards = sorted(p.name for p in (work / "ckpt").glob("*.safetensors"))
+        files = sorted((work / "ckpt").glob("*.safetensors"))
+        shards = [p.name for p in files]
         urls = [f"s3://bench/models/{MODEL}/{rev}/{name}" for name in shards]
-        limit = sized_limit(tuple(p.stat().st_size for p in (work / "ckpt").glob("*.safetensors")))
+        limit = sized_limit(tuple(p.stat().st_size for p in files))
         whole = total + 64 * 2**20
         for r in range(args.rounds):  # interleaved: the machine's noise spreads over every method
             get_dir = work / "get"
@@ -154,8 +155,7 @@ def run(work: Path, args) -> int:
             got.setdefault(GET, []).append(took)
             cpu.setdefault(GET, []).append(spent + served)
             subprocess.run(["sync"], check=True)  # the GET's writeback is not the next method's cost
-            _, _, _, proc = measured([vllm_python(), "-c", STREAM, "disk", *(str(get_dir / n) for n in shards)],
-                                     node_env, bucket.proc.pid)
+            _, proc = timed([vllm_python(), "-c", STREAM, "disk", *(str(get_dir / n) for n in shards)], node_env)
             out = json.loads(proc.stdout.strip().splitlines()[-1])
             got.setdefault(DISK, []).append(out["s"])
             cpu.setdefault(DISK, []).append(out["cpu"])
