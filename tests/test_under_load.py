@@ -108,12 +108,16 @@ with SafetensorsStreamer() as s:
 """
 
 
-@pytest.mark.parametrize("status,streams", [(503, True), (500, True), (429, False)])
-def test_what_the_pinned_streamer_does_with_a_throttled_ranged_get(bucket, s3, tmp_path, status, streams):
-    """runai-model-streamer 0.17 reads S3 through the AWS CRT client (cpp/s3/client/client.cc: one
-    failed range fails the file, 'File access error'), whose retry classes retry 500 and 503 per
-    range and not 429; AWS_MAX_ATTEMPTS changes nothing there. Pinned here so an upgrade that
-    changes it shows: R2's 429 reaches vLLM as a failed load."""
+@pytest.mark.parametrize("status,node_env,streams", [(503, False, True), (500, False, True), (429, False, False),
+                                                    (429, True, True)])
+def test_what_the_pinned_streamer_does_with_a_throttled_ranged_get(bucket, s3, tmp_path, status, node_env, streams):
+    """runai-model-streamer 0.17 reads S3 through the AWS CRT client, which retries 500 and 503 per
+    range and not 429 (AWS_MAX_ATTEMPTS changes nothing there): unset, one 429 fails the file ('File
+    access error'), as R2's 429 during a fleet's cold start would fail vLLM's load. The node program
+    sets the streamer's own retry window (RUNAI_STREAMER_S3_TIMEOUT, node.streamer_retry_s), under
+    which the same 429s are retried and the load finishes. Pinned both ways, so an upgrade that
+    changes either shows."""
+    from modelferry.tasks import node
     from modelferry.tasks.local_target import vllm_python
     from bench.throttle import S3_ERRORS
 
@@ -121,9 +125,10 @@ def test_what_the_pinned_streamer_does_with_a_throttled_ranged_get(bucket, s3, t
     for name, data in shards.items():
         s3.put_bytes(f"load/streamed/{name}", data if isinstance(data, bytes) else Path(data).read_bytes())
     errors = [e for e in S3_ERRORS if e[0] == status]
+    retry = {"RUNAI_STREAMER_S3_TIMEOUT": str(node.streamer_retry_s(300))} if node_env else {}
     with Faulty(_port(bucket.endpoint), every_nth_first_try(1, kinds={"get"}, errors=errors)) as proxy:
         env = dict(os.environ, AWS_ACCESS_KEY_ID=bucket.access_key,
-                   AWS_SECRET_ACCESS_KEY=bucket.secret_key, **config.loader_env(proxy.url))
+                   AWS_SECRET_ACCESS_KEY=bucket.secret_key, **config.loader_env(proxy.url), **retry)
         run = subprocess.run([vllm_python(), "-c", STREAM, *(f"s3://{bucket.bucket}/load/streamed/{n}" for n in shards)],
                              env=env, capture_output=True, text=True, timeout=120)
     assert proxy.answered(status), proxy.log  # every range's first try was refused
