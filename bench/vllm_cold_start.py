@@ -32,7 +32,7 @@ COLS = ["strategy", "kind", "compile_cache", "setup_s", "load_s", "engine_s", "f
 def bench(env: dict, work: Path, model: str, strategy: str, runs: int) -> list[dict]:
     out = subprocess.run([sys.executable, "-m", "modelferry.flows", "bench", model, "--strategy", strategy,
                           "--runs", str(runs), "--json", "--results", str(work / "results"), "--ready-timeout", "900",
-                          "--extra-vllm-args", "--max-model-len 512"],
+                          "--max-model-len", "512"],
                          env=env, capture_output=True, text=True, cwd=work)
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])

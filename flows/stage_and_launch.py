@@ -102,7 +102,7 @@ def warm_runs(dep: Deployment, runs: int):
 def stage_and_launch(model: str, revision: str | None = None, name: str | None = None, target: str = "local",
                      source: str = "auto", mode: str = "cluster", strategy: str = "stream",
                      accelerators: list[str] | None = None, concurrency: int | None = None, compile_cache: bool = True,
-                     vllm_image: str | None = None, ready_timeout: float = 1800, headroom: float = 1.3,
+                     vllm_image: str | None = None, ready_timeout: float = 1800, max_model_len: int | None = None,
                      memory_limit: int | None = None, memory: str | None = None, idle_minutes: int = 30,
                      use_spot: bool = True, disk_size: int | None = None, extra_vllm_args: str = "", runs: int = 1,
                      stage: bool = True,

@@ -16,10 +16,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from modelferry.tasks import catalog, layout, local_target, skytask, startlog
+from modelferry.tasks import catalog, fit, layout, local_target, skytask, startlog
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import IntegrityError, NotReady, NotStaged, SettingsError
-from modelferry.tasks.options import LaunchOptions
+from modelferry.tasks.options import LaunchOptions, parse_accelerators
 from modelferry.tasks.settings import Settings, loader_env, loader_secrets, redact
 from modelferry.tasks.targets import TARGETS, Target
 
@@ -125,9 +125,14 @@ def prepare(settings: Settings, model: str, revision: str | None, options: Launc
     # What the streamer reads: the top folder's safetensors (vLLM's list_safetensors lists no deeper).
     weight_files = tuple(f.size for f in manifest.files if f.path.endswith(".safetensors") and "/" not in f.path) \
         if manifest else ()
-    cfg = skytask.build_task_config(model_uri=model_uri, served_name=model, model_bytes=manifest.total_bytes if manifest
-                                    else 0, weights=weights, options=options, loader_env=loader_env(settings.endpoint),
-                                    bucket=bucket.name, revision=rev, weight_files=weight_files)
+    model_bytes = manifest.total_bytes if manifest else 0
+    config = model_config(bucket, settings, model, rev, weights, model_uri)
+    fitted = _fit(place, model_bytes, fit.Model.from_config(config) if config else None, options)
+    if fitted.note:
+        log.warning("%s", fitted.note)
+    cfg = skytask.build_task_config(model_uri=model_uri, served_name=model, model_bytes=model_bytes, weights=weights,
+                                    options=options, loader_env=loader_env(settings.endpoint), bucket=bucket.name,
+                                    revision=rev, weight_files=weight_files, fitted=fitted)
     skytask.validate(cfg)
     secret_values = dict(loader_secrets(settings))  # the weights (r2) and the compile cache read the bucket
     secret_values["VLLM_API_KEY"] = place.api_key()
@@ -139,6 +144,31 @@ def prepare(settings: Settings, model: str, revision: str | None, options: Launc
     skytask.validate(cfg, secret_values)
     return Deployment(skytask.run_name(model, rev, run_id), model, rev, weights, options, cfg, secret_values,
                       kept=keep)
+
+
+def model_config(bucket: Bucket, settings: Settings, model: str, revision: str, weights: str,
+                 model_uri: str) -> dict | None:
+    """The model's config.json, from where its node reads the weights; None (and a warning) where it
+    can't be read: then only the weights are fitted."""
+    try:
+        if weights == "r2":
+            return bucket.get_json(layout.model_prefix(model, revision) + "config.json")
+        from modelferry.tasks import hub
+
+        return json.loads(hub.download(model_uri, revision, "config.json", token=settings.hf_token,
+                                       endpoint=settings.hf_endpoint).read_text())
+    except Exception as exc:  # noqa: BLE001 - the launch still works, fitted to the weights alone
+        log.warning("could not read %s's config.json (%s): GPUs are fitted to the weights alone", model, exc)
+        return None
+
+
+def _fit(place: Target, model_bytes: int, model: fit.Model | None, options: LaunchOptions) -> skytask.Fitted:
+    """The GPUs and the context this launch asks for: on a GPU, the weights plus the KV cache; on a
+    node whose KV cache is fixed (the local target), that cache."""
+    if place.kv_cache_bytes is not None:
+        return skytask.fit_local(model, place.kv_cache_bytes, options.max_model_len)
+    requested = parse_accelerators(options.accelerators) if options.accelerators else None
+    return skytask.fit_gpus(model_bytes, model, requested, options.max_model_len)
 
 
 def start(dep: Deployment) -> None:

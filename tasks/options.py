@@ -55,7 +55,10 @@ class LaunchOptions:
                                            "the release the local target runs)", metavar="IMAGE")
     ready_timeout: float = _option(1800, "how long to wait for /health before tearing down (default 1800)",
                                    metavar="SECONDS")
-    headroom: float = _option(1.3, "GPU memory to ask for = weights x HEADROOM (KV cache, activations; default 1.3)")
+    max_model_len: int | None = _option(
+        None, "the context to serve, in tokens: GPUs are fitted to the weights plus its KV cache (default: the "
+              "model's full context where a GPU option holds it, else the longest that fits each node)",
+        metavar="TOKENS")
     memory_limit: int | None = _option(
         None, "Run:ai streamer CPU buffer in bytes, for the whole node (default: sized at start from the node's "
               "available memory and GPU count; 0: one buffer the size of the largest tensor)", metavar="BYTES")
@@ -66,7 +69,7 @@ class LaunchOptions:
     use_spot: bool = _option(True, "on-demand instead of spot GPUs", flag="--on-demand")
     disk_size: int | None = _option(None, "node disk (default: 256 GB, or 2.5 x the model + 64 GB when bigger)",
                                     metavar="GB")
-    extra_vllm_args: str = _option("", "more `vllm serve` arguments, e.g. '--max-model-len 8192'", metavar="ARGS")
+    extra_vllm_args: str = _option("", "more `vllm serve` arguments, e.g. '--enforce-eager' (the context: --max-model-len)", metavar="ARGS")
 
     @classmethod
     def pick(cls, values: dict) -> LaunchOptions:
@@ -91,8 +94,9 @@ class LaunchOptions:
         _check_memory_limit(self.memory_limit)
         if self.memory is not None:
             host_memory_gib(self.memory)
-        if not 1.0 <= self.headroom <= 10:
-            raise SettingsError(f"--headroom {self.headroom:g} is out of range: use 1.0-10")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise SettingsError(f"--max-model-len {self.max_model_len} is too short: give a context in tokens, "
+                                "e.g. 8192, or leave it unset to fit the model's own")
         if not 0 < self.ready_timeout <= 6 * 3600:
             raise SettingsError(f"--ready-timeout {self.ready_timeout:g} is out of range: use 1-21600 seconds")
         if self.idle_minutes < 1:
@@ -101,6 +105,9 @@ class LaunchOptions:
             raise SettingsError(f"--disk-size {self.disk_size} is out of range: use 32-65536 GB")
         if self.accelerators:
             parse_accelerators(self.accelerators)
+        if "--max-model-len" in self.extra_vllm_args.split("=")[0].split():
+            raise SettingsError("--extra-vllm-args: give the context as --max-model-len TOKENS, so that the GPUs are "
+                                "fitted to it")
         if self.target == "local" and self.mode != "cluster":
             raise SettingsError(f"--mode {self.mode} needs --target sky: the local target is one node")
 

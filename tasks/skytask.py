@@ -8,37 +8,110 @@ import copy
 import hashlib
 import math
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from modelferry.tasks import node
+from modelferry.tasks import fit, node
 from modelferry.tasks.errors import SettingsError, first_line
-from modelferry.tasks.options import GPU_COUNTS, GPU_MEMORY_GIB, LaunchOptions, parse_accelerators
+from modelferry.tasks.options import GPU_COUNTS, LaunchOptions, parse_accelerators
 
 TEMPLATE = resources.files("modelferry.deployments") / "vllm.yaml"
 DEFAULT_GPUS = ["L4", "A10G", "L40S", "A100", "A100-80GB", "H100", "H200"]
 
 
-def fitting_accelerators(model_bytes: int, headroom: float, requested: dict[str, int] | None = None) -> dict[str, int]:
-    """For each GPU type, the fewest GPUs (1, 2, 4, 8) whose memory holds weights x headroom."""
-    need_gib = model_bytes * headroom / 2**30
+@dataclass(frozen=True)
+class Fitted:
+    """GPUs fitted to a model, and the context its nodes serve."""
+
+    gpus: dict[str, int]
+    max_model_len: str  # the task's MAX_MODEL_LEN: "" the model's own, N tokens, or -1 the longest that fits
+    note: str | None = None  # what to tell the user before launch
+
+
+def fit_gpus(weights: int, model: fit.Model | None, requested: dict[str, int] | None = None,
+             context: int | None = None) -> Fitted:
+    """For each GPU type, the fewest GPUs (1, 2, 4, 8) that hold the weights and the KV cache of
+    `context` tokens (None: the model's full context), or the `requested` options checked against it.
+    Where no option holds the full context, each node serves the longest that fits (vLLM's
+    `--max-model-len -1`) and the note says so. Without the model's config only the weights are
+    fitted and vLLM picks the context. A context no option holds is a SettingsError naming
+    --max-model-len, raised before anything starts."""
+    if model is None:
+        return _fit_weights_alone(weights, requested, context)
+    want = context or model.full_context
+    shown = f"{want:,}-token context" + ("" if context else " (the model's full context)")
+    held = {(g, n): fit.context_on(model, weights, g, n)
+            for g in (requested or DEFAULT_GPUS) for n in ([requested[g]] if requested else GPU_COUNTS)}
     if requested:
-        small = [f"{g}:{n}" for g, n in requested.items() if GPU_MEMORY_GIB[g] * n < need_gib]
+        short = {f"{g}:{n}": c for (g, n), c in held.items() if c < min(want, fit.MIN_CONTEXT if not context else want)}
+        if short:
+            raise SettingsError(f"{_holds(short)}, not a {shown}: ask for more or larger GPUs (--accelerators)"
+                                f"{' or a shorter --max-model-len' if context else ''}")
+        gpus = dict(requested)
+    else:
+        gpus = {g: next((n for n in GPU_COUNTS if held[g, n] >= want), 0) for g in DEFAULT_GPUS}
+        gpus = {g: n for g, n in gpus.items() if n}
+        if not gpus and context:
+            raise SettingsError(f"no GPU option holds the weights and a {shown} (8 x H200 hold about "
+                                f"{held['H200', 8]:,} tokens): choose a shorter --max-model-len")
+        if not gpus:
+            gpus = {g: next((n for n in GPU_COUNTS if held[g, n] >= fit.MIN_CONTEXT), 0) for g in DEFAULT_GPUS}
+            gpus = {g: n for g, n in gpus.items() if n}
+            if not gpus:
+                raise SettingsError(f"the weights and a {fit.MIN_CONTEXT:,}-token context fit no GPU option (up to "
+                                    "8 x H200): the model needs multi-node serving")
+    short = {f"{g}:{n}": held[g, n] for g, n in gpus.items() if held[g, n] < want}
+    if context:
+        return Fitted(gpus, str(context))
+    if short:
+        return Fitted(gpus, "-1", f"{_holds(short)} of the model's {want:,}: each node serves the longest context "
+                                  "that fits (vLLM's --max-model-len -1); choose one with --max-model-len")
+    return Fitted(gpus, "")
+
+
+def _holds(contexts: dict[str, int]) -> str:
+    return "; ".join(f"{option} holds about {tokens:,} tokens" for option, tokens in contexts.items())
+
+
+def _fit_weights_alone(weights: int, requested: dict[str, int] | None, context: int | None) -> Fitted:
+    """No config.json to read the KV cache from: the weights and a fixed allowance, per GPU."""
+    def holds(g: str, n: int) -> bool:  # 1 GiB for activations and some KV cache beside vLLM's allowance
+        allowance = (fit.GRAPHS_GIB + fit.WORKSPACE_GIB + 1) * GIB
+        return fit.MEMORY_MIB[g] * 2**20 * fit.UTILIZATION >= weights / n + allowance
+
+    if requested:
+        small = [f"{g}:{n}" for g, n in requested.items() if not holds(g, n)]
         if small:
-            raise SettingsError(f"{', '.join(small)} cannot hold {need_gib:.1f} GiB (weights x {headroom}): "
-                                "ask for more or larger GPUs")
-        return dict(requested)
-    out = {}
-    for gpu in DEFAULT_GPUS:
-        n = next((n for n in GPU_COUNTS if GPU_MEMORY_GIB[gpu] * n >= need_gib), None)
-        if n:
-            out[gpu] = n
-    if not out:
-        raise SettingsError(f"the model needs {need_gib:.0f} GiB of GPU memory (weights x {headroom}), more than "
-                            f"8 x {max(GPU_MEMORY_GIB.values())} GiB: it needs multi-node serving")
-    return out
+            raise SettingsError(f"{', '.join(small)} cannot hold the weights ({weights / GIB:.1f} GiB): ask for more or "
+                                "larger GPUs")
+        gpus = dict(requested)
+    else:
+        gpus = {g: n for g in DEFAULT_GPUS if (n := next((n for n in GPU_COUNTS if holds(g, n)), 0))}
+        if not gpus:
+            raise SettingsError(f"the weights ({weights / GIB:.0f} GiB) fit no GPU option (up to 8 x H200): the model "
+                                "needs multi-node serving")
+    return Fitted(gpus, str(context) if context else "-1",
+                  None if context else "the model's config.json was not read: GPUs fitted to the weights alone, and "
+                                       "each node serves the longest context that fits (vLLM's --max-model-len -1)")
+
+
+def fit_local(model: fit.Model | None, kv_cache_bytes: int, context: int | None = None) -> Fitted:
+    """The local node: a CPU node whose KV cache is fixed (`kv_cache_bytes`), through the same rule
+    as a GPU. vLLM's CPU blocks hold 128 tokens (platforms/cpu.py 294)."""
+    if model is None:
+        return Fitted({}, str(context) if context else "-1")
+    held = fit.context_fitting(model, kv_cache_bytes, 1, block=128)
+    want = context or model.full_context
+    if held < want and context:
+        raise SettingsError(f"the local node's KV cache ({kv_cache_bytes / GIB:g} GiB) holds about {held:,} tokens, "
+                            f"not --max-model-len {context:,}: choose a shorter --max-model-len")
+    if held < want:
+        return Fitted({}, "-1", f"the local node holds about {held:,} tokens of the model's {want:,}: it serves the "
+                                "longest context that fits (vLLM's --max-model-len -1); choose one with --max-model-len")
+    return Fitted({}, str(context) if context else "")
 
 
 # Host RAM, in GiB, for the node program's buffer rule (node.py memory_limit: available less
@@ -82,12 +155,16 @@ def packaged_file(path: str) -> str:
 
 def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, weights: str, options: LaunchOptions,
                       loader_env: dict[str, str], revision: str = "", bucket: str = "",
-                      weight_files: tuple[int, ...] = (), template: Path = TEMPLATE) -> dict:
+                      weight_files: tuple[int, ...] = (), fitted: Fitted | None = None, template: Path = TEMPLATE) -> dict:
     """The SkyPilot task as a YAML-ready dict, for weights read from `weights` ("r2": the bucket, as
     `options.strategy` says; "hub": the Hub) of `model_bytes` in all, the sizes of the safetensors
-    files the streamer reads `weight_files` (none: the node's memory alone sizes its buffer).
+    files the streamer reads `weight_files` (none: the node's memory alone sizes its buffer), on the
+    GPUs and with the context `fitted` chose (None: fitted to the weights alone, `fit_gpus`).
     Secrets are null (supplied at launch)."""
     options.check()
+    if fitted is None:
+        fitted = fit_gpus(model_bytes, None, parse_accelerators(options.accelerators) if options.accelerators else None,
+                          options.max_model_len)
     cfg = yaml.safe_load(template.read_text())
     envs = cfg["envs"]
     envs.update(MODEL_URI=model_uri, SERVED_MODEL_NAME=served_name, MODEL_REVISION=revision,
@@ -97,12 +174,12 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, wei
                 LOADER_WEIGHTS_BYTES=str(sum(weight_files)) if weight_files else "",
                 LOADER_LARGEST_FILE=str(max(weight_files)) if weight_files else "",
                 EXTRA_VLLM_ARGS=options.extra_vllm_args, COMPILE_CACHE="on" if options.compile_cache else "off",
-                COMPILE_CACHE_BUCKET=bucket, READY_TIMEOUT=f"{options.ready_timeout:g}")
+                COMPILE_CACHE_BUCKET=bucket, READY_TIMEOUT=f"{options.ready_timeout:g}",
+                MAX_MODEL_LEN=fitted.max_model_len)
     cfg["file_mounts"] = {dst: packaged_file(src) for dst, src in cfg.get("file_mounts", {}).items()}
     envs.update({k: v for k, v in loader_env.items() if k in envs})
     res = cfg["resources"]
-    gpus = fitting_accelerators(model_bytes, options.headroom,
-                                parse_accelerators(options.accelerators) if options.accelerators else None)
+    gpus = fitted.gpus or fit_gpus(model_bytes, None).gpus  # the local node's fit names no GPU
     # Per option: eight GPUs run nine vLLM processes on their host, one GPU two. Unset, SkyPilot may
     # pick the smallest host that carries the GPU (16 GiB for an L4).
     res["any_of"] = [{"accelerators": {g: n}, "memory": options.memory or host_memory_ask(model_bytes, n)}

@@ -29,6 +29,7 @@ class Target(Protocol):
     poll_s: float  # how often to ask for the job's state while waiting
     serves_hub: bool  # can its node load weights from the Hub?
     peak_wait_s: float  # how long a measurement waits for the node's peak memory line after /health
+    kv_cache_bytes: int | None  # a node whose KV cache is fixed (None: a GPU's, fitted to the weights)
 
     def api_key(self) -> str: ...
     def start(self, dep: Deployment) -> None: ...
@@ -52,6 +53,9 @@ class Local:
     """One node on this machine running the task's own scripts with real vLLM (`local_target`)."""
 
     name, poll_s, serves_hub, peak_wait_s = "local", 0.2, False, 5.0
+    # vLLM's CPU backend takes this many GiB for its KV cache, whatever the model needs (platforms/cpu.py
+    # 323-327): the local node's accelerator memory, for the same fit as a GPU's.
+    kv_cache_bytes = int(local_target.CPU_SETTINGS["VLLM_CPU_KVCACHE_SPACE"]) * 2**30
 
     def api_key(self) -> str:
         return os.environ.get("VLLM_API_KEY") or pysecrets.token_urlsafe(24)
@@ -108,6 +112,7 @@ class Sky:
     """SkyPilot: a cluster, a managed job or a service, through its SDK (`sky`)."""
 
     name, poll_s, serves_hub, peak_wait_s = "sky", 5.0, True, 0.0
+    kv_cache_bytes = None
 
     def api_key(self) -> str:
         key = os.environ.get("VLLM_API_KEY")

@@ -8,7 +8,7 @@ import pytest
 # Every command `modelferry --help` lists, with the flags its --help must name: written out here, not
 # read from the parser, so a flag that goes missing from the help (or one added without a row) fails.
 LAUNCH = ["--revision", "--target", "--mode", "--source", "--strategy", "--accelerators", "--concurrency",
-          "--no-compile-cache", "--vllm-image", "--ready-timeout", "--headroom", "--memory-limit", "--memory",
+          "--no-compile-cache", "--vllm-image", "--ready-timeout", "--max-model-len", "--memory-limit", "--memory",
           "--idle-minutes",
           "--on-demand", "--disk-size", "--extra-vllm-args", "--json"]
 FLAGS = {
@@ -82,7 +82,8 @@ def test_blocks_carry_the_settings_for_processes_without_them(cli, env):
 BAD_LAUNCHES = [
     ({"mode": "batch"}, "--mode"), ({"strategy": "teleport"}, "--strategy"), ({"concurrency": 0}, "--concurrency"),
     ({"memory_limit": -5}, "--memory-limit"), ({"memory_limit": -1}, "--memory-limit"),
-    ({"memory": "lots"}, "--memory"), ({"memory": "64GB+"}, "--memory"), ({"headroom": 0.5}, "--headroom"),
+    ({"memory": "lots"}, "--memory"), ({"memory": "64GB+"}, "--memory"), ({"max_model_len": 4}, "--max-model-len"),
+    ({"extra_vllm_args": "--enforce-eager --max-model-len 8192"}, "--max-model-len"),
     ({"ready_timeout": 0}, "--ready-timeout"), ({"idle_minutes": 0}, "--idle-minutes"),
     ({"disk_size": 1}, "--disk-size"), ({"accelerators": ["TPU9"]}, "accelerator"),
     ({"target": "moon"}, "--target"), ({"source": "ftp"}, "--source"), ({"target": "local", "mode": "serve"}, "--mode"),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelferry.tasks import options, processes, skytask
+from modelferry.tasks import fit, options, processes, skytask
 from modelferry.tasks.errors import SettingsError
 from modelferry.tasks.options import LaunchOptions
 from modelferry.tasks.settings import loader_env
@@ -74,12 +74,63 @@ def test_hub_source_gets_the_hf_token_secret_and_no_bucket_keys_needed(sky_home)
     skytask.validate(cfg)
 
 
-def test_accelerators_fit_the_weights():
-    fit = skytask.fitting_accelerators(16 * GB, 1.3)  # ~19.4 GiB
-    assert fit["L4"] == 1 and fit["H100"] == 1
-    big = skytask.fitting_accelerators(140 * GB, 1.3)  # ~170 GiB
-    assert big["H100"] == 4 and big["H200"] == 2 and big["L4"] == 8
-    assert options.parse_accelerators(["L4:1,A100:2"]) == {"L4": 1, "A100": 2}
+# Meta's Llama-3.1-8B-Instruct config.json, as the Hub serves it (the fields the fit reads).
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "max_position_embeddings": 131072, "rope_scaling": {"factor": 8.0, "rope_type": "llama3"},
+            "torch_dtype": "bfloat16", "vocab_size": 128256}
+LLAMA_8B_BYTES = 16_060_522_496  # its four safetensors shards
+
+
+def test_the_gpus_fit_the_weights_and_the_kv_cache_of_the_full_context():
+    """131,072 tokens x 128 KiB a token = 16 GiB of KV cache beside 15 GiB of weights: one 24 GB L4 or
+    A10G holds the weights but not that, two do; an L40S, an A100 or an H100 holds it alone."""
+    model = fit.Model.from_config(LLAMA_8B)
+    assert model.full_context == 131072 and model.kv_bytes_per_token() == 128 * 1024
+    fitted = skytask.fit_gpus(LLAMA_8B_BYTES, model)
+    assert fitted.gpus == {"L4": 2, "A10G": 2, "L40S": 1, "A100": 1, "A100-80GB": 1, "H100": 1, "H200": 1}
+    assert fitted.max_model_len == "" and fitted.note is None  # every option serves the model's own context
+    at_8k = skytask.fit_gpus(LLAMA_8B_BYTES, model, context=8192)
+    assert at_8k.gpus["L4"] == 1 and at_8k.max_model_len == "8192"
+
+
+def test_an_option_too_small_for_the_full_context_serves_what_fits_and_says_so():
+    model = fit.Model.from_config(LLAMA_8B)
+    fitted = skytask.fit_gpus(LLAMA_8B_BYTES, model, {"L4": 1, "H100": 1})
+    assert fitted.max_model_len == "-1" and fitted.gpus == {"L4": 1, "H100": 1}
+    held = fit.context_on(model, LLAMA_8B_BYTES, "L4", 1)
+    assert 16_000 < held < 40_000, held
+    assert fitted.note.startswith(f"L4:1 holds about {held:,} tokens of the model's 131,072") and "--max-model-len" in fitted.note
+    with pytest.raises(SettingsError, match="L4:1 holds about .* tokens, not a 65,536-token context.*--max-model-len"):
+        skytask.fit_gpus(LLAMA_8B_BYTES, model, {"L4": 1}, context=65536)
+    with pytest.raises(SettingsError, match="no GPU option holds .* choose a shorter --max-model-len"):
+        skytask.fit_gpus(LLAMA_8B_BYTES, model, context=10**9)
+    with pytest.raises(SettingsError, match="T4:1 holds about 0 tokens"):
+        skytask.fit_gpus(LLAMA_8B_BYTES, model, {"T4": 1})
+
+
+def test_the_fit_reads_kv_heads_tensor_parallel_mla_and_sliding_windows():
+    model = fit.Model.from_config(LLAMA_8B)
+    assert model.kv_bytes_per_token(2) == 64 * 1024 and model.kv_bytes_per_token(8) == 16 * 1024
+    assert model.kv_bytes_per_token(16) == 16 * 1024  # fewer KV heads than GPUs: replicated, never below one
+    deepseek = fit.Model.from_config({"num_hidden_layers": 61, "num_attention_heads": 128, "kv_lora_rank": 512,
+                                      "qk_rope_head_dim": 64, "hidden_size": 7168, "max_position_embeddings": 163840,
+                                      "torch_dtype": "bfloat16"})
+    assert deepseek.kv_bytes_per_token(8) == 61 * 576 * 2 and "MLA" in deepseek.note()  # one latent, every GPU
+    mistral = fit.Model.from_config({**LLAMA_8B, "sliding_window": 4096})
+    assert mistral.kv_bytes_per_token() == model.kv_bytes_per_token() and "sliding" in mistral.note()
+    linear = fit.Model.from_config({**LLAMA_8B, "max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 4.0}})
+    assert linear.full_context == 16384  # vLLM stretches linear scaling (config/model.py 2581-2610)
+
+
+def test_the_local_node_fits_its_fixed_kv_cache_with_the_same_rule():
+    model = fit.Model.from_config({**LLAMA_8B, "num_hidden_layers": 2, "num_key_value_heads": 4, "head_dim": 64,
+                                   "max_position_embeddings": 1 << 20})  # 2 KiB a token: 1 GiB holds half of it
+    fitted = skytask.fit_local(model, 2**30)
+    assert fitted.max_model_len == "-1" and "holds about 524,160 tokens of the model's 1,048,576" in fitted.note
+    assert skytask.fit_local(model, 2**30, context=4096).max_model_len == "4096"
+    with pytest.raises(SettingsError, match="--max-model-len 1,048,576"):
+        skytask.fit_local(model, 2**30, context=1 << 20)
 
 
 @pytest.mark.parametrize("options,kw,message", [
@@ -89,7 +140,7 @@ def test_accelerators_fit_the_weights():
     (LaunchOptions(strategy="teleport"), {}, "unknown --strategy"),
     (LaunchOptions(), {"model_bytes": 2000 * GB}, "multi-node"),
     (LaunchOptions(accelerators=["TPU9"]), {}, "unknown accelerator 'TPU9'"),
-    (LaunchOptions(accelerators=["T4:1"]), {}, "T4:1 cannot hold"),
+    (LaunchOptions(accelerators=["T4:1"]), {}, "T4:1 cannot hold the weights"),
     (LaunchOptions(accelerators=["L4:3"]), {}, "accelerator count 3"),
     (LaunchOptions(memory_limit=-1), {}, "--memory-limit -1 .unbounded. is refused"),
     (LaunchOptions(memory_limit=8), {}, "--memory-limit 8 is in bytes"),
@@ -408,7 +459,7 @@ def test_skypilots_schema_checks_the_memory_we_write(sky_home):
 def test_no_unbounded_buffer_ever_reaches_the_task(opts):
     cfg = build(options=opts)
     assert cfg["envs"]["LOADER_MEMORY_LIMIT"] == ("auto" if opts.memory_limit is None else str(opts.memory_limit))
-    assert "-1" not in yaml.safe_dump(cfg["envs"]) and '"memory_limit": -1' not in cfg["run"]
+    assert cfg["envs"]["LOADER_MEMORY_LIMIT"] != "-1"
     with pytest.raises(SettingsError, match="--memory-limit -1"):
         build(options=LaunchOptions(memory_limit=-1))
 
