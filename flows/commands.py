@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from modelferry.tasks.errors import ModelferryError, SettingsError, StepFailed, require_extra
+from modelferry.tasks import results
 from modelferry.tasks.options import BOTH, LaunchOptions
 
-PHASE_COLUMNS = ["strategy", "kind", "run", "provision_s", "setup_s", "load_s", "engine_s", "first_token_s", "total_s",
-                 "compile_cache"]
 
 
 @dataclass
@@ -131,7 +130,7 @@ def _run_flow(args, **params) -> Output:
     if launched.saved:
         lines.append(f"results: {launched.saved['dir']}  plot: {launched.saved['png']}")
         lines += [launched.saved["note"]] if launched.saved.get("note") else []
-    return Output(launched.rows, rows=[{k: r[k] for k in PHASE_COLUMNS} for r in launched.rows] or None, lines=lines)
+    return Output(launched.rows, rows=[{k: r[k] for k in results.TABLE} for r in launched.rows] or None, lines=lines)
 
 
 def launch(args) -> Output:

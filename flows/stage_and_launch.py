@@ -28,6 +28,7 @@ from modelferry.tasks.errors import SettingsError
 from modelferry.tasks.launcher import Deployment
 from modelferry.tasks.options import LaunchOptions
 from modelferry.tasks.plan import StepStats
+from modelferry.tasks.results import StartRow
 
 log = logging.getLogger("modelferry.launch")
 
@@ -36,7 +37,7 @@ log = logging.getLogger("modelferry.launch")
 class Run:
     """One measured start: its phase row and the node's log it was read from."""
 
-    row: dict
+    row: StartRow
     log: str
 
 
@@ -76,7 +77,7 @@ def launch(dep: Deployment):
     text = launcher.first_token(dep)
     log.info("%s answers at %s: %r", dep.name, dep.url, text[:120])
     run = _measured(dep, "cold", 1)
-    return run, StepStats("launch", note=f"{dep.weights}/{run.row['strategy']} ready in {run.row['total_s']:.2f} s")
+    return run, StepStats("launch", note=f"{dep.weights}/{run.row.strategy} ready in {run.row.total_s:.2f} s")
 
 
 def _measured(dep: Deployment, kind: str, n: int) -> Run:
@@ -146,7 +147,7 @@ def stage_and_launch(model: str, revision: str | None = None, name: str | None =
             _teardown(dep)
         saved = _saved(steps, measured, model, Path(results_dir), run_id)
     steps.publish()
-    return Launched([m.row for m in measured], saved)
+    return Launched([m.row.record() for m in measured], saved)
 
 
 def _teardown(dep: Deployment) -> None:
@@ -171,7 +172,7 @@ def _saved(steps: Steps, measured: list[Run], model: str, results_root: Path, ru
 
 @dataclass(frozen=True)
 class Launched:
-    rows: list[dict]  # phase rows, one per run
+    rows: list[dict]  # phase rows, one per run (StartRow's records)
     saved: dict | None  # {"dir", "png", "note"} of the results written, None when none were
 
 
@@ -184,7 +185,7 @@ def _report(steps: Steps, measured: list[Run], model: str, results_root: Path, r
     out = results_root / model.replace("/", "--") / bench_id
     bucket = Bucket(config.load())
     for run in measured:
-        path = results.save_run([run.row], out, f"{run.row['strategy']}-run{run.row['run']}")
+        path = results.save_run([run.row], out, f"{run.row.strategy}-run{run.row.run}")
         bucket.put_bytes(layout.bench_prefix(model, bench_id) + path.name, path.read_bytes())
         if run.log:  # the node's log the row was read from
             path.with_suffix(".log").write_text(run.log)

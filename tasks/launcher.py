@@ -20,12 +20,12 @@ from modelferry.tasks import catalog, fit, layout, local_target, skytask, startl
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import IntegrityError, NotReady, NotStaged, SettingsError
 from modelferry.tasks.options import LaunchOptions, parse_accelerators
+from modelferry.tasks.results import PLACEMENT, StartRow
 from modelferry.tasks.settings import Settings, loader_env, loader_secrets, redact
 from modelferry.tasks.targets import TARGETS, Target
 
 log = logging.getLogger("modelferry.launch")
 
-PLACEMENT = ("gpu", "gpus", "instance_type", "cloud", "region", "spot")  # where a run ran, in its row
 
 
 @dataclass
@@ -279,21 +279,20 @@ def _served_log(dep: Deployment) -> dict:
     return logged
 
 
-def measure(dep: Deployment, kind: str, run: int) -> dict:
+def measure(dep: Deployment, kind: str, run: int) -> StartRow:
     """The phase row for the run that just completed, from the controller's marks (request, ready,
     first token) and the serving job's log (the node's marks and vLLM's lines)."""
     logged = _served_log(dep)
     marks = {**startlog.node_marks(logged), **dep.marks}
     where = dep.place.where(dep)
-    return {"model": dep.model, "revision": dep.revision, "target": dep.target, "source": dep.weights,
-            "strategy": dep.options.strategy if dep.weights == "r2" else "hub", "kind": kind, "run": run,
-            **startlog.phases(marks), **{k: logged.get(k) for k in ("weights_s", "compile_s", "graph_capture_s",
-                                                                  "init_engine_s", "host_peak_gib")},
-            "compile_cache": logged.get("compile_cache") or ("on" if dep.options.compile_cache else "off"),
-            "cache_saved": logged.get("cache_saved"),
-            "vllm": dep.vllm_version, "streamer": logged.get("streamer"),
-            **{k: where.get(k) for k in PLACEMENT},
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(dep.marks["request"]))}
+    return StartRow(model=dep.model, revision=dep.revision, target=dep.target, source=dep.weights,
+                    strategy=dep.options.strategy if dep.weights == "r2" else "hub", kind=kind, run=run,
+                    **startlog.phases(marks, logged.get("weights_s")), context=logged.get("context"),
+                    **{k: logged.get(k) for k in ("compile_s", "graph_capture_s", "init_engine_s", "host_peak_gib")},
+                    compile_cache=logged.get("compile_cache") or ("on" if dep.options.compile_cache else "off"),
+                    cache_saved=logged.get("cache_saved"), vllm=dep.vllm_version, streamer=logged.get("streamer"),
+                    **{k: where.get(k) for k in PLACEMENT},
+                    started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(dep.marks["request"])))
 
 
 def teardown(dep: Deployment) -> None:

@@ -1,20 +1,67 @@
-"""The results of a bench: one Parquet file per run, the stacked-bar plot of its phases, the winner
-of a strategy comparison, and the Markdown summary for Prefect."""
+"""The results of a bench: one row per start (`StartRow`, the one owner of its columns), one
+Parquet file per run, the stacked-bar plot of its phases, the winner of a strategy comparison, and
+the Markdown summary for Prefect."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 from modelferry.tasks.startlog import PHASES
 
 
-def save_run(rows: list[dict], results_dir: Path, run_file: str) -> Path:
+@dataclass(frozen=True)
+class StartRow:
+    """One measured start, as the table, the plot, the Parquet files and `--json` show it."""
+
+    model: str
+    revision: str
+    target: str  # local | sky
+    source: str  # r2 | hub
+    strategy: str  # stream | prefetch | hub
+    kind: str  # cold (a new node) | warm (run again on the same node)
+    run: int
+    # the phases (startlog.PHASES), consecutive, summing to total_s; None where a mark is missing
+    provision_s: float | None
+    setup_s: float | None
+    boot_s: float | None
+    weights_s: float | None
+    engine_s: float | None
+    first_token_s: float | None
+    total_s: float
+    context: int | None  # the context vLLM served, tokens
+    compile_s: float | None
+    graph_capture_s: float | None
+    init_engine_s: float | None
+    host_peak_gib: float | None
+    compile_cache: str
+    cache_saved: str | None
+    vllm: str | None  # as the server reports it
+    streamer: str | None  # runai-model-streamer/runai-model-streamer-s3 versions on the node
+    gpu: str | None
+    gpus: int | None
+    instance_type: str | None
+    cloud: str | None
+    region: str | None
+    spot: bool | None
+    started_at: str
+
+    def record(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PLACEMENT = ("gpu", "gpus", "instance_type", "cloud", "region", "spot")  # where a start ran
+TABLE = ["strategy", "kind", "run", *PHASES, "total_s", "context", "compile_cache"]  # what the terminal shows
+
+
+def save_run(rows: list[StartRow], results_dir: Path, run_file: str) -> Path:
     """One Parquet file per run (no appends racing between runs)."""
     import pandas as pd
 
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{run_file}.parquet"
-    pd.DataFrame(rows).to_parquet(path, index=False)
+    pd.DataFrame([row.record() for row in rows]).to_parquet(path, index=False)
     return path
 
 

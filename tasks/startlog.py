@@ -1,9 +1,12 @@
 """What a start's job log says: the task's `modelferry mark` lines and vLLM's own, read into phases.
 
 Phases are consecutive and sum to total_s: request -> the node's first mark (provision; on the
-local target only a process start) -> `exec vllm serve` (setup: the task's setup script, then the
-run script's cache restore) -> weights loaded (load: vLLM's start-up and the weights) -> /health
-answers (engine: compile, KV cache, warm-up, API server) -> first completion (first_token).
+local target only a process start) -> vLLM started (setup: the task's setup, then the node
+program's cache restore) -> weights loaded, split into boot (vLLM's imports, config, tokenizer,
+workers) and weights (vLLM's own time for reading them: the streamer's bar, or "Loading weights
+took") -> /health answers (engine: compile, KV cache, warm-up, API server) -> first completion
+(first_token). `context` is the context vLLM served (its "Maximum concurrency for N tokens per
+request" line).
 The node's marks and vLLM's lines are read from the job's log, the same way on both targets: on a
 SkyPilot node that log is the Ray driver's (every line under Ray's colour-coded `(setup pid=N) ` or
 `(modelferry-vllm, pid=N) ` prefix), read as plain lines once before any pattern (`plain_log`).
@@ -15,7 +18,9 @@ import calendar
 import re
 import time
 
-PHASES = ["provision_s", "setup_s", "load_s", "engine_s", "first_token_s"]
+from modelferry.tasks.node import root_cause
+
+PHASES = ["provision_s", "setup_s", "boot_s", "weights_s", "engine_s", "first_token_s"]
 
 # vLLM's log lines (0.32 as the CPU runs print them, 0.11 as published), checked against the source
 # of the version we pin: default_loader, weight_utils (the Run:ai tqdm bar), gpu_model_runner,
@@ -42,6 +47,8 @@ _STREAMER_BAR = re.compile(r"Loading safetensors using Runai Model Streamer: 100
 _BAR_RATE = re.compile(r", *([\d.]+)(it/s|s/it)$")
 _LOADED = re.compile(r"Model loading took|Loading weights took")
 _STAMP = re.compile(r"\b(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) (\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) ")
+# v1/core/kv_cache_utils.py 2327-2334: printed once the KV cache is sized, with the context served.
+_CONTEXT = re.compile(r"Maximum concurrency for ([\d,]+) tokens per request")
 _MARK = re.compile(r"^modelferry mark (\S+) ([\d.]+)\s*$", re.M)
 # The task's setup script says which streamer it installed ("none" where it isn't installed).
 _STREAMER = re.compile(r"^modelferry streamer runai-model-streamer=(\S+) runai-model-streamer-s3=(\S+)\s*$", re.M)
@@ -55,8 +62,6 @@ _COMPILED = re.compile(r"Dynamo bytecode transform time|saved AOT compiled funct
 # CPU: no compile-time line; vLLM brackets the compiling warm-up with these two.
 _CPU_WARMUP = re.compile(r"Warming up model for the compilation\.\.\.")
 _CPU_WARMED = re.compile(r"Warming up done\.")
-# An exception's last line (pydantic's says more on the next, indented line), or a logged ERROR.
-_ERROR = re.compile(r"^(?:\([\w-]+ pid=\d+\) )?(?:ERROR .*|[\w.]*(?:Error|Exception): .+)$(?:\n(  Value error, .*))?", re.M)
 # A SkyPilot node's job log is its Ray driver's stdout (SkyPilot 0.14.1 backends/task_codegen.py:
 # ray.init(log_to_driver=True); Ray 2.9.3 _private/worker.py print_worker_logs): each task line is
 # printed as CYAN "(<name> pid=N" [", ip=A"] ")" RESET " " line, the name 'setup' for the setup task
@@ -145,6 +150,9 @@ def parse_vllm_log(text: str) -> dict:
     saved = _SAVED.findall(text)
     if saved:
         out["cache_saved"] = saved[-1].strip()
+    context = _CONTEXT.findall(text)
+    if context:
+        out["context"] = int(context[-1].replace(",", ""))
     error = error_line(text)
     if error:
         out["error"] = error
@@ -171,16 +179,16 @@ def compile_cache(text: str) -> str | None:
 
 
 def error_line(text: str) -> str | None:
-    """vLLM's own last error line (the exception that ended it), if it printed one."""
-    text = plain_log(text)
-    found = list(_ERROR.finditer(text))
-    return " ".join(found[-1].group(0).split())[:300] if found else None
+    """Why vLLM failed, if it said: its root cause, not the wrapper pointing back at it (node.py)."""
+    return root_cause(plain_log(text))
 
 
-def phases(marks: dict[str, float]) -> dict[str, float | None]:
+def phases(marks: dict[str, float], weights_s: float | None = None) -> dict[str, float | None]:
     """Consecutive phase durations from marks: request, start (the node's first mark), exec, loaded,
-    ready, first_token. A missing mark makes its phase null; the next phase spans the gap."""
-    order = [("provision_s", "start"), ("setup_s", "exec"), ("load_s", "loaded"), ("engine_s", "ready"),
+    ready, first_token. From exec to loaded, `weights_s` (vLLM's own time for the weights) is the
+    weights phase and the rest vLLM's boot. A missing mark makes its phase null; the next phase
+    spans the gap."""
+    order = [("provision_s", "start"), ("setup_s", "exec"), ("boot_s", "loaded"), ("engine_s", "ready"),
              ("first_token_s", "first_token")]
     out: dict[str, float | None] = {}
     prev = marks["request"]
@@ -190,8 +198,13 @@ def phases(marks: dict[str, float]) -> dict[str, float | None]:
             prev = max(marks[mark], prev)
         else:
             out[phase] = None
+    if out["boot_s"] is not None and weights_s is not None:
+        out["weights_s"] = round(min(weights_s, out["boot_s"]), 3)
+        out["boot_s"] = round(out["boot_s"] - out["weights_s"], 3)
+    else:
+        out["weights_s"] = None
     out["total_s"] = round(prev - marks["request"], 3)
-    return out
+    return {phase: out[phase] for phase in (*PHASES, "total_s")}
 
 
 def node_marks(logged: dict) -> dict[str, float]:

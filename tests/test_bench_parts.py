@@ -74,7 +74,7 @@ def test_a_sky_nodes_ray_form_log_says_what_the_plain_one_says(name):
     got = startlog.phases({"request": request, **startlog.node_marks(ray), "ready": request + 400})
     assert got == startlog.phases({"request": request, **startlog.node_marks(plain), "ready": request + 400})
     assert got["provision_s"] == 30.0 and got["setup_s"] > 0 and got["engine_s"] is not None
-    assert (got["load_s"] is None) == ("loaded_at" not in plain)  # a failed start never loads
+    assert (got["boot_s"] is None) == ("loaded_at" not in plain)  # a failed start never loads
 
 
 def test_a_failed_runs_error_line_in_ray_form():
@@ -149,11 +149,13 @@ def test_compile_cache_outcome_is_what_happened(restore, vllm_said, expected):
 
 def test_phases_are_consecutive_and_sum_to_total():
     marks = {"request": 100.0, "start": 100.5, "exec": 101.5, "loaded": 104.0, "ready": 104.25, "first_token": 104.5}
-    p = startlog.phases(marks)
-    assert (p["provision_s"], p["setup_s"], p["load_s"], p["engine_s"], p["first_token_s"]) == (0.5, 1.0, 2.5, 0.25, 0.25)
+    p = startlog.phases(marks, weights_s=0.75)
+    assert [p[k] for k in startlog.PHASES] == [0.5, 1.0, 1.75, 0.75, 0.25, 0.25]  # boot + weights: exec to loaded
     assert p["total_s"] == pytest.approx(sum(v for k, v in p.items() if k != "total_s" and v is not None))
+    assert startlog.phases(marks)["boot_s"] == 2.5 and startlog.phases(marks)["weights_s"] is None  # not timed: all boot
+    assert startlog.phases(marks, weights_s=9.0)["boot_s"] == 0.0  # vLLM's whole-second stamps: never negative
     gap = startlog.phases({k: v for k, v in marks.items() if k != "loaded"})
-    assert gap["load_s"] is None and gap["engine_s"] == 2.75
+    assert gap["boot_s"] is None and gap["engine_s"] == 2.75
 
 
 def test_cost_compares_s3_egress_with_r2():

@@ -72,3 +72,20 @@ def test_interrupted_launch_ends_its_whole_tree_while_vllm_starts(cli, env, tmp_
     while (left := sorted(p.name for p in launches.iterdir() if p.name != "vllm-assets")) and time.monotonic() < deadline:
         time.sleep(0.2)  # vllm-assets: shared by nodes, a cache
     assert left == [], (left, err[-2000:])  # the node's disk and its record went with it
+
+
+def test_a_start_that_fails_in_vllms_engine_core_is_reported_by_its_cause(cli, env):
+    """vLLM's engine core refuses a context one request can't hold in its KV cache
+    (v1/core/kv_cache_utils.py 1030-1040), then its API server raises a wrapper pointing back at it
+    ("Engine core initialization failed. See root cause above.", v1/engine/utils.py 1431-1434). Eight
+    blocks of KV cache (--num-gpu-blocks-override: a GPU with less free memory than the fit
+    assumed) can't hold 4,096 tokens; eager, so that vLLM gets there without compiling first. The
+    node program's last line and `launch` name the cause."""
+    assert cli("stage", LLAMA).rc == 0
+    run = cli("launch", LLAMA, "--target", "local", "--max-model-len", "4096",
+              "--extra-vllm-args=--num-gpu-blocks-override 8 --enforce-eager", "--ready-timeout", "300")
+    assert run.rc == 1, run
+    said = run.err.strip().splitlines()[-1]
+    assert "is FAILED before serving: ValueError: To serve at least one request with the model's max seq len (4096)" \
+        in said and "See root cause above" not in said, run.err[-3000:]
+    assert list((Path(env["MODELFERRY_CACHE"]) / "launches").glob("*.json")) == []  # torn down

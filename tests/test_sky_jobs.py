@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from modelferry.tasks import launcher
+from modelferry.tasks import launcher, results, startlog
 from modelferry.tasks import sky as mf_sky
 from modelferry.tasks import skytask
 from modelferry.tasks.errors import SettingsError
@@ -115,16 +115,16 @@ def test_the_job_log_is_fetched_once_and_measured_like_the_local_one(fake):
     assert dep.job_id == 1 and dep.url is None
     logged_exec = float(next(x for x in launcher.job_log(dep).splitlines() if "mark exec" in x).split()[-1])
     dep.marks = {"request": logged_exec - 30, "ready": logged_exec + 300, "first_token": logged_exec + 301}
-    row = launcher.measure(dep, "cold", 1)
+    row = launcher.measure(dep, "cold", 1).record()
     assert ("tail_logs", 1, False) in sky.calls  # never follows: it would block until the job ends
     assert sky.task_names == ["modelferry-vllm"]  # the name in the fixture's run prefix
     assert "\x1b[36m(setup pid=" in launcher.job_log(dep) and "\x1b[36m(modelferry-vllm, pid=" in launcher.job_log(dep)
     assert row["target"] == "sky" and row["strategy"] == "stream" and row["weights_s"] is not None
-    assert row["setup_s"] > 0 and row["load_s"] > 0 and row["engine_s"] > 0 and row["first_token_s"] == 1.0
+    assert row["setup_s"] > 0 and row["boot_s"] > 0 and row["engine_s"] > 0 and row["first_token_s"] == 1.0
     assert row["provision_s"] > 0 and row["compile_cache"] == "miss" and row["compile_s"] > 0
-    assert {k: row[k] for k in launcher.PLACEMENT} == {"gpu": "L4", "gpus": 1, "instance_type": "g6.xlarge",
+    assert {k: row[k] for k in results.PLACEMENT} == {"gpu": "L4", "gpus": 1, "instance_type": "g6.xlarge",
                                                        "cloud": "aws", "region": "us-east-1", "spot": True}
-    assert abs(sum(row[k] for k in ("provision_s", "setup_s", "load_s", "engine_s", "first_token_s")) - row["total_s"]) < 0.01
+    assert abs(sum(row[k] for k in startlog.PHASES) - row["total_s"]) < 0.01
 
 
 def test_a_failed_job_ends_the_wait_at_once_with_vllms_own_error(fake):
