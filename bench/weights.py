@@ -18,8 +18,9 @@ Measured in one run:
 Baseline (named in the output): the larger of the GET and prefetch's load from disk, what vLLM
 itself needs to ingest the bytes here. Goal: stream weights <= 1.2x that.
 
-    .venv/bin/python bench/weights.py [--shards 4] [--rounds 3] [--concurrency 4,16,32] [--vllm]
-        [--vllm-rounds 3] [--vllm-memory-limit auto,whole,0] [--vllm-args '--max-model-len 512 --enforce-eager']
+    .venv/bin/python bench/weights.py [--shards 4] [--layout round-robin] [--kv-heads 4] [--intermediate 5632]
+        [--rounds 3] [--concurrency 4,16,32] [--vllm] [--vllm-rounds 3] [--vllm-memory-limit auto,whole,0]
+        [--vllm-args=--enforce-eager]
 """
 
 from __future__ import annotations
@@ -112,21 +113,21 @@ def measured(cmd: list[str], env: dict, bucket_pid: int) -> tuple[float, float, 
     return took, cpu_seconds() - mine, cpu_seconds(bucket_pid) - bucket, proc
 
 
-def vllm_row(env: dict, results: Path, strategy: str, vllm_args: str, extra: list[str]) -> dict:
+def vllm_row(env: dict, results: Path, strategy: str, vllm_args: str, context: int, extra: list[str]) -> dict:
     """One `modelferry bench` start on the local target, its row and the node's log (kept under
     `results`: the bar's progress lines say how the weights phase went)."""
     _, proc = timed([sys.executable, "-m", "modelferry.flows", "bench", MODEL, "--target", "local", "--strategy",
-                     strategy, "--runs", "1", "--extra-vllm-args", vllm_args, "--results", str(results),
-                     "--json", *extra], env)
+                     strategy, "--runs", "1", f"--extra-vllm-args={vllm_args}", "--max-model-len", str(context),
+                     "--results", str(results), "--json", *extra], env)
     (row,) = json.loads(proc.stdout)
     return row
 
 
 def run(work: Path, args) -> int:
-    shape = tiny_llama.Shape(args.layers, args.hidden, args.intermediate, head_dim=128)
+    shape = tiny_llama.Shape(args.layers, args.hidden, args.intermediate, head_dim=128, kv_heads=args.kv_heads)
     t = time.perf_counter()
-    total = tiny_llama.write_checkpoint(work / "ckpt", shape, args.shards)
-    print(f"checkpoint: {total / 1e9:.2f} GB of weights in {args.shards} shards, made in "
+    total = tiny_llama.write_checkpoint(work / "ckpt", shape, args.shards, args.layout)
+    print(f"checkpoint: {total / 1e9:.2f} GB of weights in {args.shards} {args.layout} shards, made in "
           f"{time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     conc = [int(c) for c in args.concurrency.split(",")]
     got: dict[str, list[float]] = {}
@@ -183,14 +184,16 @@ def run(work: Path, args) -> int:
             print(f"vLLM starts: rows and node logs under {results}", file=sys.stderr, flush=True)
             for r in range(args.vllm_rounds):  # interleaved, as the rounds above
                 starts.setdefault(PREFETCH, []).append(
-                    vllm_row(env, results / f"prefetch-{r}", "prefetch", args.vllm_args, []))
+                    vllm_row(env, results / f"prefetch-{r}", "prefetch", args.vllm_args, args.max_model_len, []))
                 for c in args.vllm_concurrency.split(","):
                     for mem in args.vllm_memory_limit.split(","):
                         flags = ((["--concurrency", c] if c != "auto" else [])
                                  + (["--memory-limit", str(whole if mem == "whole" else mem)] if mem != "auto" else []))
                         starts.setdefault(f"stream c={c} memory_limit={mem}", []).append(
-                            vllm_row(env, results / f"stream-c{c}-m{mem}-{r}", "stream", args.vllm_args, flags))
-    print(f"\n{total / 1e9:.2f} GB in {args.shards} shards (layers {shape.layers}, hidden {shape.hidden}), loopback "
+                            vllm_row(env, results / f"stream-c{c}-m{mem}-{r}", "stream", args.vllm_args,
+                                     args.max_model_len, flags))
+    print(f"\n{total / 1e9:.2f} GB in {args.shards} {args.layout} shards (layers {shape.layers}, hidden {shape.hidden}, "
+          f"intermediate {shape.intermediate}, KV heads {shape.kv} of {shape.heads}), loopback "
           f"rclone, {os.cpu_count()} cores; median of {args.rounds} interleaved rounds; sized buffer "
           f"{limit / GIB:.2f} GiB, checkpoint-sized {whole / GIB:.2f} GiB")
     print("CPU s: the method's own (from its first read to its last tensor; s5cmd's whole run) and the bucket's")
@@ -221,7 +224,11 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=tiny_llama.SIZED.layers)
     ap.add_argument("--hidden", type=int, default=tiny_llama.SIZED.hidden)
     ap.add_argument("--intermediate", type=int, default=tiny_llama.SIZED.intermediate)
+    ap.add_argument("--kv-heads", type=int, help="grouped-query attention: KV heads (default: as many as heads)")
     ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--layout", choices=tiny_llama.LAYOUTS, default="contiguous", help="how the tensors are spread "
+                    "over the shards: contiguous runs of layers, or dealt round-robin (every file holds part of "
+                    "every layer)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", default="4,16,32", help="streamer concurrencies to try, comma-separated")
     ap.add_argument("--vllm", action="store_true", help="also start vLLM: prefetch once, stream per concurrency "
@@ -232,9 +239,9 @@ def main() -> int:
                     "run script's choice)")
     ap.add_argument("--vllm-memory-limit", default="auto", help="stream starts: --memory-limit values (auto: sized "
                     "by the run script; whole: as big as the checkpoint, what memory_limit -1 gave)")
-    ap.add_argument("--vllm-args", default="--max-model-len 512", help="vLLM's extra arguments for every start "
-                    "(add --enforce-eager for a start of about 40 s instead of 2.5 min: the weights come before "
-                    "the compile)")
+    ap.add_argument("--vllm-args", default="", help="vLLM's extra arguments for every start (--enforce-eager for "
+                    "a start of about 40 s instead of 2.5 min: the weights come before the compile)")
+    ap.add_argument("--max-model-len", type=int, default=512, help="the context every start serves (default 512)")
     ap.add_argument("--results", default="results/bench-weights", help="where the vLLM rows and node logs go")
     return in_scratch_dir("mf-bench-weights-", run, ap.parse_args())
 

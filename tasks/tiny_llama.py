@@ -32,16 +32,21 @@ class Shape:
     hidden: int
     intermediate: int
     head_dim: int = 64  # 64 or 128: what vLLM's CPU attention takes
+    kv_heads: int | None = None  # grouped-query attention: fewer KV heads than heads (None: as many)
 
     @property
     def heads(self) -> int:
         return self.hidden // self.head_dim
 
+    @property
+    def kv(self) -> int:
+        return self.kv_heads or self.heads
+
     def config(self) -> dict:
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
             "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads, "num_key_value_heads": self.heads, "head_dim": self.head_dim,
+            "num_attention_heads": self.heads, "num_key_value_heads": self.kv, "head_dim": self.head_dim,
             "hidden_act": "silu", "max_position_embeddings": CONTEXT, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
             "vocab_size": VOCAB, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 101,
             "eos_token_id": 102, "pad_token_id": 0,
@@ -54,7 +59,8 @@ class Shape:
         for i in range(self.layers):
             p = f"model.layers.{i}."
             out.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                        **{p + f"self_attn.{n}_proj.weight": (h, h) for n in "qkvo"},
+                        **{p + f"self_attn.{n}_proj.weight": (h, h) for n in "qo"},
+                        **{p + f"self_attn.{n}_proj.weight": (self.kv * self.head_dim, h) for n in "kv"},
                         p + "mlp.gate_proj.weight": (m, h), p + "mlp.up_proj.weight": (m, h),
                         p + "mlp.down_proj.weight": (h, m)})
         return out
@@ -113,29 +119,38 @@ def files() -> dict[str, bytes]:
     return {**_small_files(TINY), "model.safetensors": safetensors_bytes(TINY)}
 
 
-def write_checkpoint(root: Path, shape: Shape, shards: int) -> int:
-    """A checkpoint of `shape` under `root` in `shards` safetensors files of about equal size (whole
-    tensors each, in name order) with the index HF writes beside them; one weight in memory at a
-    time. Returns the bytes of weights written."""
+LAYOUTS = ("contiguous", "round-robin")
+
+
+def write_checkpoint(root: Path, shape: Shape, shards: int, layout: str = "contiguous") -> int:
+    """A checkpoint of `shape` under `root` in `shards` safetensors files with the index HF writes
+    beside them; one weight in memory at a time. `contiguous`: files of about equal size, whole
+    tensors in name order (a file holds a run of layers); `round-robin`: the tensors in name order
+    dealt across the files in turn (every file holds a part of every layer, as some exporters
+    write). Returns the bytes of weights written."""
     tensors = shape.tensors()
     sizes = {name: 2 * math.prod(dims) for name, dims in tensors.items()}
     total, names = sum(sizes.values()), sorted(sizes)
     owner, filled, shard = {}, 0, 0
-    for name in names:  # a shard is full once it holds its share of the total
-        owner[name] = shard
+    for i, name in enumerate(names):  # contiguous: a shard is full once it holds its share of the total
+        owner[name] = i % shards if layout == "round-robin" else shard
         filled += sizes[name]
         shard = min(shards - 1, max(shard, filled * shards // total))
     root.mkdir(parents=True, exist_ok=True)
     for name, blob in _small_files(shape).items():
         (root / name).write_bytes(blob)
     file_of = {i: f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)}
-    weights = _weights(shape)
-    for i in range(shards):
-        mine = [n for n in names if owner[n] == i]
-        with open(root / file_of[i], "wb") as f:
-            f.write(_header({n: tensors[n] for n in mine}))
-            for _ in mine:
-                f.write(next(weights)[2])
+    # Each file's tensors lie in name order, as its header says: the seeded weights, made in name
+    # order, go each to its file's end in turn.
+    out = {i: open(root / file_of[i], "wb") for i in range(shards)}
+    try:
+        for i, f in out.items():
+            f.write(_header({n: tensors[n] for n in names if owner[n] == i}))
+        for name, _, blob in _weights(shape):
+            out[owner[name]].write(blob)
+    finally:
+        for f in out.values():
+            f.close()
     index = {"metadata": {"total_size": total}, "weight_map": {n: file_of[owner[n]] for n in names}}
     (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return total
