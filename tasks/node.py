@@ -8,7 +8,7 @@ standard library alone (shipped by `file_mounts`, beside compile_cache.py).
 everything it started, so nothing holds the job's output open (SkyPilot ends a job at EOF of its
 output: skylet/log_lib.py run_with_log). A stop (SIGTERM, SIGINT, SIGHUP: SkyPilot's cancel, the
 local target's stop) is passed on to vLLM, which shuts down cleanly; before vLLM starts it ends the
-program with 143. vLLM's output passes through unchanged; when vLLM fails, the last line says why
+program with 128 + the signal's number (143 for SIGTERM). vLLM's output passes through unchanged; when vLLM fails, the last line says why
 (`root_cause`), not vLLM's wrapper.
 
 The rules that size the node live here and nowhere else: `skytask.py` imports them to ask SkyPilot
@@ -212,10 +212,14 @@ def vllm_command(env: dict[str, str], loader: dict | None) -> list[str]:
 # start." and its traceback), then the API server raises a wrapper that only points back at it
 # (v1/engine/utils.py: "Engine core initialization failed. See root cause above."). An exception's
 # last line (pydantic's says more on the next, indented line), or a logged ERROR.
-_ERROR = re.compile(r"^(?:\([\w-]+ pid=\d+\) )?(?:ERROR .*|[\w.]*(?:Error|Exception): .+)$(?:\n(  Value error, .*))?",
-                    re.M)
-_WRAPPERS = re.compile(r"See root cause above|EngineCore failed to start|Engine core initialization failed|"
-                       r"^(?:\([\w-]+ pid=\d+\) )?ERROR .*Traceback|^(?:\([\w-]+ pid=\d+\) )?ERROR \S+ \S+ \[[^\]]*\] *$")
+_PREFIX = r"(?:\([\w-]+ pid=\d+\) )?"
+_ERROR = re.compile(rf"^{_PREFIX}(?:ERROR .*|[\w.]*(?:Error|Exception): .+)$(?:\n{_PREFIX}(  Value error, .*))?", re.M)
+# ... and the wrappers around it: the API server's, the engine core's and a worker's (v1/engine/utils.py
+# 1431-1440, v1/engine/core.py 1510-1512, v1/executor/multiproc_executor.py 789-792 and 953,
+# v1/engine/exceptions.py 16), and a logged traceback's first line.
+_WRAPPERS = re.compile(r"See root cause above|root cause\.|EngineCore failed to start|Engine core initialization failed|"
+                       r"EngineCore encountered|WorkerProc failed to start|WorkerProc initialization failed|"
+                       rf"^{_PREFIX}ERROR .*Traceback|^{_PREFIX}ERROR \S+ \S+ \[[^\]]*\] *$")
 
 
 def root_cause(text: str) -> str | None:
@@ -357,11 +361,16 @@ def sample_peak(vllm: subprocess.Popen, health_url: str, every_s: float = 0.5) -
 
 def relay(source, tail: list[bytes], keep: int = 1 << 18) -> None:
     """vLLM's output to ours, byte for byte (tqdm's carriage returns too), keeping its last `keep`
-    bytes for `root_cause`."""
-    out = sys.stdout.buffer
+    bytes for `root_cause`. Straight to the file descriptor: no lock shared with print(). Where
+    ours is gone (the log's reader), it goes on draining vLLM's, which must never block on it."""
+    writing = True
     while chunk := os.read(source.fileno(), 65536):
-        out.write(chunk)
-        out.flush()
+        view = memoryview(chunk)
+        while writing and view:
+            try:
+                view = view[os.write(1, view):]
+            except OSError:
+                writing = False
         tail.append(chunk)
         while len(tail) > 1 and sum(map(len, tail)) > keep:
             tail.pop(0)
@@ -370,17 +379,33 @@ def relay(source, tail: list[bytes], keep: int = 1 << 18) -> None:
 def run(env: dict[str, str]) -> int:
     """Serve: see the module's docstring."""
     mark("run-start")
-    vllm: list[subprocess.Popen] = []  # set once vLLM has started
+    # A stop before vLLM runs ends this at once, except while a child is being started: then it
+    # waits until the child is one of `children`, which the way out ends.
+    state: dict = {"vllm": None, "starting": False, "pending": None}
 
     def stop(signum, frame) -> None:
-        if not vllm:
+        if state["vllm"] is not None:
+            try:
+                state["vllm"].send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        elif state["starting"]:
+            state["pending"] = signum
+        else:
             raise SystemExit(128 + signum)
-        try:
-            vllm[0].send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    def start(args: list[str], **kw) -> subprocess.Popen:
+        state["starting"] = True
+        try:
+            proc = children.start(args, **kw)
+        finally:
+            state["starting"] = False
+        if state["pending"]:
+            raise SystemExit(128 + state["pending"])
+        return proc
+
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for sig in stops:
         signal.signal(sig, stop)
     children = Children()
     try:
@@ -390,31 +415,42 @@ def run(env: dict[str, str]) -> int:
             print(line, flush=True)
         command = vllm_command(env, loader)
         vllm_env = dict(env)
+        try:
+            ready_timeout = float(env.get("READY_TIMEOUT") or 1800)
+        except ValueError:
+            raise NodeError(f"READY_TIMEOUT={env['READY_TIMEOUT']}: use a number of seconds") from None
         if "RUNAI_STREAMER_S3_TIMEOUT" not in env:
-            vllm_env["RUNAI_STREAMER_S3_TIMEOUT"] = str(streamer_retry_s(float(env.get("READY_TIMEOUT") or 1800)))
+            vllm_env["RUNAI_STREAMER_S3_TIMEOUT"] = str(streamer_retry_s(ready_timeout))
         health = f"http://127.0.0.1:{env.get('SERVE_PORT', '8000')}/health"
         if env.get("COMPILE_CACHE") == "on":
             tool = str(Path(__file__).with_name("compile_cache.py"))
             # Never blocks serving: the tool logs a failure and exits 0.
             key = subprocess.run([sys.executable, tool, "key"], capture_output=True, text=True).stdout.strip()
-            children.start([sys.executable, tool, "restore", key]).wait()  # a stop meanwhile ends it and its s5cmd
+            start([sys.executable, tool, "restore", key]).wait()  # a stop meanwhile ends it and its s5cmd
             # Its outcome line goes to the job's log, where bench reads whether the cache was saved.
             # Stopped mid-upload, it leaves no manifest, and a cache without one is never restored.
-            children.start([sys.executable, tool, "save-when-ready", key, health, env.get("READY_TIMEOUT", "1800")])
+            start([sys.executable, tool, "save-when-ready", key, health, f"{ready_timeout:g}"])
         else:
             print("modelferry compile cache: off", file=sys.stderr, flush=True)
         mark("exec")
         tail: list[bytes] = []
+        state["starting"] = True
         try:
             proc = children.start(command, env=vllm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except OSError as exc:
             raise NodeError(f"cannot start {command[0]}: {exc}") from None
-        vllm.append(proc)
+        finally:
+            state["starting"] = False
+        if state["pending"]:  # a stop came while it started: it never runs (the way out ends it)
+            raise SystemExit(128 + state["pending"])
+        state["vllm"] = proc
         relaying = threading.Thread(target=relay, args=(proc.stdout, tail), daemon=True)
         relaying.start()
         threading.Thread(target=sample_peak, args=(proc, health), daemon=True).start()
         status = proc.wait()
     finally:
+        for sig in stops:  # a second stop must not cut the way out short
+            signal.signal(sig, signal.SIG_IGN)
         children.end()
     relaying.join(2)  # what vLLM printed last (its leftovers, ended above, no longer hold the pipe)
     code = status if status >= 0 else 128 - status

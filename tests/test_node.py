@@ -232,3 +232,14 @@ def test_a_failed_start_is_reported_by_its_cause_not_vllms_wrapper():
 
 def test_the_streamers_retries_are_on_and_bounded_by_the_wait_for_health():
     assert node.streamer_retry_s(1800) == 600 and node.streamer_retry_s(300) == 100 and node.streamer_retry_s(2) == 1
+
+
+def test_the_root_cause_passes_every_wrapper_vllm_puts_around_it():
+    """With more than one GPU the last exception is a worker's wrapper (multiproc_executor.py 789-792);
+    pydantic's detail comes on the next line, under the same process prefix."""
+    multi_gpu = FAILED_START.replace("Process EngineCore:", "(Worker_TP0 pid=60) Exception: WorkerProc initialization "
+                                     "failed due to an exception in a background process. See stack trace for root cause.")
+    assert node.root_cause(multi_gpu).startswith("ValueError: To serve at least one request")
+    pydantic = ("(APIServer pid=5) pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+                "(APIServer pid=5)   Value error, Invalid repository ID or local directory specified: 's3://b/m/'\n")
+    assert node.root_cause(pydantic).endswith("Value error, Invalid repository ID or local directory specified: 's3://b/m/'")
