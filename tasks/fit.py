@@ -66,27 +66,44 @@ class Model:
     mla: bool = False
     sliding: bool = False
 
+    heads: int = 1  # attention heads: tensor parallelism must divide them
+    tied: bool = False  # the output layer shares the embedding's weights
+
     @classmethod
-    def from_config(cls, config: dict) -> Model:
-        config = config.get("text_config", config)  # a multimodal model's language half
-        heads = config.get("num_attention_heads", 1)
-        hidden = config.get("hidden_size", 0)
+    def from_config(cls, config: dict) -> Model | None:
+        """The model as vLLM 0.32 reads config.json; None where its fields are not the ones this
+        reads (then only the weights are fitted)."""
+        try:
+            return cls._read(config)
+        except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError):
+            return None
+
+    @classmethod
+    def _read(cls, top: dict) -> Model | None:
+        config = top.get("text_config") or top  # a multimodal model's language half
+        heads = config.get("num_attention_heads") or 1
+        hidden = config.get("hidden_size") or 0
         kv_heads = next((config[k] for k in ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
                          if config.get(k)), heads)
         mla = bool(config.get("kv_lora_rank"))
-        head = (config["kv_lora_rank"] + config.get("qk_rope_head_dim", 0)) if mla else (
-            config.get("head_dim") or hidden // max(heads, 1))
-        dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-        contexts = [config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int)]
-        context = config.get("model_max_length") or (min(contexts) if contexts else 2048)
-        scaling = config.get("rope_scaling") or {}
-        if scaling.get("factor") and scaling.get("rope_type", scaling.get("type")) not in (
-                "su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling"):
-            context = int(context * scaling["factor"])  # linear/dynamic scaling stretch the context
-        return cls(layers=config.get("num_hidden_layers", 0), kv_heads=1 if mla else kv_heads, head_size=head,
-                   dtype_bytes=DTYPE_BYTES.get(dtype.removeprefix("torch."), 2), full_context=int(context),
-                   hidden=hidden, intermediate=config.get("intermediate_size", 4 * hidden),
-                   vocab=config.get("vocab_size", 0), mla=mla, sliding=bool(config.get("sliding_window")))
+        head = (config["kv_lora_rank"] + (config.get("qk_rope_head_dim") or 0)) if mla else (
+            config.get("head_dim") or hidden // heads)
+        layers = config.get("num_hidden_layers") or 0
+        if not (layers and head and hidden):
+            return None  # GPT-2's n_layer, MPT's d_model, ...: fields this does not read
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or top.get("torch_dtype") or "bfloat16")
+        return cls(layers=layers, kv_heads=1 if mla else kv_heads, head_size=head,
+                   dtype_bytes=DTYPE_BYTES.get(dtype.removeprefix("torch."), 2), full_context=_full_context(top, config),
+                   hidden=hidden, intermediate=config.get("intermediate_size") or 4 * hidden,
+                   vocab=config.get("vocab_size") or 0, mla=mla, sliding=bool(config.get("sliding_window")),
+                   heads=heads, tied=bool(config.get("tie_word_embeddings", top.get("tie_word_embeddings", False))))
+
+    def weight_bytes(self) -> int:
+        """About what the weights take, for a model whose files are not listed (a Hub launch of an
+        unstaged model): attention, a gated MLP and the embeddings, in the model's dtype."""
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * self.head_size
+        return self.dtype_bytes * (self.layers * (attention + 3 * self.hidden * self.intermediate)
+                                   + (1 if self.tied else 2) * self.vocab * self.hidden)
 
     def kv_bytes_per_token(self, gpus: int = 1) -> int:
         """KV cache one token takes on each of `gpus` tensor-parallel GPUs."""
@@ -97,6 +114,24 @@ class Model:
         if self.mla:
             return "MLA: one latent a layer, on every GPU"
         return "sliding-window layers counted as full attention (vLLM keeps less)" if self.sliding else ""
+
+
+def _full_context(top: dict, config: dict) -> int:
+    """The context vLLM serves unless told otherwise (config/model.py 2527-2666): the least of the
+    context keys (model_max_length wins where set), stretched by a RoPE scaling factor except for
+    the types that already count it (llama3, yarn, ...) and Gemma 3, whose 128K is already scaled;
+    LongRoPE serves its original context."""
+    contexts = [config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int)]
+    context = config.get("model_max_length") or (min(contexts) if contexts else 2048)
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "longrope":
+        return int(config.get("original_max_position_embeddings") or context)
+    gemma3 = "gemma3" in str(top.get("model_type", "")) + str(config.get("model_type", ""))
+    if scaling.get("factor") and not gemma3 and kind not in (
+            "su", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling"):
+        context = int(context * scaling["factor"])  # linear/dynamic scaling stretch the context
+    return int(context)
 
 
 def overhead_bytes(model: Model, gpu_gib: float, gpus: int) -> int:
@@ -119,6 +154,8 @@ def context_fitting(model: Model, kv_budget: int, gpus: int = 1, block: int = BL
     """The longest context one request may have within `kv_budget` bytes of KV cache on each GPU
     (one block held back, as vLLM does), at most the model's own; 0 when none."""
     per_token = model.kv_bytes_per_token(gpus)
+    if kv_budget <= 0:
+        return 0
     if per_token <= 0:
         return model.full_context
     tokens = (kv_budget - block * per_token) // per_token

@@ -127,7 +127,11 @@ def prepare(settings: Settings, model: str, revision: str | None, options: Launc
         if manifest else ()
     model_bytes = manifest.total_bytes if manifest else 0
     config = model_config(bucket, settings, model, rev, weights, model_uri)
-    fitted = _fit(place, model_bytes, fit.Model.from_config(config) if config else None, options)
+    model_shape = fit.Model.from_config(config) if config else None
+    if config and model_shape is None:
+        log.warning("%s's config.json does not name its layers, heads and sizes as Llama-style models do: GPUs are "
+                    "fitted to the weights alone", model)
+    fitted = _fit(place, model_bytes, model_shape, options)
     if fitted.note:
         log.warning("%s", fitted.note)
     cfg = skytask.build_task_config(model_uri=model_uri, served_name=model, model_bytes=model_bytes, weights=weights,

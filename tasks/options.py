@@ -105,7 +105,7 @@ class LaunchOptions:
             raise SettingsError(f"--disk-size {self.disk_size} is out of range: use 32-65536 GB")
         if self.accelerators:
             parse_accelerators(self.accelerators)
-        if "--max-model-len" in self.extra_vllm_args.split("=")[0].split():
+        if {"--max-model-len", "--max_model_len"} & {arg.split("=")[0] for arg in self.extra_vllm_args.split()}:
             raise SettingsError("--extra-vllm-args: give the context as --max-model-len TOKENS, so that the GPUs are "
                                 "fitted to it")
         if self.target == "local" and self.mode != "cluster":

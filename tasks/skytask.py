@@ -41,10 +41,19 @@ def fit_gpus(weights: int, model: fit.Model | None, requested: dict[str, int] | 
     --max-model-len, raised before anything starts."""
     if model is None:
         return _fit_weights_alone(weights, requested, context)
+    if context and context > model.full_context:
+        raise SettingsError(f"--max-model-len {context:,} is more than the model's own context ({model.full_context:,} "
+                            "tokens), which vLLM refuses to exceed: choose at most that")
+    weights = weights or model.weight_bytes()  # a Hub model not staged: its files are not listed
     want = context or model.full_context
     shown = f"{want:,}-token context" + ("" if context else " (the model's full context)")
+    # vLLM splits the attention heads across tensor-parallel GPUs: a count must divide them
+    counts = [n for n in GPU_COUNTS if model.heads % n == 0]
+    if requested and (split := [f"{g}:{n}" for g, n in requested.items() if model.heads % n]):
+        raise SettingsError(f"{', '.join(split)}: the model's {model.heads} attention heads don't divide across "
+                            "that many GPUs (vLLM's tensor parallelism needs them to)")
     held = {(g, n): fit.context_on(model, weights, g, n)
-            for g in (requested or DEFAULT_GPUS) for n in ([requested[g]] if requested else GPU_COUNTS)}
+            for g in (requested or DEFAULT_GPUS) for n in ([requested[g]] if requested else counts)}
     if requested:
         short = {f"{g}:{n}": c for (g, n), c in held.items() if c < min(want, fit.MIN_CONTEXT if not context else want)}
         if short:
@@ -52,13 +61,13 @@ def fit_gpus(weights: int, model: fit.Model | None, requested: dict[str, int] | 
                                 f"{' or a shorter --max-model-len' if context else ''}")
         gpus = dict(requested)
     else:
-        gpus = {g: next((n for n in GPU_COUNTS if held[g, n] >= want), 0) for g in DEFAULT_GPUS}
+        gpus = {g: next((n for n in counts if held[g, n] >= want), 0) for g in DEFAULT_GPUS}
         gpus = {g: n for g, n in gpus.items() if n}
         if not gpus and context:
-            raise SettingsError(f"no GPU option holds the weights and a {shown} (8 x H200 hold about "
-                                f"{held['H200', 8]:,} tokens): choose a shorter --max-model-len")
+            raise SettingsError(f"no GPU option holds the weights and a {shown} ({counts[-1]} x H200 hold about "
+                                f"{held['H200', counts[-1]]:,} tokens): choose a shorter --max-model-len")
         if not gpus:
-            gpus = {g: next((n for n in GPU_COUNTS if held[g, n] >= fit.MIN_CONTEXT), 0) for g in DEFAULT_GPUS}
+            gpus = {g: next((n for n in counts if held[g, n] >= fit.MIN_CONTEXT), 0) for g in DEFAULT_GPUS}
             gpus = {g: n for g, n in gpus.items() if n}
             if not gpus:
                 raise SettingsError(f"the weights and a {fit.MIN_CONTEXT:,}-token context fit no GPU option (up to "

@@ -203,7 +203,7 @@ def phases(marks: dict[str, float], weights_s: float | None = None) -> dict[str,
         out["boot_s"] = round(out["boot_s"] - out["weights_s"], 3)
     else:
         out["weights_s"] = None
-    out["total_s"] = round(prev - marks["request"], 3)
+    out["total_s"] = round(sum(out[phase] or 0 for phase in PHASES), 3)  # exactly what the phases add up to
     return {phase: out[phase] for phase in (*PHASES, "total_s")}
 
 

@@ -104,9 +104,42 @@ def test_an_option_too_small_for_the_full_context_serves_what_fits_and_says_so()
     with pytest.raises(SettingsError, match="L4:1 holds about .* tokens, not a 65,536-token context.*--max-model-len"):
         skytask.fit_gpus(LLAMA_8B_BYTES, model, {"L4": 1}, context=65536)
     with pytest.raises(SettingsError, match="no GPU option holds .* choose a shorter --max-model-len"):
-        skytask.fit_gpus(LLAMA_8B_BYTES, model, context=10**9)
+        skytask.fit_gpus(LLAMA_8B_BYTES, fit.Model.from_config({**LLAMA_8B, "max_position_embeddings": 10**8,
+                                                               "rope_scaling": None}), context=5 * 10**7)
     with pytest.raises(SettingsError, match="T4:1 holds about 0 tokens"):
         skytask.fit_gpus(LLAMA_8B_BYTES, model, {"T4": 1})
+
+
+def test_what_vllm_would_refuse_is_refused_before_launch():
+    model = fit.Model.from_config(LLAMA_8B)
+    with pytest.raises(SettingsError, match="more than the model's own context .131,072"):
+        skytask.fit_gpus(LLAMA_8B_BYTES, model, context=200_000)
+    qwen = fit.Model.from_config({**LLAMA_8B, "num_attention_heads": 28, "num_key_value_heads": 4})
+    with pytest.raises(SettingsError, match="28 attention heads don't divide across"):
+        skytask.fit_gpus(LLAMA_8B_BYTES, qwen, {"L4": 8})
+    assert all(28 % n == 0 for n in skytask.fit_gpus(10 * LLAMA_8B_BYTES, qwen).gpus.values())
+
+
+def test_configs_the_fit_cant_read_fall_back_to_the_weights_alone():
+    gpt2 = {"n_layer": 48, "n_embd": 1600, "n_head": 25, "n_positions": 1024}
+    assert fit.Model.from_config(gpt2) is None and fit.Model.from_config({"text_config": None, "x": 1}) is None
+    assert fit.Model.from_config({**LLAMA_8B, "num_attention_heads": None}) is not None  # heads default to 1
+    with pytest.raises(SettingsError, match="fit no GPU option"):
+        skytask.fit_gpus(400 * 10**12, None)
+    unstaged = skytask.fit_gpus(0, fit.Model.from_config(LLAMA_8B))  # a Hub model not staged: weights from config
+    assert unstaged.gpus["L4"] == 2 and abs(fit.Model.from_config(LLAMA_8B).weight_bytes() - LLAMA_8B_BYTES) < 0.01 * LLAMA_8B_BYTES
+
+
+def test_the_full_context_is_what_vllm_derives():
+    gemma3 = {**LLAMA_8B, "model_type": "gemma3_text", "max_position_embeddings": 131072,
+              "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    assert fit.Model.from_config(gemma3).full_context == 131072  # its 128K is already scaled
+    phi3 = {**LLAMA_8B, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+            "rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}}
+    assert fit.Model.from_config(phi3).full_context == 4096
+    newer = {**LLAMA_8B, "max_position_embeddings": 4096, "rope_scaling": None,
+             "rope_parameters": {"rope_type": "linear", "factor": 2.0}}
+    assert fit.Model.from_config(newer).full_context == 8192
 
 
 def test_the_fit_reads_kv_heads_tensor_parallel_mla_and_sliding_windows():
