@@ -13,6 +13,7 @@ class NodeThatDies:
     """A target whose node starts, then its job fails before serving (vLLM refused the model)."""
 
     name, poll_s, serves_hub, peak_wait_s = "sky", 0.05, True, 0.0
+    kv_cache_bytes = None  # a GPU's: fitted to the weights
 
     def __init__(self):
         self.started: list[str] = []
