@@ -142,10 +142,11 @@ def launch(args) -> Output:
     from modelferry.tasks import settings as config
 
     dep = launcher.prepare(config.load(), args.name, args.revision, _launch_options(args), "dry-run")
+    command = skytask.node_command(dep.cfg)
     return Output({"name": dep.name, "model": dep.model, "revision": dep.revision, "weights": dep.weights,
-                   "task": skytask.redacted_config(dep.cfg, dep.secrets)},
+                   "task": skytask.redacted_config(dep.cfg, dep.secrets), "command": command},
                   lines=[f"# {dep.name}: {dep.model}@{dep.revision} from {dep.weights}",
-                         skytask.redacted_yaml(dep.cfg, dep.secrets)])
+                         f"# on the node (tasks/node.py): {command}", skytask.redacted_yaml(dep.cfg, dep.secrets)])
 
 
 def bench(args) -> Output:

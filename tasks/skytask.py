@@ -213,6 +213,19 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, wei
     return cfg
 
 
+def node_command(cfg: dict) -> str:
+    """The `vllm serve` the node program will run for this task, as the dry run shows it: what the
+    node decides (the streamer's settings, the GPU count) shown as such."""
+    import json
+    import shlex
+
+    sized = {"sized": "on the node"}
+    env = {**{k: str(v) for k, v in cfg["envs"].items()}, "SKYPILOT_NUM_GPUS_PER_NODE": "GPUS"}
+    line = shlex.join(node.vllm_command(env, sized))
+    return line.replace(shlex.quote(json.dumps(sized)), "'<sized on the node>'").replace(
+        "--tensor-parallel-size GPUS", "--tensor-parallel-size <GPUs of the node>")
+
+
 def validate(cfg: dict, secrets: dict[str, str] | None = None):
     """Validate with SkyPilot's own schema (offline). Returns the sky.Task, with `secrets` filled in
     the way `sky launch --secret NAME=value` does (a null secret is a reference resolved at launch)."""

@@ -503,3 +503,10 @@ def test_the_dry_runs_yaml_shows_each_options_memory():
     shown = yaml.safe_load(skytask.redacted_yaml(cfg))
     assert shown["resources"]["any_of"] == [{"accelerators": {"L4": 1}, "memory": "16+"},
                                             {"accelerators": {"H100": 8}, "memory": "37+"}]
+
+
+def test_the_dry_run_shows_the_command_the_node_will_run():
+    line = skytask.node_command(build(options=LaunchOptions(max_model_len=8192, extra_vllm_args="--enforce-eager")))
+    assert line == ("vllm serve s3://models/models/acme/m/abc/ --load-format runai_streamer --model-loader-extra-config "
+                    "'<sized on the node>' --served-model-name acme/m --tensor-parallel-size <GPUs of the node> "
+                    "--host 0.0.0.0 --port 8000 --max-model-len 8192 --enforce-eager")
