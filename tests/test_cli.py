@@ -146,6 +146,6 @@ def test_flow_parameters_cli_flags_and_launch_options_are_one_set_of_names():
         parsed = vars(parser.parse_args([command, "acme/m"]))
         assert {k: parsed[k] for k in fields if k in parsed} == fields, command
     flipped = vars(parser.parse_args(["launch", "acme/m", "--on-demand", "--no-compile-cache", "--vllm-image", "img",
-                                      "--extra-vllm-args=--max-model-len 512", "--accelerators", "L4:1"]))
+                                      "--extra-vllm-args=--enforce-eager", "--accelerators", "L4:1"]))
     assert LaunchOptions.pick(flipped) == LaunchOptions(use_spot=False, compile_cache=False, vllm_image="img",
-                                                        extra_vllm_args="--max-model-len 512", accelerators=["L4:1"])
+                                                        extra_vllm_args="--enforce-eager", accelerators=["L4:1"])

@@ -14,10 +14,10 @@ def dry_run(cli, *flags: str) -> dict:
 
 def test_the_dry_run_shows_each_gpu_options_memory_and_the_override(cli):
     assert cli("stage", TINY).rc == 0
-    cfg = dry_run(cli, "--accelerators", "L4:1,H100:8")
-    # a 90 MB model: the floors alone, one GPU's within a 16 GiB host, eight GPUs' more
+    cfg = dry_run(cli, "--accelerators", "L4:1,H100:4")  # 4: MiniLM's 12 heads split across 8 GPUs are refused
+    # a 90 MB model: the floors alone, one GPU's within a 16 GiB host, four GPUs' more
     assert cfg["resources"]["any_of"] == [{"accelerators": {"L4": 1}, "memory": "12+"},
-                                          {"accelerators": {"H100": 8}, "memory": "33+"}]
+                                          {"accelerators": {"H100": 4}, "memory": "21+"}]
     assert cfg["envs"]["LOADER_MEMORY_LIMIT"] == "auto" and "-1" not in cfg["envs"].values()
     # from the manifest's top-level safetensors: the node stays under the ring they want
     assert int(cfg["envs"]["LOADER_WEIGHTS_BYTES"]) >= int(cfg["envs"]["LOADER_LARGEST_FILE"]) > 0
