@@ -144,10 +144,14 @@ def overhead_bytes(model: Model, gpu_gib: float, gpus: int) -> int:
     return int(max(forward, sampler) + (GRAPHS_GIB + WORKSPACE_GIB) * GIB)
 
 
+def usable_bytes(gpu: str) -> int:
+    """What vLLM takes of one `gpu`'s memory: its gpu_memory_utilization share."""
+    return math.ceil(MEMORY_MIB[gpu] * 2**20 * UTILIZATION)
+
+
 def kv_budget_bytes(model: Model, weights: int, gpu: str, gpus: int) -> int:
     """The KV cache vLLM will have on each GPU of `gpus` x `gpu` serving these weights."""
-    total = MEMORY_MIB[gpu] * 2**20
-    return int(math.ceil(total * UTILIZATION) - weights / gpus - overhead_bytes(model, total / GIB, gpus))
+    return int(usable_bytes(gpu) - weights / gpus - overhead_bytes(model, MEMORY_MIB[gpu] / 1024, gpus))
 
 
 def context_fitting(model: Model, kv_budget: int, gpus: int = 1, block: int = BLOCK_TOKENS) -> int:

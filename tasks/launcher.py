@@ -27,7 +27,6 @@ from modelferry.tasks.targets import TARGETS, Target
 log = logging.getLogger("modelferry.launch")
 
 
-
 @dataclass
 class Deployment:
     """One run's deployment, held by the flow from before it starts until after its teardown."""

@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 
 from modelferry.tasks.errors import SettingsError
+from modelferry.tasks.fit import MEMORY_MIB
 
 TARGETS = ("local", "sky")
 SOURCES = ("auto", "r2", "hub")
@@ -20,12 +21,9 @@ MODES = ("cluster", "job", "serve")
 STRATEGIES = ("stream", "prefetch")
 BOTH = "both"  # bench and stage-and-launch: each strategy in turn
 
-# GPU memory (GiB) of the accelerators we offer, by SkyPilot's names. SkyPilot itself accepts unknown
-# GPU names offline (only its optimizer would catch them), so we check here.
-GPU_MEMORY_GIB = {
-    "T4": 16, "L4": 24, "A10G": 24, "A10": 24, "L40S": 48, "A100": 40, "A100-80GB": 80,
-    "H100": 80, "H200": 141, "B200": 180,
-}
+# The accelerators we offer are those whose memory the fit knows (fit.MEMORY_MIB), by SkyPilot's
+# names. SkyPilot itself accepts unknown GPU names offline (only its optimizer would catch them), so
+# we check here.
 GPU_COUNTS = (1, 2, 4, 8)
 
 
@@ -149,8 +147,8 @@ def parse_accelerators(specs: list[str]) -> dict[str, int]:
     for spec in specs:
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, _, count = part.partition(":")
-            if name not in GPU_MEMORY_GIB:
-                raise SettingsError(f"--accelerators: unknown accelerator {name!r}: known are {', '.join(GPU_MEMORY_GIB)}")
+            if name not in MEMORY_MIB:
+                raise SettingsError(f"--accelerators: unknown accelerator {name!r}: known are {', '.join(MEMORY_MIB)}")
             try:
                 n = int(count or 1)
             except ValueError:

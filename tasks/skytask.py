@@ -89,7 +89,7 @@ def _fit_weights_alone(weights: int, requested: dict[str, int] | None, context: 
     """No config.json to read the KV cache from: the weights and a fixed allowance, per GPU."""
     def holds(g: str, n: int) -> bool:  # 1 GiB for activations and some KV cache beside vLLM's allowance
         allowance = (fit.GRAPHS_GIB + fit.WORKSPACE_GIB + 1) * GIB
-        return fit.MEMORY_MIB[g] * 2**20 * fit.UTILIZATION >= weights / n + allowance
+        return fit.usable_bytes(g) >= weights / n + allowance
 
     if requested:
         small = [f"{g}:{n}" for g, n in requested.items() if not holds(g, n)]
