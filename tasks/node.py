@@ -434,15 +434,10 @@ def run(env: dict[str, str]) -> int:
             print("modelferry compile cache: off", file=sys.stderr, flush=True)
         mark("exec")
         tail: list[bytes] = []
-        state["starting"] = True
-        try:
-            proc = children.start(command, env=vllm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:  # a stop while it starts: it never runs (the way out ends it)
+            proc = start(command, env=vllm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except OSError as exc:
             raise NodeError(f"cannot start {command[0]}: {exc}") from None
-        finally:
-            state["starting"] = False
-        if state["pending"]:  # a stop came while it started: it never runs (the way out ends it)
-            raise SystemExit(128 + state["pending"])
         state["vllm"] = proc
         relaying = threading.Thread(target=relay, args=(proc.stdout, tail), daemon=True)
         relaying.start()
