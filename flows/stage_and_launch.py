@@ -152,7 +152,8 @@ def stage_and_launch(model: str, revision: str | None = None, name: str | None =
 
 def _teardown(dep: Deployment) -> None:
     if dep.kept:
-        log.info("kept: %s (take down with `modelferry down %s`)", dep.name, dep.name)
+        log.info("kept: %s: %s (take it down sooner with `modelferry down %s`)", dep.name,
+                 launcher.when_it_stops(dep), dep.name)
         return
     try:
         launcher.teardown(dep)

@@ -298,6 +298,17 @@ def measure(dep: Deployment, kind: str, run: int) -> StartRow:
                     started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(dep.marks["request"])))
 
 
+def when_it_stops(dep: Deployment) -> str:
+    """What ends a kept deployment, as `launch` tells the user."""
+    if dep.options.mode == "job":
+        return "a managed job: SkyPilot's jobs controller owns it"
+    if dep.options.mode == "serve":
+        return "a service: it serves until taken down"
+    minutes = dep.options.idle_minutes
+    gone = "then SkyPilot takes the cluster down" if dep.target == "sky" else "and the node is gone"
+    return f"vLLM stops after {minutes} minute{'s' * (minutes > 1)} without a request, {gone}"
+
+
 def teardown(dep: Deployment) -> None:
     dep.place.teardown(dep)
 

@@ -24,7 +24,11 @@ adds on a cloud node and not here: Ray's driver, which prefixes each line (`star
 A node nobody keeps ends with the command that started it, however that command ends: a spot node
 is torn down by its launch's `finally`, which a SIGKILL or an OOM kill never runs. So each runner
 watches the process that started it and, once that is gone, stops everything under it and removes
-the node's disk and record (`_end_when_orphaned`). A node started with `--keep` is not watched.
+the node's disk and record (`_end_when_orphaned`). A node started with `--keep` is not watched: it
+serves until its job ends (the node program stops vLLM after IDLE_MINUTES without a request), and
+then goes, disk and record, as SkyPilot's autostop takes a cluster down once no job runs on it
+(`sky.launch(..., down=True)`; sky.py AUTOSTOP_MINUTES). A job stopped from outside (a warm
+restart, `modelferry down`) leaves that to whoever stopped it.
 """
 
 from __future__ import annotations
@@ -98,6 +102,11 @@ class LocalNode:
         return f"http://127.0.0.1:{self.env['SERVE_PORT']}"
 
     @property
+    def stopping(self) -> Path:
+        """Present while a job is being stopped from outside (see `_job`)."""
+        return self.workdir / "stopping"
+
+    @property
     def record(self) -> Path:
         """What `modelferry down` finds the node by (pid and URL, no keys), beside its work dir."""
         return self.workdir.parent / f"{self.workdir.name}.json"
@@ -164,7 +173,9 @@ def _job(node: LocalNode, part: str, script: str, watched: bool) -> subprocess.P
     `watched`: the runner ends the node when this process is gone (see the module's docstring)."""
     path = node.workdir / f"job-{node.jobs}-{part}.sh"
     path.write_text(script)
-    watch = ["--watch", str(os.getpid()), "--node", str(node.workdir)] if watched else []
+    node.stopping.unlink(missing_ok=True)
+    watch = ["--watch", str(os.getpid())] if watched else ["--down-when-done"] if part == "run" else []
+    watch += ["--node", str(node.workdir)]
     # cwd "/": SkyPilot's daemon inherits it and must not hold the node's disk once the node is gone
     return start([sys.executable, "-m", "modelferry.tasks.local_target", str(path), str(node.log), *watch],
                  node.workdir / f"job-{node.jobs}-{part}.runner.log", node.env, Path("/"))
@@ -179,6 +190,7 @@ def state(node: LocalNode) -> str:
 def stop_job(node: LocalNode) -> None:
     """Stop the job with everything it started (vLLM's API server, engine core, workers)."""
     if node.proc is not None:
+        node.stopping.touch()  # before the job can end: its runner must not take the node down
         _stop(node.proc)
         node.proc = None
 
@@ -268,6 +280,8 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("log")
     ap.add_argument("--watch", type=int, help="end the node once this process is gone")
     ap.add_argument("--node", type=Path, help="the node's work dir, removed with it")
+    ap.add_argument("--down-when-done", action="store_true",
+                    help="remove the node once the job ends by itself (a kept node: SkyPilot's autostop with down)")
     args = ap.parse_args(argv)
     watcher = threading.Thread(target=_end_when_orphaned, args=(args.watch, args.node), daemon=True)
     if args.watch:
@@ -275,6 +289,11 @@ def _main(argv: list[str]) -> int:
     code = log_lib.run_bash_command_with_log(args.script.read_text(), args.log)
     if args.watch and os.getppid() != args.watch:
         watcher.join()  # the job ended because its starter is gone: the watcher removes the node, then exits
+    node = LocalNode(args.node, {}) if args.node else None
+    if args.down_when_done and node and not node.stopping.exists():
+        print(f"modelferry: the job ended (exit {code}) on a kept node: taking the node down", file=sys.stderr,
+              flush=True)
+        remove(node)
     return code
 
 

@@ -8,8 +8,9 @@ standard library alone (shipped by `file_mounts`, beside compile_cache.py).
 everything it started, so nothing holds the job's output open (SkyPilot ends a job at EOF of its
 output: skylet/log_lib.py run_with_log). A stop (SIGTERM, SIGINT, SIGHUP: SkyPilot's cancel, the
 local target's stop) is passed on to vLLM, which shuts down cleanly; before vLLM starts it ends the
-program with 128 + the signal's number (143 for SIGTERM). vLLM's output passes through unchanged; when vLLM fails, the last line says why
-(`root_cause`), not vLLM's wrapper.
+program with 128 + the signal's number (143 for SIGTERM). vLLM's output passes through unchanged; when
+vLLM fails, the last line says why (`root_cause`), not vLLM's wrapper. With IDLE_MINUTES set (cluster
+mode), a node that served no request for that long stops vLLM itself and exits 0 (`watch_idle`).
 
 The rules that size the node live here and nowhere else: `skytask.py` imports them to ask SkyPilot
 for hosts on which they work. Every line this prints for the controller starts with `modelferry `
@@ -359,6 +360,82 @@ def sample_peak(vllm: subprocess.Popen, health_url: str, every_s: float = 0.5) -
     say(f"host memory peak {peak} bytes")
 
 
+# Idle means no requests, read from vLLM's own /metrics (unguarded by --api-key: only /v1... are,
+# entrypoints/serve/middleware/authenticate.py): the gauges of requests in a batch and queued
+# (v1/metrics/loggers.py vllm:num_requests_running, vllm:num_requests_waiting), which the engine
+# sets after each step, and the counter of finished requests, any finish reason, aborts included
+# (vllm:request_success, `_total` in Prometheus' text), which catches a request that came and went
+# between two reads. Summed over their labels (engines, reasons).
+IN_FLIGHT = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+FINISHED = "vllm:request_success_total"
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][\w:]*)(?:\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?[ \t]+(\S+)', re.M)
+
+
+def request_counts(metrics: str) -> tuple[float, float]:
+    """(requests in flight, requests finished so far) from /metrics' Prometheus text."""
+    in_flight = finished = 0.0
+    for name, value in _SAMPLE.findall(metrics):
+        if name in IN_FLIGHT:
+            in_flight += float(value)
+        elif name == FINISHED:
+            finished += float(value)
+    return in_flight, finished
+
+
+class IdleClock:
+    """Seconds since the node last served: a read that shows a request in flight, or more finished
+    than the read before, restarts it; so does a read that failed (a node we can't read is not
+    stopped)."""
+
+    def __init__(self, now: float) -> None:
+        self.since, self.finished = now, None
+
+    def read(self, now: float, counts: tuple[float, float] | None) -> float:
+        if counts is None or counts[0] > 0 or (self.finished is not None and counts[1] != self.finished):
+            self.since = now
+        if counts is not None:
+            self.finished = counts[1]
+        return now - self.since
+
+
+def idle_minutes(env: dict[str, str]) -> int | None:
+    """IDLE_MINUTES: stop vLLM after that many minutes without a request; empty: never."""
+    value = env.get("IDLE_MINUTES", "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise NodeError(f"IDLE_MINUTES={value}: use a number of minutes, or leave it empty to serve until stopped")
+    return int(value)
+
+
+def fetch(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.read().decode(errors="replace")
+    except OSError:
+        return None
+
+
+def watch_idle(vllm: subprocess.Popen, base_url: str, idle_s: float, stop_vllm, every_s: float | None = None) -> None:
+    """Once vLLM serves, read its /metrics every sixth of `idle_s` (at most 30 s) and call
+    `stop_vllm` when it has served no request for `idle_s`: the job then ends, and SkyPilot's
+    autostop takes the cluster down."""
+    every_s = every_s or min(30.0, idle_s / 6)
+    while vllm.poll() is None and not serving(base_url + "/health"):
+        time.sleep(min(1.0, every_s))
+    clock = IdleClock(time.monotonic())
+    while vllm.poll() is None:
+        time.sleep(every_s)
+        text = fetch(base_url + "/metrics")
+        if clock.read(time.monotonic(), request_counts(text) if text is not None else None) >= idle_s:
+            minutes = idle_s / 60
+            say(f"idle: no request for {minutes:g} minute{'s' * (minutes != 1)}: stopping vLLM (--idle-minutes)")
+            stop_vllm()
+            return
+
+
 def relay(source, tail: list[bytes], keep: int = 1 << 18) -> None:
     """vLLM's output to ours, byte for byte (tqdm's carriage returns too), keeping its last `keep`
     bytes for `root_cause`. Straight to the file descriptor: no lock shared with print(). Where
@@ -381,7 +458,7 @@ def run(env: dict[str, str]) -> int:
     mark("run-start")
     # A stop before vLLM runs ends this at once, except while a child is being started: then it
     # waits until the child is one of `children`, which the way out ends.
-    state: dict = {"vllm": None, "starting": False, "pending": None}
+    state: dict = {"vllm": None, "starting": False, "pending": None, "idle": False}
 
     def stop(signum, frame) -> None:
         if state["vllm"] is not None:
@@ -421,7 +498,9 @@ def run(env: dict[str, str]) -> int:
             raise NodeError(f"READY_TIMEOUT={env['READY_TIMEOUT']}: use a number of seconds") from None
         if "RUNAI_STREAMER_S3_TIMEOUT" not in env:
             vllm_env["RUNAI_STREAMER_S3_TIMEOUT"] = str(streamer_retry_s(ready_timeout))
-        health = f"http://127.0.0.1:{env.get('SERVE_PORT', '8000')}/health"
+        base_url = f"http://127.0.0.1:{env.get('SERVE_PORT', '8000')}"
+        health = base_url + "/health"
+        idle_limit = idle_minutes(env)
         if env.get("COMPILE_CACHE") == "on":
             tool = str(Path(__file__).with_name("compile_cache.py"))
             # Never blocks serving: the tool logs a failure and exits 0.
@@ -442,6 +521,12 @@ def run(env: dict[str, str]) -> int:
         relaying = threading.Thread(target=relay, args=(proc.stdout, tail), daemon=True)
         relaying.start()
         threading.Thread(target=sample_peak, args=(proc, health), daemon=True).start()
+        if idle_limit:
+            def stop_idle() -> None:
+                state["idle"] = True
+                stop(signal.SIGTERM, None)
+
+            threading.Thread(target=watch_idle, args=(proc, base_url, idle_limit * 60, stop_idle), daemon=True).start()
         status = proc.wait()
     finally:
         for sig in stops:  # a second stop must not cut the way out short
@@ -449,6 +534,9 @@ def run(env: dict[str, str]) -> int:
         children.end()
     relaying.join(2)  # what vLLM printed last (its leftovers, ended above, no longer hold the pipe)
     code = status if status >= 0 else 128 - status
+    if state["idle"]:  # asked for: the job succeeds, and autostop takes the node down
+        print(f"modelferry vllm stopped after {idle_limit} idle minutes (exit {code})", file=sys.stderr, flush=True)
+        return 0
     cause = root_cause(b"".join(tail).decode(errors="replace")) if code else None
     print(f"modelferry vllm exited with {code}" + (f": {cause}" if cause else ""), file=sys.stderr, flush=True)
     return code

@@ -39,8 +39,8 @@ class LaunchOptions:
     target: str = _option("local", "sky: SkyPilot spot GPUs; local: the local target on this machine (default)",
                           choices=("sky", "local"))
     source: str = _option("auto", "auto: the bucket if staged and intact, else the Hub; r2: bucket only; hub: Hub only")
-    mode: str = _option("cluster", "cluster (autostop + down), job (managed job, spot recovery), "
-                                   "serve (SkyServe, on-demand fallback)")
+    mode: str = _option("cluster", "cluster: one node, stopped when idle (--idle-minutes); job: a managed job, "
+                                   "recovered from preemption; serve: a SkyServe service, one replica")
     strategy: str = _option("stream", "stream: Run:ai streamer over S3; prefetch: s5cmd to local disk, then load")
     accelerators: list[str] | None = _option(
         None, "GPUs to allow, e.g. L4:1 or A100:2 (repeatable; default: every GPU whose memory fits the model)",
@@ -63,7 +63,9 @@ class LaunchOptions:
     memory: str | None = _option(
         None, "host memory for every GPU option, in SkyPilot's syntax: GiB, '+' for at least, e.g. 64+ (default: "
               "sized from the weights and the GPU count)", metavar="GIB[+]")
-    idle_minutes: int = _option(30, "--mode cluster: SkyPilot autostop (down) after this many idle minutes (default 30)")
+    idle_minutes: int = _option(30, "--mode cluster and the local node: stop vLLM after this many minutes without a "
+                                    "request (vLLM's /metrics), kept nodes too; SkyPilot then takes the cluster down "
+                                    "(default 30)", metavar="MINUTES")
     use_spot: bool = _option(True, "on-demand instead of spot GPUs", flag="--on-demand")
     disk_size: int | None = _option(None, "node disk (default: 256 GB, or 2.5 x the model + 64 GB when bigger)",
                                     metavar="GB")

@@ -17,6 +17,17 @@ from modelferry.tasks.errors import LaunchError, first_line
 log = logging.getLogger("modelferry.sky")
 
 PORT = 8000  # where the template's vLLM listens
+# A cluster's node program stops vLLM once it has served no request for --idle-minutes, and its job
+# ends; SkyPilot's autostop then takes the cluster down after this many minutes with no job running.
+# Its skylet checks once a minute (sky/skylet/events.py StopEvent, EVENT_INTERVAL_SECONDS = 60) and
+# by default also waits for SSH sessions (autostop_lib.py 137, JOBS_AND_SSH): a user logged in keeps it.
+AUTOSTOP_MINUTES = 1
+
+
+def autostop() -> dict:
+    """What `sky.launch` is given for a cluster: down (not stop) once it has run no job for
+    AUTOSTOP_MINUTES; `wait_for` left to SkyPilot's default."""
+    return {"idle_minutes_to_autostop": AUTOSTOP_MINUTES, "down": True}
 
 
 def _sky():
@@ -33,7 +44,7 @@ def _sky():
 
 # --- the cloud boundary --------------------------------------------------------------------------
 
-def launch(cfg: dict, name: str, mode: str, secrets: dict[str, str], idle_minutes: int = 30) -> int | None:
+def launch(cfg: dict, name: str, mode: str, secrets: dict[str, str]) -> int | None:
     """Launch on SkyPilot. Blocks until SkyPilot has submitted the run (cluster/job) or the service.
     Returns the cluster job's id (cluster mode), whose log and state the launcher reads.
     SkyPilot's progress goes to stderr, so `--json` output on stdout stays clean."""
@@ -46,7 +57,7 @@ def launch(cfg: dict, name: str, mode: str, secrets: dict[str, str], idle_minute
     try:
         with contextlib.redirect_stdout(sys.stderr):
             if mode == "cluster":
-                request = sky.launch(task, cluster_name=name, idle_minutes_to_autostop=idle_minutes, down=True)
+                request = sky.launch(task, cluster_name=name, **autostop())
             elif mode == "job":
                 request = sky.jobs.launch(task, name=name)
             else:

@@ -184,7 +184,8 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, wei
                 LOADER_LARGEST_FILE=str(max(weight_files)) if weight_files else "",
                 EXTRA_VLLM_ARGS=options.extra_vllm_args, COMPILE_CACHE="on" if options.compile_cache else "off",
                 COMPILE_CACHE_BUCKET=bucket, READY_TIMEOUT=f"{options.ready_timeout:g}",
-                MAX_MODEL_LEN=fitted.max_model_len)
+                MAX_MODEL_LEN=fitted.max_model_len,
+                IDLE_MINUTES=str(options.idle_minutes) if options.mode == "cluster" else "")
     cfg["file_mounts"] = {dst: packaged_file(src) for dst, src in cfg.get("file_mounts", {}).items()}
     envs.update({k: v for k, v in loader_env.items() if k in envs})
     res = cfg["resources"]

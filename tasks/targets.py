@@ -121,7 +121,7 @@ class Sky:
         return key
 
     def start(self, dep: Deployment) -> None:
-        dep.job_id = sky.launch(dep.cfg, dep.name, dep.options.mode, dep.secrets, dep.options.idle_minutes)
+        dep.job_id = sky.launch(dep.cfg, dep.name, dep.options.mode, dep.secrets)
         dep.url = sky.endpoint(dep.name, dep.options.mode)
 
     def restart(self, dep: Deployment) -> None:

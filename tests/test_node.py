@@ -243,3 +243,83 @@ def test_the_root_cause_passes_every_wrapper_vllm_puts_around_it():
     pydantic = ("(APIServer pid=5) pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
                 "(APIServer pid=5)   Value error, Invalid repository ID or local directory specified: 's3://b/m/'\n")
     assert node.root_cause(pydantic).endswith("Value error, Invalid repository ID or local directory specified: 's3://b/m/'")
+
+
+def vllm_metrics(running: int, waiting: int, finished: dict[str, int]) -> str:
+    """/metrics as vLLM 0.32 writes it: its series, names and labels (v1/metrics/loggers.py 527-546,
+    807-820), through the same prometheus_client, which adds `_total` to a counter's samples."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+    registry = CollectorRegistry()
+    labels = ["model_name", "engine"]
+    Gauge("vllm:num_requests_running", "", labels, registry=registry).labels("acme/m", "0").set(running)
+    Gauge("vllm:num_requests_waiting", "", labels, registry=registry).labels("acme/m", "0").set(waiting)
+    Gauge("vllm:kv_cache_usage_perc", "", labels, registry=registry).labels("acme/m", "0").set(0.5)
+    success = Counter("vllm:request_success", "", [*labels, "finished_reason"], registry=registry)
+    for reason, count in finished.items():
+        success.labels("acme/m", "0", reason).inc(count)
+    Counter("vllm:prompt_tokens", "", labels, registry=registry).labels("acme/m", "0").inc(99)
+    return generate_latest(registry).decode()
+
+
+def test_idle_is_read_from_vllms_request_series():
+    text = vllm_metrics(running=1, waiting=2, finished={"stop": 3, "length": 4, "abort": 1})
+    assert "vllm:request_success_total{" in text and "vllm:request_success_created{" in text
+    assert node.request_counts(text) == (3, 8)
+    assert node.request_counts(vllm_metrics(0, 0, {})) == (0, 0)
+
+
+def test_the_idle_clock_restarts_on_any_request_and_on_a_node_it_cant_read():
+    clock = node.IdleClock(now=0)
+    assert clock.read(10, (0, 5)) == 10  # nothing in flight: idle since the clock started
+    assert clock.read(20, (0, 6)) == 0  # one came and went between two reads
+    assert clock.read(30, (1, 6)) == 0  # one in flight
+    assert clock.read(40, None) == 0  # /metrics did not answer: not known to be idle
+    assert clock.read(100, (0, 6)) == 60
+
+
+@pytest.mark.parametrize("value,message", [("0", "IDLE_MINUTES=0"), ("ten", "IDLE_MINUTES=ten"), ("-1", "IDLE_MINUTES=-1")])
+def test_an_idle_limit_the_node_cant_use_is_refused_by_name(value, message):
+    with pytest.raises(NodeError, match=message):
+        node.idle_minutes({"IDLE_MINUTES": value})
+    assert node.idle_minutes({"IDLE_MINUTES": ""}) is None and node.idle_minutes({"IDLE_MINUTES": "30"}) == 30
+
+
+def test_vllm_is_stopped_once_it_serves_no_request_for_the_idle_limit():
+    """`watch_idle` against an HTTP server answering /health and /metrics as vLLM does: while the
+    finished count moves, the clock restarts; once it stops moving, vLLM is stopped after the limit."""
+    import http.server
+    import threading
+    import time
+
+    served = {"finished": {"stop": 0}}
+
+    class Vllm(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = vllm_metrics(0, 0, served["finished"]).encode() if self.path == "/metrics" else b""
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Vllm)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    vllm = subprocess.Popen(["sleep", "60"])
+    stopped = []
+    try:
+        watcher = threading.Thread(target=node.watch_idle, daemon=True,
+                                   args=(vllm, f"http://127.0.0.1:{server.server_port}", 1.0,
+                                         lambda: stopped.append(time.monotonic()), 0.1))
+        watcher.start()
+        busy_until = time.monotonic() + 2.5
+        while time.monotonic() < busy_until:  # a request finishes every 0.2 s: never idle for 1 s
+            served["finished"]["stop"] += 1
+            time.sleep(0.2)
+        assert not stopped
+        watcher.join(5)
+        assert stopped and 0.9 < stopped[0] - busy_until < 2.0
+    finally:
+        vllm.kill()
+        server.shutdown()

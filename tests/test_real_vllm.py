@@ -99,3 +99,46 @@ def test_down_stops_the_kept_node_and_teardown_left_nothing(vllm_session, cli):
     while procs.living(node_b) and time.time() < deadline:
         time.sleep(0.5)
     assert not procs.living(node_b)
+
+
+def _complete(url: str, prompt: str) -> int:
+    req = urllib.request.Request(url + "/v1/completions", method="POST",
+                                 data=json.dumps({"model": LLAMA, "prompt": prompt, "max_tokens": 4}).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.status
+
+
+@pytest.mark.real_vllm
+def test_a_kept_node_serves_while_asked_and_is_gone_after_its_idle_minutes(cli, env):
+    """--keep --idle-minutes 1 on the local node, real vLLM: a request every 15 s for longer than
+    the limit keeps it serving; after the last one, the node program reads vLLM's /metrics, stops
+    vLLM and ends the job, and the node goes with its disk and record (SkyPilot's autostop with down,
+    which takes a cluster down once no job runs) within about two minutes."""
+    assert cli("stage", LLAMA).rc == 0
+    run = cli("launch", LLAMA, "--target", "local", "--keep", "--idle-minutes", "1", "--ready-timeout", "300",
+              extra_env={"VLLM_API_KEY": API_KEY})
+    assert run.rc == 0, run
+    assert "vLLM stops after 1 minute without a request, and the node is gone" in run.err, run.err[-2000:]
+    launches = Path(env["MODELFERRY_CACHE"]) / "launches"
+    (record_file,) = launches.glob("*.json")
+    record = json.loads(record_file.read_text())
+    node = procs.group(record["pid"]) + procs.tree(record["pid"])
+    asked_until = time.monotonic() + 80
+    while time.monotonic() < asked_until:
+        assert _complete(record["url"], "Still there?") == 200
+        time.sleep(15)
+    assert _complete(record["url"], "Last one") == 200
+    last = time.monotonic()
+    log, job_log = "", launches / record["name"] / "job-1.log"
+    while record_file.exists() and time.monotonic() - last < 180:
+        log = job_log.read_text(errors="replace") if job_log.exists() else log
+        time.sleep(1)
+    gone = time.monotonic() - last
+    assert not record_file.exists() and not (launches / record["name"]).exists(), f"still there {gone:.0f} s on"
+    assert 60 <= gone < 120, f"gone {gone:.0f} s after the last request"
+    assert "modelferry idle: no request for 1 minute: stopping vLLM (--idle-minutes)" in log, log[-3000:]
+    deadline = time.monotonic() + 15
+    while procs.living(node) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not procs.living(node) and procs.under(Path(env["MODELFERRY_CACHE"])) == []

@@ -7,6 +7,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -47,11 +48,57 @@ def test_generated_task_passes_skypilots_schema(mode, strategy, sky_home):
     if mode == "serve":
         assert cfg["service"]["readiness_probe"]["path"] == "/health"
         assert cfg["service"]["replica_policy"]["dynamic_ondemand_fallback"] is True
+    if mode != "cluster":  # a managed job or a service replica must not stop itself when idle
+        assert task.envs["IDLE_MINUTES"] == ""
     if mode == "job":
         # Preemption is recovered whatever this says; it counts only the job's own failures on a
         # cluster still UP (SkyPilot 0.14.1 sky/jobs/controller.py -> should_restart_on_failure in
         # sky/jobs/recovery_strategy.py). vLLM refusing its model fails alike on every node: no retry.
         assert cfg["resources"]["job_recovery"] == {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
+
+
+AUTOSTOP = """
+import json, time
+from modelferry.tasks import sky as ours, skytask
+from sky.skylet import autostop_lib, configs, events, job_lib
+
+task = skytask.validate(json.loads(CFG))
+kw = ours.autostop()
+for r in task.resources:  # the client SDK (sky/client/sdk.py 854-865)
+    r.override_autostop_config(down=kw["down"], idle_minutes=kw["idle_minutes_to_autostop"], wait_for=kw.get("wait_for"))
+config = next(iter(task.resources)).autostop_config  # the API server (sky/execution.py 464-498) ...
+autostop_lib.set_autostop(idle_minutes=config.idle_minutes, backend="cloudvmray",  # ... the skylet (services.py 60-72)
+                          wait_for=config.wait_for or autostop_lib.DEFAULT_AUTOSTOP_WAIT_FOR, down=config.down)
+stored = autostop_lib.get_autostop_config()
+event, downs = events.StopEvent(), []
+event._stop_cluster = lambda c: downs.append(c.down)  # what a cloud would do; the decision is SkyPilot's
+def idle_for(minutes):
+    configs.set_config("autostop_last_active_time", str(time.time() - 60 * minutes))
+    event._run()
+    return list(downs)
+job, _ = job_lib.add_job("modelferry-vllm", "user", "sky-1", "1x[L4:1]")
+job_lib.set_job_started(job)
+serving = idle_for(600)  # vLLM serving nobody for 10 hours: a running job is never idle to SkyPilot
+job_lib.set_status(job, job_lib.JobStatus.SUCCEEDED)  # the node program stopped vLLM: no request for --idle-minutes
+ended = idle_for(0.5), idle_for(stored.autostop_idle_minutes)
+print(json.dumps({"minutes": stored.autostop_idle_minutes, "down": stored.down, "wait_for": stored.wait_for.value,
+                  "serving": serving, "ended": ended}))
+"""
+
+
+def test_a_cluster_goes_down_a_minute_after_its_job_ends_as_skypilots_autostop_decides(tmp_path):
+    """What `sky.launch` is given, read back through SkyPilot's own autostop code (sky/skylet/
+    autostop_lib.py, events.py StopEvent 292-332): a job running keeps the cluster up however long
+    vLLM serves nobody (so the node stops vLLM itself, IDLE_MINUTES); once it has ended, the cluster
+    goes down (not stop) after AUTOSTOP_MINUTES."""
+    cfg = build(options=LaunchOptions(target="sky", idle_minutes=20))
+    assert cfg["envs"]["IDLE_MINUTES"] == "20"
+    env = dict(os.environ, HOME=str(tmp_path), SKY_RUNTIME_DIR=str(tmp_path), CFG=json.dumps(cfg))
+    out = subprocess.run([sys.executable, "-c", "import os; CFG = os.environ['CFG']\n" + AUTOSTOP], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    said = json.loads(out.stdout.strip().splitlines()[-1])
+    assert said == {"minutes": 1, "down": True, "wait_for": "jobs_and_ssh", "serving": [], "ended": [[], [True]]}
 
 
 def test_secrets_never_reach_envs_or_the_printed_yaml(sky_home):
