@@ -105,7 +105,7 @@ def stage_and_launch(model: str, revision: str | None = None, name: str | None =
                      accelerators: list[str] | None = None, concurrency: int | None = None, compile_cache: bool = True,
                      vllm_image: str | None = None, ready_timeout: float = 1800, max_model_len: int | None = None,
                      memory_limit: int | None = None, memory: str | None = None, idle_minutes: int = 30,
-                     use_spot: bool = True, disk_size: int | None = None, extra_vllm_args: str = "", runs: int = 1,
+                     use_spot: bool = True, ondemand_fallback: bool = False, disk_size: int | None = None, extra_vllm_args: str = "", runs: int = 1,
                      stage: bool = True,
                      include: list[str] | None = None, exclude: list[str] | None = None, keep: bool = False,
                      results_dir: str = "results") -> Launched:

@@ -67,6 +67,10 @@ class LaunchOptions:
                                     "request (vLLM's /metrics), kept nodes too; SkyPilot then takes the cluster down "
                                     "(default 30)", metavar="MINUTES")
     use_spot: bool = _option(True, "on-demand instead of spot GPUs", flag="--on-demand")
+    ondemand_fallback: bool = _option(
+        False, "--mode serve: while the spot replica starts or is preempted, SkyServe also runs an on-demand one "
+               "(faster to answer after a preemption; each cold start then pays for two GPU nodes until the spot "
+               "one is ready)")
     disk_size: int | None = _option(None, "node disk (default: 256 GB, or 2.5 x the model + 64 GB when bigger)",
                                     metavar="GB")
     extra_vllm_args: str = _option("", "more `vllm serve` arguments, e.g. '--enforce-eager' (the context: --max-model-len)", metavar="ARGS")
@@ -108,6 +112,9 @@ class LaunchOptions:
         if {"--max-model-len", "--max_model_len"} & {arg.split("=")[0] for arg in self.extra_vllm_args.split()}:
             raise SettingsError("--extra-vllm-args: give the context as --max-model-len TOKENS, so that the GPUs are "
                                 "fitted to it")
+        if self.ondemand_fallback and not (self.mode == "serve" and self.use_spot):
+            raise SettingsError("--ondemand-fallback is for --mode serve on spot GPUs: SkyServe's fallback from spot "
+                                "to on-demand replicas")
         if self.target == "local" and self.mode != "cluster":
             raise SettingsError(f"--mode {self.mode} needs --target sky: the local target is one node")
 

@@ -160,6 +160,28 @@ def placement(name: str) -> dict:
             "cloud": str(res.cloud).lower() if res.cloud else None, "region": res.region, "spot": res.use_spot}
 
 
+def serving_replicas(name: str) -> dict:
+    """Where a service's READY replicas run (`sky serve status`: each replica's `is_spot` and its
+    handle's launched resources, sky/serve/replica_managers.py ReplicaInfo.to_info_dict): `spot` is
+    True or False when every ready replica agrees, else None (the load balancer may send a request to
+    either)."""
+    sky = _sky()
+    services = sky.get(sky.serve.status([name]))
+    return replica_placement(services[0].get("replica_info", []) if services else [])
+
+
+def replica_placement(replicas: list[dict]) -> dict:
+    ready = [r for r in replicas if str(getattr(r.get("status"), "value", r.get("status"))) == "READY"]
+    spots = {bool(r.get("is_spot")) for r in ready}
+    placed = {"spot": spots.pop() if len(spots) == 1 else None, "replicas": len(ready)}
+    res = getattr(ready[0].get("handle"), "launched_resources", None) if len(ready) == 1 else None
+    if res is not None:
+        (gpu, count), = (res.accelerators or {None: 0}).items()
+        placed.update(gpu=gpu, gpus=count, instance_type=res.instance_type,
+                      cloud=str(res.cloud).lower() if res.cloud else None, region=res.region)
+    return placed
+
+
 def clusters() -> list[str]:
     sky = _sky()
     return [c["name"] for c in sky.get(sky.status())]

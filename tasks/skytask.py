@@ -207,9 +207,13 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, wei
         # model or its options fails the same way on every node: 0 ends the job on the first one.
         res["job_recovery"] = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
     if options.mode == "serve":
+        # One replica. With on-demand fallback SkyServe launches an on-demand replica for every spot
+        # one not yet ready (sky/serve/autoscalers.py 1055-1072): each cold start would pay for two
+        # nodes. The probe gives the replica as long to start as --ready-timeout.
         cfg["service"] = {
-            "readiness_probe": {"path": "/health", "initial_delay_seconds": 1800},
-            "replica_policy": {"min_replicas": 1, "max_replicas": 1, "dynamic_ondemand_fallback": options.use_spot},
+            "readiness_probe": {"path": "/health", "initial_delay_seconds": math.ceil(options.ready_timeout)},
+            "replica_policy": {"min_replicas": 1, "max_replicas": 1,
+                               "dynamic_ondemand_fallback": options.ondemand_fallback},
         }
     return cfg
 

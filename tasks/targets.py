@@ -140,9 +140,11 @@ class Sky:
         return dep.url or sky.endpoint(dep.name, dep.options.mode)
 
     def where(self, dep: Deployment) -> dict:
-        if dep.options.mode != "cluster":  # a managed job's or a service's nodes are not ours to name
+        if dep.options.mode == "job":  # a managed job's nodes are its controller's to name
             return {"spot": dep.options.use_spot}
         try:
+            if dep.options.mode == "serve":  # the replicas that answered, as SkyServe reports them
+                return sky.serving_replicas(dep.name)
             return sky.placement(dep.name)
         except Exception as exc:  # noqa: BLE001 - the row is still worth having without it
             log.warning("could not ask SkyPilot where %s runs: %s", dep.name, exc)

@@ -10,7 +10,7 @@ import pytest
 LAUNCH = ["--revision", "--target", "--mode", "--source", "--strategy", "--accelerators", "--concurrency",
           "--no-compile-cache", "--vllm-image", "--ready-timeout", "--max-model-len", "--memory-limit", "--memory",
           "--idle-minutes",
-          "--on-demand", "--disk-size", "--extra-vllm-args", "--json"]
+          "--on-demand", "--ondemand-fallback", "--disk-size", "--extra-vllm-args", "--json"]
 FLAGS = {
     "check-r2": ["--json"],
     "stage": ["--revision", "--include", "--exclude", "--name", "--allow-unloadable", "--replace", "--no-set-current",

@@ -47,7 +47,6 @@ def test_generated_task_passes_skypilots_schema(mode, strategy, sky_home):
     assert all(r.use_spot for r in task.resources)
     if mode == "serve":
         assert cfg["service"]["readiness_probe"]["path"] == "/health"
-        assert cfg["service"]["replica_policy"]["dynamic_ondemand_fallback"] is True
     if mode != "cluster":  # a managed job or a service replica must not stop itself when idle
         assert task.envs["IDLE_MINUTES"] == ""
     if mode == "job":
@@ -55,6 +54,66 @@ def test_generated_task_passes_skypilots_schema(mode, strategy, sky_home):
         # cluster still UP (SkyPilot 0.14.1 sky/jobs/controller.py -> should_restart_on_failure in
         # sky/jobs/recovery_strategy.py). vLLM refusing its model fails alike on every node: no retry.
         assert cfg["resources"]["job_recovery"] == {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_a_spot_replica_still_starting_brings_an_on_demand_one_only_when_asked(fallback, sky_home):
+    """The service as SkyServe's controller runs it: the spec from the task (sky.Task.service), its
+    autoscaler made by `Autoscaler.from_spec` and asked for decisions over the replicas
+    (sky/serve/controller.py 55-56, 69-107). A spot replica provisioning or starting makes it launch
+    an on-demand one beside it only with dynamic_ondemand_fallback (serve/autoscalers.py 1049-1064).
+    The probe waits as long as --ready-timeout."""
+    from sky.serve import autoscalers, replica_managers
+    from sky.utils.common_utils import ProcessStatus
+
+    cfg = build(options=LaunchOptions(target="sky", mode="serve", ready_timeout=900, ondemand_fallback=fallback))
+    spec = skytask.validate(cfg).service
+    assert spec.initial_delay_seconds == 900
+    scaler = autoscalers.Autoscaler.from_spec("mf-svc", spec)
+    for launch_status, status in ((ProcessStatus.RUNNING, "PROVISIONING"), (ProcessStatus.SUCCEEDED, "STARTING")):
+        replica = replica_managers.ReplicaInfo(1, "mf-svc-1", "8000", True, None, 1, {"use_spot": True})
+        replica.status_property.sky_launch_status = launch_status  # how the controller sees it start
+        assert replica.status.value == status
+        decisions = scaler.generate_scaling_decisions([replica], [])
+        on_demand = [d for d in decisions if d.target == {"use_spot": False}]
+        assert len(on_demand) == (1 if fallback else 0), decisions
+        assert not [d for d in decisions if d.operator.name == "SCALE_UP" and d.target != {"use_spot": False}]
+
+
+def test_a_services_row_says_spot_from_the_replicas_that_are_ready(sky_home):
+    """`sky serve status` records as SkyServe's controller builds them (ReplicaInfo.to_info_dict,
+    sky/serve/serve_utils.py 947-953) and the client decodes them (server/requests/serializers
+    encoders.py 203-216, decoders.py 190-204)."""
+    import copy
+
+    from sky.serve import replica_managers, serve_state
+    from sky.server.requests.serializers import decoders, encoders
+    from sky.utils.common_utils import ProcessStatus
+
+    from modelferry.tasks import sky as ours
+
+    def placed(*replicas: tuple[bool, bool]) -> dict:  # (spot, ready) each
+        infos = []
+        for n, (spot, ready) in enumerate(replicas, 1):
+            info = replica_managers.ReplicaInfo(n, f"mf-svc-{n}", "8000", spot, None, 1, {"use_spot": spot})
+            info.status_property.sky_launch_status = ProcessStatus.SUCCEEDED
+            info.status_property.service_ready_now = ready
+            infos.append(info.to_info_dict(with_handle=True, with_url=False, cluster_record=None))
+        record = {"name": "mf-svc", "status": serve_state.ServiceStatus.READY, "replica_info": infos}
+        (decoded,) = decoders.decode_serve_status(encoders.encode_serve_status([copy.deepcopy(record)]))
+        return ours.replica_placement(decoded["replica_info"])
+
+    assert placed((True, True)) == {"spot": True, "replicas": 1}
+    assert placed((True, False), (False, True)) == {"spot": False, "replicas": 1}  # the on-demand fallback answers
+    assert placed((True, True), (False, True)) == {"spot": None, "replicas": 2}  # either may have answered
+    assert placed((True, False)) == {"spot": None, "replicas": 0}
+
+
+def test_on_demand_fallback_is_for_spot_services_only():
+    with pytest.raises(SettingsError, match="--ondemand-fallback is for --mode serve on spot"):
+        LaunchOptions(target="sky", mode="cluster", ondemand_fallback=True).check()
+    with pytest.raises(SettingsError, match="--ondemand-fallback"):
+        LaunchOptions(target="sky", mode="serve", use_spot=False, ondemand_fallback=True).check()
 
 
 AUTOSTOP = """
