@@ -11,6 +11,7 @@ import sys
 
 from modelferry.flows import interrupts
 from modelferry.flows.commands import COMMANDS, Output
+from modelferry.tasks.cost import HUB_MB_S
 from modelferry.tasks.errors import ModelferryError, SettingsError, StepFailed, first_line
 from modelferry.tasks.options import add_flags
 
@@ -147,11 +148,16 @@ def parser() -> argparse.ArgumentParser:
     do.add_argument("--target", choices=["local", "sky", "all"], default="all",
                     help="where to look (default all; sky starts SkyPilot's local API server if it isn't running)")
 
-    co = sub.add_parser("cost", help="monthly cost of cold starts: Hub/S3 egress vs R2",
+    co = sub.add_parser("cost", help="what cold starts cost: GPU minutes, egress and storage",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Compares pulling the model's real bytes at every launch from the Hub (free, slow) "
-                                    "or S3 (egress) with keeping it in R2 (storage + read operations, no egress).",
-                        epilog="example:\n  modelferry cost acme/llama-ft --launches-per-day 24")
+                                    "or S3 (egress) with keeping it in R2 (storage + read operations, no egress), and "
+                                    "the GPU time each cold start bills: the model's measured starts (its bench rows "
+                                    "in the bucket) against a start from the Hub estimated from the model's size. "
+                                    "The hourly price is SkyPilot's catalog price of the instance the starts ran on, "
+                                    "else --gpu-price.",
+                        epilog="examples:\n  modelferry cost acme/llama-ft --launches-per-day 24\n"
+                               "  modelferry cost acme/llama-ft --launches-per-day 24 --gpu-price 0.80 --hub-mb-s 60")
     co.add_argument("name")
     co.add_argument("--revision")
     co.add_argument("--launches-per-day", type=float, required=True)
@@ -159,6 +165,12 @@ def parser() -> argparse.ArgumentParser:
     co.add_argument("--r2-storage-per-gb-month", type=float, default=0.015, help="USD (default 0.015)")
     co.add_argument("--r2-class-b-per-million", type=float, default=0.36, help="USD (default 0.36)")
     co.add_argument("--read-request-mib", type=int, default=16, help="bytes per ranged GET, MiB (default 16)")
+    co.add_argument("--gpu-price", type=float, metavar="USD_PER_HOUR",
+                    help="the GPU node's price per hour (default: SkyPilot's catalog price of the instance the "
+                         "measured starts ran on)")
+    co.add_argument("--hub-mb-s", type=float, default=HUB_MB_S, metavar="MB_S",
+                    help=f"the Hub download rate a start from the Hub is estimated at (default {HUB_MB_S:g}: the 8-12 minutes "
+                         "users report for an 8B model's 16 GB, at 10 minutes)")
     co.add_argument("--json", action="store_true")
 
     sub.add_parser("blocks", help="store the R2/HF settings as Prefect Secret blocks",

@@ -5,6 +5,7 @@ Prefect, so they answer in about a second."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -168,25 +169,79 @@ def down(args) -> Output:
 
 
 def cost(args) -> Output:
-    from modelferry.tasks import catalog
+    """Egress and storage of a month of cold starts, and the GPU time of each: this model's measured
+    starts (its bench rows in the bucket) against a start from the Hub, at the node's hourly price."""
+    from modelferry.tasks import catalog, layout
     from modelferry.tasks import cost as pricing
 
-    manifest = catalog.find_manifest(_bucket(), args.name, args.revision)
+    bucket = _bucket()
+    manifest = catalog.find_manifest(bucket, args.name, args.revision)
     prices = pricing.Prices(s3_egress_per_gb=args.s3_egress_per_gb, r2_storage_per_gb_month=args.r2_storage_per_gb_month,
                             r2_class_b_per_million=args.r2_class_b_per_million)
     try:
         result = pricing.monthly(manifest.total_bytes, args.launches_per_day, prices, args.read_request_mib * 2**20,
                                  files=len(manifest.files))
+        measured = pricing.measured_start(_bench_rows(bucket, layout.bench_root(args.name)))
+        hub_s = pricing.hub_start_s(manifest.total_bytes, measured, args.hub_mb_s)
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
-    result = {"name": args.name, "revision": manifest.revision, **result}
-    return Output(result, lines=[
+    price, price_source = _hourly_price(measured, args.gpu_price)
+    month = result["launches_per_month"]
+    staged = pricing.start_cost(measured.seconds, price, month) if measured else None
+    hub = pricing.start_cost(hub_s, price, month)
+    gpu = {"measured": None if measured is None else {**dataclasses.asdict(measured), "where": measured.where()},
+           "usd_per_hour": price, "price_source": price_source, "hub_mb_s": args.hub_mb_s,
+           "staged": staged, "hub": hub}
+    result = {"name": args.name, "revision": manifest.revision, **result, "gpu": gpu}
+    lines = [
         f"{args.name}@{manifest.revision[:12]}: {result['gb_per_launch']} GB x {result['launches_per_month']} "
         "launches/month",
         f"  from S3 (egress ${args.s3_egress_per_gb}/GB): ${result['s3_egress_usd']:,.2f}/month",
-        f"  from the Hub: ${result['hub_usd']:,.2f}/month in fees (paid in minutes of GPU time instead)",
+        f"  from the Hub: ${result['hub_usd']:,.2f}/month in fees (paid in GPU time instead: below)",
         f"  from R2: ${result['r2_usd']:,.2f}/month (storage ${result['r2_storage_usd']}, "
-        f"{result['r2_read_ops']:,} reads, no egress)"])
+        f"{result['r2_read_ops']:,} reads, no egress)",
+        "GPU time of a cold start (the node is billed from its request to its first token):"]
+    if measured:
+        lines.append(f"  staged: {_minutes(staged)}, the median of {measured.runs} measured cold start"
+                     f"{'s' * (measured.runs > 1)} ({measured.strategy}) on {measured.where()}")
+    else:
+        lines.append(f"  staged: not measured: no bench rows of {args.name} in the bucket; run `modelferry bench "
+                     f"{args.name} --target sky` to measure one")
+    lines.append(f"  from the Hub: {_minutes(hub)}, estimated: {'the measured start plus ' if measured else ''}"
+                 f"{manifest.total_bytes / 1e9:.2f} GB at {args.hub_mb_s:g} MB/s (--hub-mb-s)")
+    lines.append(f"  at ${price:g}/hour ({price_source})" if price is not None else f"  no price: {price_source}")
+    return Output(result, lines=lines)
+
+
+def _minutes(start: dict) -> str:
+    money = (f" = ${start['usd_per_launch']:.3f} a launch, ${start['usd_per_month']:,.2f}/month"
+             if "usd_per_launch" in start else "")
+    return f"{start['minutes']:.1f} node-minutes{money}"
+
+
+def _bench_rows(bucket, prefix: str):
+    """Every bench row the bucket holds under `prefix` (each bench writes its rows there)."""
+    import io
+
+    import pandas as pd
+
+    frames = [pd.read_parquet(io.BytesIO(bucket.get_bytes(key))) for key in sorted(bucket.listing(prefix))
+              if key.endswith(".parquet")]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _hourly_price(measured, gpu_price: float | None) -> tuple[float | None, str]:
+    """The node's price per hour and where it came from: --gpu-price, else SkyPilot's catalog for the
+    instance the measured starts ran on."""
+    if gpu_price is not None:
+        if gpu_price <= 0:
+            raise SettingsError(f"--gpu-price {gpu_price:g}: give the node's price in USD per hour")
+        return gpu_price, "--gpu-price"
+    if measured is None or measured.target != "sky" or not (measured.instance_type and measured.cloud):
+        return None, "no measured GPU node to look up in SkyPilot's catalog: give --gpu-price USD_PER_HOUR"
+    from modelferry.tasks import sky
+
+    return sky.hourly_price(measured.instance_type, measured.cloud, measured.region, bool(measured.spot))
 
 
 def gc(args) -> Output:

@@ -83,9 +83,14 @@ def lock_key(name: str, revision: str) -> str:
     return f"{LOCKS}{name}/{revision}.json"
 
 
+def bench_root(model: str) -> str:
+    """Where a model's benchmarks go, one folder each: `bench/<org>/<name>/`."""
+    return f"{BENCH}{model}/"
+
+
 def bench_prefix(model: str, bench_id: str) -> str:
     """Where one benchmark's results go: `bench/<org>/<name>/<bench id>/`."""
-    return f"{BENCH}{model}/{bench_id}/"
+    return f"{bench_root(model)}{bench_id}/"
 
 
 def compile_cache_prefix(key: str) -> str:

@@ -182,6 +182,21 @@ def replica_placement(replicas: list[dict]) -> dict:
     return placed
 
 
+def hourly_price(instance_type: str, cloud: str, region: str | None, spot: bool) -> tuple[float | None, str]:
+    """The instance's price per hour from SkyPilot's catalog (sky/catalog get_hourly_cost: the
+    cheapest zone of the region), and where it came from; None and why when the catalog lacks it or
+    can't be read (SkyPilot downloads it on first use)."""
+    _sky()
+    from sky import catalog
+
+    what = f"{cloud} {instance_type} {'spot' if spot else 'on-demand'}{f' in {region}' if region else ''}"
+    try:
+        price = catalog.get_hourly_cost(instance_type, spot, region, None, clouds=cloud)
+    except Exception as exc:  # noqa: BLE001 - not in the catalog (ValueError), or no catalog to read
+        return None, f"{what} not priced by SkyPilot's catalog ({first_line(exc)[:120]}): give --gpu-price USD_PER_HOUR"
+    return float(price), f"SkyPilot's catalog, {what}"
+
+
 def clusters() -> list[str]:
     sky = _sky()
     return [c["name"] for c in sky.get(sky.status())]

@@ -124,3 +124,22 @@ def secret_findings(roots: list[Path], secrets: dict[str, str]) -> list[str]:
                 continue
             found += [f"{path} holds {name}" for name, value in secrets.items() if value.encode() in data]
     return found
+
+
+def start_rows(*starts: tuple[str, str, str, float, float], model: str = "acme/m"):
+    """Bench rows (StartRow records) of (target, strategy, kind, total_s, weights_s)."""
+    import dataclasses
+
+    import pandas as pd
+
+    from modelferry.tasks.results import StartRow
+
+    def row(i, target, strategy, kind, total, weights):
+        blank = {f.name: None for f in dataclasses.fields(StartRow)}
+        gpu = {"gpu": "L4", "gpus": 1, "instance_type": "g6.xlarge", "cloud": "aws", "region": "us-east-1",
+               "spot": True} if target == "sky" else {"gpu": "cpu", "gpus": 0, "instance_type": "local",
+                                                      "cloud": "local", "region": "local", "spot": False}
+        return {**blank, "model": model, "target": target, "strategy": strategy, "kind": kind, "run": 1,
+                "total_s": total, "weights_s": weights, "started_at": f"2026-12-06T10:00:{i:02d}Z", **gpu}
+
+    return pd.DataFrame([row(i, *s) for i, s in enumerate(starts)])

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from modelferry.tasks import cost, startlog
+from tests.helpers import start_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
 _spec = importlib.util.spec_from_file_location("ray_form", FIXTURES / "ray_form.py")
@@ -166,6 +167,28 @@ def test_cost_compares_s3_egress_with_r2():
     assert c["r2_usd"] < c["s3_egress_usd"] and c["saving_vs_s3_usd"] > 0
     with pytest.raises(ValueError):
         cost.monthly(-1, 1)
+
+
+def test_a_cold_start_is_the_median_of_the_measured_ones_on_gpus_where_there_are_any():
+    rows = start_rows(("local", "stream", "cold", 60, 1), ("sky", "stream", "cold", 90, 6), ("sky", "stream", "cold", 70, 4),
+                      ("sky", "stream", "cold", 80, 5), ("sky", "prefetch", "cold", 120, 3), ("sky", "stream", "warm", 20, 4))
+    start = cost.measured_start(rows)
+    assert (start.seconds, start.weights_s, start.runs, start.strategy) == (80, 5, 3, "stream")
+    assert start.where() == "L4:1 g6.xlarge spot on aws us-east-1"
+    local = cost.measured_start(start_rows(("local", "stream", "cold", 60, 1), ("local", "prefetch", "cold", 50, 2)))
+    assert (local.seconds, local.strategy, local.target) == (50, "prefetch", "local") and "not a GPU" in local.where()
+    assert cost.measured_start(start_rows(("sky", "stream", "warm", 20, 4))) is None
+    assert cost.measured_start(start_rows()) is None
+
+
+def test_a_hub_start_is_the_measured_one_plus_the_download_and_priced_per_launch_and_month():
+    start = cost.measured_start(start_rows(("sky", "stream", "cold", 90, 6)))
+    assert cost.hub_start_s(16 * 10**9, start, hub_mb_s=40) == 90 + 400
+    assert cost.hub_start_s(16 * 10**9, None, hub_mb_s=40) == 400  # nothing measured: the download alone
+    with pytest.raises(ValueError):
+        cost.hub_start_s(1, None, hub_mb_s=0)
+    assert cost.start_cost(90, 0.8, 720) == {"minutes": 1.5, "usd_per_launch": 0.02, "usd_per_month": 14.4}
+    assert cost.start_cost(90, None, 720) == {"minutes": 1.5}
 
 
 @pytest.mark.parametrize("bar, seconds", [

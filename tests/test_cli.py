@@ -21,7 +21,7 @@ FLAGS = {
     "stage-and-launch": [*LAUNCH, "--name", "--runs", "--include", "--exclude", "--keep", "--results"],
     "down": ["--all", "--target"],
     "cost": ["--revision", "--launches-per-day", "--s3-egress-per-gb", "--r2-storage-per-gb-month",
-             "--r2-class-b-per-million", "--read-request-mib", "--json"],
+             "--r2-class-b-per-million", "--read-request-mib", "--gpu-price", "--hub-mb-s", "--json"],
     "blocks": [],
     "gc": ["--grace-hours", "--dry-run", "--compile-cache-days", "--json"],
     "refresh": ["--watchlist", "--json"],
