@@ -14,17 +14,9 @@ from modelferry.flows.commands import COMMANDS, Output
 from modelferry.tasks.cost import HUB_MB_S
 from modelferry.tasks.errors import ModelferryError, SettingsError, StepFailed, first_line
 from modelferry.tasks.options import add_flags
+from modelferry.tasks.settings import check_all, help_epilog
 
-EPILOG = """settings (environment):
-  R2_ENDPOINT    https://<account-id>.r2.cloudflarestorage.com (any S3-compatible endpoint)
-  R2_BUCKET      bucket name
-  R2_ACCESS_KEY  R2 API token's access key id
-  R2_SECRET_KEY  R2 API token's secret access key
-  HF_TOKEN       Hugging Face token, for gated or private models
-  HF_ENDPOINT    Hub mirror URL (default https://huggingface.co)
-  MODELFERRY_CACHE  download cache (default ~/.cache/modelferry)
-
-exit codes: 0 ok, 1 failed, 2 usage or settings error"""
+EPILOG = help_epilog() + "\n\nexit codes: 0 ok, 1 failed, 2 usage or settings error"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -281,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     interrupts.install()
     try:
+        check_all()  # a variable the run would read later is refused now, by name
         out = COMMANDS[args.command](args)
     except KeyboardInterrupt as exc:
         interrupts.say_interrupted()

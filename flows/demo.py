@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from modelferry.tasks import embedded, tiny_llama
+from modelferry.tasks.settings import read
 
 REPO = tiny_llama.REPO
 
@@ -25,15 +26,14 @@ def banner(text: str) -> None:
 
 
 def main() -> int:
-    root = Path(os.environ.get("MODELFERRY_DEMO_DIR", ".demo")).resolve()
+    root = Path(read("MODELFERRY_DEMO_DIR")).resolve()
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
     mirror = root / "hub-mirror"
     commit = embedded.commit_files(mirror, REPO, tiny_llama.files(), "tiny Llama, seeded, BERT tokenizer")
     with embedded.olah_mirror(mirror, root / "olah") as hub_url, \
             embedded.rclone_bucket(root / "bucket", "modelferry-demo",
-                                   os.environ.get("MODELFERRY_DEMO_ACCESS_KEY", "demo-access-key"),
-                                   os.environ.get("MODELFERRY_DEMO_SECRET_KEY", "demo-secret-key")) as bucket:
+                                   read("MODELFERRY_DEMO_ACCESS_KEY"), read("MODELFERRY_DEMO_SECRET_KEY")) as bucket:
         os.environ.update(bucket.env(), HF_ENDPOINT=hub_url, MODELFERRY_CACHE=str(root / "cache"),
                           PREFECT_HOME=str(root / "prefect"))
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")  # a busy 2-core box

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from prefect import flow
 
-from modelferry.flows.steps import Steps, WorkClock, progress_reporter, step
+from modelferry.flows.steps import Steps, WorkClock, configured, progress_reporter, step
 from modelferry.tasks import in_bucket, pipeline, publish as publishing, resolve as resolving, shards
 from modelferry.tasks import settings as config
 from modelferry.tasks.bucket import Bucket
@@ -73,7 +73,7 @@ def transfer_on_dask(plan, replace, address: str | None):
         workers = len(runner.client.scheduler_info()["workers"])
         parts = shards.split(todo, workers)
         log.info("%d file(s) in %d share(s) over %d Dask worker(s)", len(todo), len(parts), workers)
-        futures = [runner.submit(transfer_shard, {"part": shards.shard(plan, p)}) for p in parts]
+        futures = [runner.submit(configured(transfer_shard), {"part": shards.shard(plan, p)}) for p in parts]
         results, errors = [], []
         for future in futures:
             try:

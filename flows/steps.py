@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from prefect.runtime import flow_run, task_run
 from prefect.tasks import exponential_backoff
 
 from modelferry.tasks.errors import LastAttempt, ModelferryError, StepFailed, first_line
-from modelferry.tasks.settings import scrub
+from modelferry.tasks.settings import VARIABLES, read, scrub
 from modelferry.tasks.plan import StepStats
 
 class _OneLineForOurErrors(logging.Filter):
@@ -44,6 +43,17 @@ def _transient(task, run, state) -> bool:
     return False
 
 
+RETRY_BASE_S = float(next(v.default for v in VARIABLES if v.name == "MODELFERRY_RETRY_BASE_S"))
+
+
+def configured(step_task):
+    """`step_task` with the retry waits MODELFERRY_RETRY_BASE_S asks for, read when it runs."""
+    base = read("MODELFERRY_RETRY_BASE_S")
+    if not getattr(step_task, "retries", 0) or base == RETRY_BASE_S:
+        return step_task
+    return step_task.with_options(retry_delay_seconds=exponential_backoff(base))
+
+
 def step(name: str, retries: int = 3, timeout_s: float | None = None):
     """Wrap a plain function as a pipeline step: a Prefect task with backoff retries on transient
     errors, each attempt under `timeout_s` when given. These retries are the only retry layer: the
@@ -65,8 +75,8 @@ def step(name: str, retries: int = 3, timeout_s: float | None = None):
                     one.attempts = task_run.run_count
             return out
 
-        base = float(os.environ.get("MODELFERRY_RETRY_BASE_S", "2"))
-        return task(attempt, name=name, retries=retries, retry_delay_seconds=exponential_backoff(base),
+        # The declared default here; `configured` applies MODELFERRY_RETRY_BASE_S when the step runs.
+        return task(attempt, name=name, retries=retries, retry_delay_seconds=exponential_backoff(RETRY_BASE_S),
                     retry_condition_fn=_transient, cache_policy=NO_CACHE, persist_result=False,
                     timeout_seconds=timeout_s)
 
@@ -115,7 +125,7 @@ class Steps:
         name = name or step_task.name
         started = time.perf_counter()
         try:
-            out = step_task(*args, **kwargs)
+            out = configured(step_task)(*args, **kwargs)
         except LastAttempt as last:
             self._fail(last.cause, name, started, last.attempts)
         except Exception as exc:

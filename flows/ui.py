@@ -7,7 +7,6 @@ worker; prints what to open and run; stops everything on Ctrl-C.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from modelferry.flows.demo import REPO
 from modelferry.tasks import embedded, processes, tiny_llama
+from modelferry.tasks.settings import read
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,7 @@ def main() -> int:
     mirror = root / "hub-mirror"
     if not (mirror / "models" / REPO).exists():
         embedded.commit_files(mirror, REPO, tiny_llama.files(), "tiny Llama, seeded")
-    port = int(os.environ.get("MODELFERRY_UI_PORT", "4200"))
+    port = read("MODELFERRY_UI_PORT")
     with embedded.olah_mirror(mirror, root / "olah") as hub, \
             embedded.rclone_bucket(root / "bucket", "modelferry-ui", "ui-access-key", "ui-secret-key") as bucket, \
             embedded.prefect_server(root / "prefect", port) as api:

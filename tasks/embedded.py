@@ -21,13 +21,14 @@ from pathlib import Path
 
 from modelferry.tasks.errors import SettingsError
 from modelferry.tasks.processes import free_port, from_checkout, start, stop, wait_http, which
+from modelferry.tasks.settings import read
 
 
 def tool(setting: str, name: str, how: str, built: str | None = None) -> str:
     """The path of an embedded-default tool: the setting if given, else in a checkout the one `make`
     built there (`built`, relative to the checkout), else `name` from this environment or PATH. A
     missing one is a SettingsError saying how to get it."""
-    path = os.environ.get(setting) or (built and from_checkout(built)) or which(name)
+    path = read(setting) or (built and from_checkout(built)) or which(name)
     if not (os.path.isfile(path) or shutil.which(path)):
         raise SettingsError(f"{name} not found: {how}, or set {setting} to its path")
     return path

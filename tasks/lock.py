@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import Locked
 from modelferry.tasks.layout import lock_key
+from modelferry.tasks.settings import read
 
 
 class Lock:
@@ -121,7 +122,7 @@ class Lock:
     @contextmanager
     def held(self, wait: float | None = None, log=None):
         """Hold the lock for the block. `wait` defaults to MODELFERRY_LOCK_WAIT_S (1800 s)."""
-        self.acquire(wait=float(os.environ.get("MODELFERRY_LOCK_WAIT_S", "1800")) if wait is None else wait, log=log)
+        self.acquire(wait=read("MODELFERRY_LOCK_WAIT_S") if wait is None else wait, log=log)
         try:
             yield self
         finally:

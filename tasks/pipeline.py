@@ -23,7 +23,7 @@ from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import HubError, IntegrityError, ModelferryError, SourceError, TransferError, first_line
 from modelferry.tasks.integrity import FileHashes, hash_file
 from modelferry.tasks.plan import Plan, PlanFile, StepStats, cache_root, holds
-from modelferry.tasks.settings import Settings
+from modelferry.tasks.settings import Settings, read
 from modelferry.tasks.survey import object_metadata
 
 log = logging.getLogger("modelferry.stage")
@@ -224,11 +224,8 @@ def _duration(seconds: float) -> str:
 
 
 def progress_every() -> float:
-    """MODELFERRY_PROGRESS_S: seconds between progress lines of a running upload (default 10)."""
-    try:
-        return max(0.2, float(os.environ.get("MODELFERRY_PROGRESS_S") or 10))
-    except ValueError:
-        raise SourceError("MODELFERRY_PROGRESS_S must be a number of seconds") from None
+    """MODELFERRY_PROGRESS_S: seconds between progress lines of a running upload."""
+    return max(0.2, read("MODELFERRY_PROGRESS_S"))
 
 
 class _Run:
@@ -253,7 +250,7 @@ class _Run:
     def go(self, settings: Settings) -> None:
         # Two at a time: on a shared link, N parallel downloads finish their first file N times later,
         # and the upload waits for that first file. Raise it where each connection is slow on its own.
-        workers = int(os.environ.get("MODELFERRY_DOWNLOAD_WORKERS", "2")) if self.plan.is_hub else 2
+        workers = read("MODELFERRY_DOWNLOAD_WORKERS") if self.plan.is_hub else 2
         prover = ThreadPoolExecutor(4, thread_name_prefix="prove")
         try:
             with s5cmd.Uploader(settings, self.plan.part_size, on_done=lambda item: self._uploaded(item, prover)) as up:

@@ -3,7 +3,6 @@ bucket already holds) and one row of the per-step table. Pure data."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,7 +14,9 @@ from modelferry.tasks.integrity import FileHashes, Manifest
 def cache_root() -> Path:
     """modelferry's own cache: hashes taken from verified bytes, and Hub files a Dask worker fetched
     only for staging. Hub downloads on the flow's machine go to the user's Hugging Face cache."""
-    return Path(os.environ.get("MODELFERRY_CACHE") or Path.home() / ".cache" / "modelferry")
+    from modelferry.tasks.settings import read
+
+    return Path(read("MODELFERRY_CACHE")).expanduser()
 
 
 @dataclass

@@ -18,6 +18,128 @@ R2_REGION = "auto"
 REQUIRED = ("R2_ENDPOINT", "R2_BUCKET", "R2_ACCESS_KEY", "R2_SECRET_KEY")
 
 
+# --- every variable modelferry reads, declared once --------------------------------------------
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError
+    return number
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError
+    return number
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: its default as written there ("" none), what it is for, and how
+    its value is read (None: read by `load`, with the bucket's and the Hub's checks)."""
+
+    name: str
+    default: str
+    help: str
+    kind: str = "text"  # seconds | count | path | text, as the reference shows it
+    group: str = "tuning"  # bucket | hub | tuning | tools | local
+
+    def parse(self, value: str):
+        reader = {"seconds": _seconds, "count": _count}.get(self.kind)
+        if reader is None:
+            return value
+        try:
+            return reader(value)
+        except ValueError:
+            what = "a number of seconds above 0" if self.kind == "seconds" else "a whole number of at least 1"
+            raise SettingsError(f"{self.name}={value!r}: use {what} (default {self.default})") from None
+
+
+VARIABLES = (
+    Variable("R2_ENDPOINT", "", "the bucket's S3 endpoint, e.g. `https://<account>.r2.cloudflarestorage.com`",
+             group="bucket"),
+    Variable("R2_BUCKET", "", "the bucket's name", group="bucket"),
+    Variable("R2_ACCESS_KEY", "", "a read-write token's access key id (stage, verify, gc)", group="bucket"),
+    Variable("R2_SECRET_KEY", "", "its secret", group="bucket"),
+    Variable("R2_READ_ACCESS_KEY", "", "a read-only token's access key id, given to GPU nodes instead (recommended)",
+             group="bucket"),
+    Variable("R2_READ_SECRET_KEY", "", "its secret", group="bucket"),
+    Variable("HF_TOKEN", "", "the Hugging Face token, for gated models and the Hub's rate limits", group="hub"),
+    Variable("HF_ENDPOINT", "", "another Hub (a mirror); default huggingface.co", group="hub"),
+    Variable("VLLM_API_KEY", "", "the key vLLM requires on every request: required for --target sky, made up for "
+                                 "the local node when unset", group="hub"),
+    Variable("MODELFERRY_CACHE", "~/.cache/modelferry", "modelferry's own cache: hashes taken from verified "
+             "bytes, files a Dask worker fetched for staging, the local nodes", "path"),
+    Variable("MODELFERRY_DOWNLOAD_WORKERS", "2", "Hub files a stage downloads at a time (on one shared link "
+             "more delay the first file the upload waits for)", "count"),
+    Variable("MODELFERRY_HUB_WAIT_S", "600", "the longest a stage waits out the Hub's rate limit, in all, per call",
+             "seconds"),
+    Variable("MODELFERRY_STALL_S", "300", "an upload that reads no byte and finishes no file for this long ends",
+             "seconds"),
+    Variable("MODELFERRY_PROGRESS_S", "10", "seconds between an upload's progress lines", "seconds"),
+    Variable("MODELFERRY_LOCK_WAIT_S", "1800", "how long a stage waits for another stage of the same revision",
+             "seconds"),
+    Variable("MODELFERRY_RETRY_BASE_S", "2", "the first wait between a step's retries (then doubling)", "seconds"),
+    Variable("MODELFERRY_RCLONE", "", "the rclone binary of the embedded bucket (default: the `local` extra's, "
+             "else PATH)", "path", "tools"),
+    Variable("MODELFERRY_OLAH", "", "olah's olah-cli, the offline Hub (default: .venv-olah in a checkout, else "
+             "PATH)", "path", "tools"),
+    Variable("MODELFERRY_VLLM_PYTHON", "", "the Python of the local node's vLLM venv (default: .venv-vllm in a "
+             "checkout)", "path", "tools"),
+    Variable("MODELFERRY_UI_PORT", "4200", "`make ui`: the Prefect server's port", "count", "local"),
+    Variable("MODELFERRY_DEMO_DIR", ".demo", "`make demo`: where it works (removed and made again)", "path", "local"),
+    Variable("MODELFERRY_DEMO_ACCESS_KEY", "demo-access-key", "`make demo`: its local bucket's access key", "text",
+             "local"),
+    Variable("MODELFERRY_DEMO_SECRET_KEY", "demo-secret-key", "`make demo`: its local bucket's secret", "text", "local"),
+)
+_BY_NAME = {v.name: v for v in VARIABLES}
+
+
+def read(name: str, env: dict[str, str] | None = None):
+    """The value of `name` (one of VARIABLES), parsed, or its default; a value it can't use is one
+    SettingsError naming it."""
+    var = _BY_NAME[name]
+    value = (os.environ if env is None else env).get(name, "").strip()
+    return var.parse(value or var.default) if (value or var.default) else None
+
+
+def check_all(env: dict[str, str] | None = None) -> None:
+    """Every MODELFERRY_ variable that is set, read once, so a bad one fails before anything starts."""
+    for var in VARIABLES:
+        if var.name.startswith("MODELFERRY_"):
+            read(var.name, env)
+
+
+GROUPS = {"bucket": "The bucket", "hub": "The Hub and the server", "tuning": "Tuning",
+          "tools": "Tools of the embedded default", "local": "make demo and make ui"}
+
+
+def reference_markdown() -> str:
+    """The settings reference page (docs/reference/settings.md), from VARIABLES."""
+    out = ["# Settings", "", "Every environment variable modelferry reads, from its one declaration "
+           "(`modelferry.tasks.settings.VARIABLES`). A value it can't use is one error naming the variable "
+           "(exit 2), before anything starts. The bucket's and the Hub's may also come from Prefect Secret "
+           "blocks (`modelferry blocks`).", ""]
+    for group, title in GROUPS.items():
+        out += [f"## {title}", "", "| variable | default | what it is for |", "|---|---|---|"]
+        out += [f"| `{v.name}` | {f'`{v.default}`' if v.default else ''} | {v.help} |" for v in VARIABLES
+                if v.group == group]
+        out.append("")
+    return "\n".join(out)
+
+
+def help_epilog() -> str:
+    """The variables, for `modelferry --help`."""
+    import textwrap
+
+    width = max(len(v.name) for v in VARIABLES)
+    return "settings (environment; docs: Reference, Settings):\n" + "\n".join(
+        textwrap.fill(f"{v.help}{f' (default {v.default})' if v.default else ''}", 100,
+                      initial_indent=f"  {v.name:<{width}}  ", subsequent_indent=" " * (width + 4))
+        for v in VARIABLES)
+
+
 @dataclass(frozen=True)
 class Settings:
     endpoint: str
@@ -105,7 +227,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
     missing = [k for k in REQUIRED if not env.get(k, "").strip()]
     if missing:
         raise SettingsError(
-            f"{missing[0]} is not set (needed: {', '.join(REQUIRED)}); see README 'Using a real R2 bucket'"
+            f"{missing[0]} is not set (needed: {', '.join(REQUIRED)}); see the README's quick start"
         )
     settings = Settings(
         endpoint=_check_endpoint(env["R2_ENDPOINT"].strip()),
@@ -233,3 +355,7 @@ def save_blocks(env: dict[str, str] | None = None) -> list[str]:
             Secret(value=env[var]).save(block, overwrite=True)
             saved.append(block)
     return saved
+
+
+if __name__ == "__main__":  # python -m modelferry.tasks.settings > docs/reference/settings.md
+    print(reference_markdown(), end="")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import tempfile
 import threading
@@ -27,21 +26,12 @@ from typing import Callable
 
 from modelferry.tasks.errors import SettingsError, TransferError
 from modelferry.tasks.integrity import MiB
-from modelferry.tasks.settings import Settings, scrub
+from modelferry.tasks.settings import Settings, read, scrub
 from modelferry.tasks.processes import adopt, dies_with_us, kill, which
 
 log = logging.getLogger("modelferry.transfer")
 
 REQUEST_RETRIES = 8
-STALL_S = 300.0  # MODELFERRY_STALL_S: no byte read by s5cmd and no file finished for this long ends the upload
-
-
-def stall_deadline() -> float:
-    value = os.environ.get("MODELFERRY_STALL_S", "")
-    try:
-        return float(value) if value else STALL_S
-    except ValueError:
-        raise SettingsError(f"MODELFERRY_STALL_S={value!r} is not a number of seconds") from None
 
 
 def bytes_read(pid: int) -> int | None:
@@ -109,7 +99,7 @@ class Uploader:
         self._proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
         self._callback_error: BaseException | None = None
-        self.stall_s = stall_deadline() if stall_s is None else stall_s
+        self.stall_s = read("MODELFERRY_STALL_S") if stall_s is None else stall_s
         self._read_so_far = 0
         self._stalled: str | None = None
         self._closing = threading.Event()

@@ -1,0 +1,33 @@
+"""Settings have one owner: every variable the product reads is declared once in
+`tasks/settings.py` (VARIABLES), the reference page and `--help` are made from that declaration, and
+a value the run can't use is refused by name before anything starts."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from modelferry.tasks import settings
+from tests.helpers import ROOT
+
+
+def test_every_variable_the_product_reads_is_declared_once_and_documented():
+    code = "\n".join(p.read_text() for folder in ("tasks", "flows") for p in (ROOT / folder).glob("*.py"))
+    read = set(re.findall(r"\bMODELFERRY_[A-Z_]+[A-Z]\b", code))
+    declared = [v.name for v in settings.VARIABLES]
+    assert len(declared) == len(set(declared))
+    assert read - set(declared) == set(), "read but not declared in settings.VARIABLES"
+    page = (ROOT / "docs" / "reference" / "settings.md").read_text()
+    assert page == settings.reference_markdown(), \
+        "docs/reference/settings.md is out of date: python -m modelferry.tasks.settings > docs/reference/settings.md"
+    shown = subprocess.run([sys.executable, "-m", "modelferry.flows", "--help"], capture_output=True, text=True,
+                           timeout=60).stdout
+    assert [name for name in declared if name not in shown] == []
+
+
+def test_a_value_the_run_cant_use_is_refused_by_name_before_anything_starts():
+    out = subprocess.run([sys.executable, "-m", "modelferry.flows", "list"], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "MODELFERRY_STALL_S": "soon", "HOME": "/nonexistent"})
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: MODELFERRY_STALL_S='soon': use a number of seconds above 0 (default 300)"
