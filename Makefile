@@ -16,10 +16,11 @@ export MODELFERRY_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
 
 .PHONY: gpu-check demo docs test test-fast ui venv venv-vllm tools locks clean
 
-OLAH_VERSION := 0.5.4
+# The pins live in tasks/pins.py; make reads them from there.
+OLAH_VERSION := $(shell sed -n 's/^OLAH = "\([^"]*\)".*/\1/p' tasks/pins.py)
 # Everything the suite and the demo use; a user's `pip install modelferry` is the core alone.
 DEV_EXTRAS := local,dask,test,docs
-VLLM_VERSION := 0.32.0
+VLLM_VERSION := $(shell sed -n 's/^VLLM = "\([^"]*\)".*/\1/p' tasks/pins.py)
 
 venv: $(VENV)/.stamp $(OLAH_VENV)/.stamp-$(OLAH_VERSION) venv-vllm
 venv-vllm: $(VLLM_VENV)/.stamp-$(VLLM_VERSION)

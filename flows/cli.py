@@ -11,6 +11,7 @@ import sys
 
 from modelferry.flows import interrupts
 from modelferry.flows.commands import COMMANDS, Output
+from modelferry.tasks import pins
 from modelferry.tasks.cost import HUB_MB_S
 from modelferry.tasks.errors import ModelferryError, SettingsError, StepFailed, first_line
 from modelferry.tasks.options import add_flags
@@ -210,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     de.add_argument("--pool", default="local", help="process work pool to deploy to (default local)")
     de.add_argument("--watchlist", metavar="PATH",
                     help="watch list path on the worker's machine for model-refresh (default: the packaged list)")
-    de.add_argument("--cron", default="0 2 * * *", help="model-refresh schedule, UTC (default '0 2 * * *'; '' for none)")
+    de.add_argument("--cron", default=pins.NIGHTLY, help=f"model-refresh schedule, UTC (default '{pins.NIGHTLY}'; '' for none)")
     de.add_argument("--launch-name", default="default", help="name of the stage-and-launch deployment")
     de.add_argument("--refresh-name", default="nightly", help="name of the model-refresh deployment")
 

@@ -12,8 +12,8 @@ from prefect.schedules import Cron
 
 from modelferry.flows.model_refresh import model_refresh
 from modelferry.flows.stage_and_launch import stage_and_launch
+from modelferry.tasks import pins
 
-NIGHTLY = "0 2 * * *"
 
 
 def ensure_pool(pool: str) -> None:
@@ -25,7 +25,7 @@ def ensure_pool(pool: str) -> None:
             pass
 
 
-def deploy(pool: str, watchlist: str | None = None, cron: str = NIGHTLY, launch_name: str = "default",
+def deploy(pool: str, watchlist: str | None = None, cron: str = pins.NIGHTLY, launch_name: str = "default",
            refresh_name: str = "nightly") -> list[str]:
     """Create or update `stage-and-launch/<launch_name>` and `model-refresh/<refresh_name>` (on
     `cron`, UTC) in work pool `pool`. `watchlist`: a YAML file on the worker's machine (default: the

