@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 
-from modelferry.flows import interrupts
+from modelferry.flows import interrupts, process_defaults
 from modelferry.flows.commands import COMMANDS, Output
 from modelferry.tasks import pins
 from modelferry.tasks.cost import HUB_MB_S
@@ -270,6 +270,7 @@ def error_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    process_defaults()
     args = parser().parse_args(argv)
     _setup_logging(args.verbose)
     interrupts.install()

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from modelferry.flows import process_defaults
 from modelferry.tasks import embedded, tiny_llama
 from modelferry.tasks.settings import read
 
@@ -26,6 +27,7 @@ def banner(text: str) -> None:
 
 
 def main() -> int:
+    process_defaults()
     root = Path(read("MODELFERRY_DEMO_DIR")).resolve()
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()

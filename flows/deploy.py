@@ -10,6 +10,7 @@ from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.schedules import Cron
 
+from modelferry.flows import PROCESS_DEFAULTS
 from modelferry.flows.model_refresh import model_refresh
 from modelferry.flows.stage_and_launch import stage_and_launch
 from modelferry.tasks import pins
@@ -34,10 +35,12 @@ def deploy(pool: str, watchlist: str | None = None, cron: str = pins.NIGHTLY, la
     deployments = [
         stage_and_launch.to_deployment(
             launch_name, work_pool_name=pool, tags=["modelferry"], entrypoint_type=EntrypointType.MODULE_PATH,
+            job_variables={"env": PROCESS_DEFAULTS},
             description="Stage a model, verify it, launch it where it streams its weights from R2, and time every "
                         "phase."),
         model_refresh.to_deployment(
             refresh_name, work_pool_name=pool, tags=["modelferry"], entrypoint_type=EntrypointType.MODULE_PATH,
+            job_variables={"env": PROCESS_DEFAULTS},
             parameters={"watchlist": watchlist} if watchlist else None,
             schedules=[Cron(cron, timezone="UTC")] if cron else None,
             description="Re-stage the watched models when their branch moves."),

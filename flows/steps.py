@@ -31,8 +31,16 @@ class _OneLineForOurErrors(logging.Filter):
         return True
 
 
-for _name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
-    logging.getLogger(_name).addFilter(_OneLineForOurErrors())
+_ONE_LINE = _OneLineForOurErrors()
+
+
+def one_line_errors() -> None:
+    """Put the filter on Prefect's run loggers, once per process: when a flow starts or a step runs
+    (on a Dask worker too), not when this module is imported."""
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
+        logger = logging.getLogger(name)
+        if _ONE_LINE not in logger.filters:
+            logger.addFilter(_ONE_LINE)
 
 
 def _transient(task, run, state) -> bool:
@@ -63,6 +71,7 @@ def step(name: str, retries: int = 3, timeout_s: float | None = None):
     def wrap(fn):
         @functools.wraps(fn)  # keeps the signature: Prefect binds parameters by name (Dask submits)
         def attempt(*args, **kwargs):
+            one_line_errors()
             try:
                 out = fn(*args, **kwargs)
             except Exception as exc:
@@ -114,6 +123,7 @@ class Steps:
     """Call steps in order; on failure record the failed row, publish the table, and raise StepFailed."""
 
     def __init__(self, artifact_key: str, title: str):
+        one_line_errors()
         self.rows: list[dict] = []
         self.key = artifact_key
         self.title = title

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from modelferry.flows import process_defaults
 from modelferry.flows.demo import REPO
 from modelferry.tasks import embedded, processes, tiny_llama
 from modelferry.tasks.settings import read
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
+    process_defaults()
     root = ROOT / ".ui"
     mirror = root / "hub-mirror"
     if not (mirror / "models" / REPO).exists():

@@ -4,6 +4,7 @@ a value the run can't use is refused by name before anything starts."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -46,3 +47,35 @@ def test_each_pin_and_schedule_is_written_in_one_place():
     assert again == set()
     (nightly,) = [d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"] if d["name"] == "nightly"]
     assert nightly["schedules"][0]["cron"] == pins.NIGHTLY
+
+
+IMPORT_ALL = """
+import importlib, json, logging, os, pkgutil, sys
+import modelferry.flows, modelferry.tasks
+before = dict(os.environ)
+loggers = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")
+filters = {n: list(logging.getLogger(n).filters) for n in loggers}
+for package in (modelferry.tasks, modelferry.flows):
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name not in ("__main__",):
+            importlib.import_module(f"{package.__name__}.{module.name}")
+print(json.dumps({"env": sorted(set(os.environ.items()) ^ set(before.items())),
+                  "filters": [n for n in loggers if logging.getLogger(n).filters != filters[n]]}))
+"""
+
+
+def test_importing_the_package_changes_nothing_in_the_process():
+    """Side effects happen in the entry points (`process_defaults`, `one_line_errors`), not on import."""
+    out = subprocess.run([sys.executable, "-c", IMPORT_ALL], capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"env": [], "filters": []}
+
+
+def test_a_deployments_runs_get_the_defaults_the_entry_points_set():
+    import yaml
+
+    from modelferry.flows import PROCESS_DEFAULTS
+
+    for deployment in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]:
+        assert deployment["work_pool"]["job_variables"]["env"] == PROCESS_DEFAULTS, deployment["name"]
