@@ -79,13 +79,13 @@ def parser() -> argparse.ArgumentParser:
                                    "is recorded for `list`.",
                        epilog="examples:\n  modelferry verify sentence-transformers/all-MiniLM-L6-v2\n"
                               "  modelferry verify acme/llama-ft --revision local-0123abcd --deep")
-    v.add_argument("name", help="org/name as staged")
+    v.add_argument("model", help="the model's name as staged (org/name)")
     v.add_argument("--revision", help="revision to check (default: the current one)")
     v.add_argument("--deep", action="store_true", help="download and re-hash every object")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
 
     def launch_args(sp, bench_mode=False):
-        sp.add_argument("name", help="model as staged (org/name), or a Hub repo id with --source hub"
+        sp.add_argument("model", help="the model's name as staged (org/name), or a Hub repo id with --source hub"
                         + ("; with --name, a local checkpoint directory" if sp.prog.endswith("stage-and-launch") else ""))
         sp.add_argument("--revision", help="revision (default: the model's current one)")
         add_flags(sp, "; both: compare them" if bench_mode else "")
@@ -108,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
         "bench", help="time every phase of cold and warm starts",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run 1 is cold (new node), later runs restart the server on the same node (warm). Each run's "
-                    "phases (provision, setup, load, engine, first_token) go to its own Parquet file under "
+                    "phases (provision, setup, boot, weights, engine, first_token) go to its own Parquet file under "
                     "--results and the bucket's bench/ prefix, with a stacked-bar plot.",
         epilog="examples:\n  modelferry bench modelferry/tiny-llama --runs 3 --strategy both\n"
                "  modelferry bench acme/llama-ft --target sky --accelerators H100:1 --runs 2")
@@ -122,8 +122,8 @@ def parser() -> argparse.ArgumentParser:
                         epilog="examples:\n  modelferry stage-and-launch modelferry/tiny-llama --runs 2\n"
                                "  modelferry stage-and-launch ./checkpoints/step-1000 --name acme/llama-ft --target sky")
     launch_args(sl, bench_mode=True)
-    sl.add_argument("--name", dest="stage_name", metavar="ORG/NAME",
-                    help="stage NAME (a local checkpoint directory on this machine) under ORG/NAME, as "
+    sl.add_argument("--name", metavar="ORG/NAME",
+                    help="stage MODEL (a local checkpoint directory on this machine) under the name ORG/NAME, as "
                          "`stage DIR --name` does, and launch that")
     sl.add_argument("--runs", type=int, default=1, help="runs per strategy (default 1)")
     sl.add_argument("--include", action="append", default=[], metavar="GLOB")
@@ -136,7 +136,8 @@ def parser() -> argparse.ArgumentParser:
                         description="Stops kept local targets and takes down SkyPilot clusters named mf-*.",
                         epilog="examples:\n  modelferry down mf-tiny-llama-1a2b3c4d\n  modelferry down modelferry/tiny-llama\n"
                                "  modelferry down --all --target local")
-    do.add_argument("name", nargs="?", help="deployment name (mf-...) or model name")
+    do.add_argument("what", nargs="?", metavar="CLUSTER|MODEL",
+                    help="a deployment's cluster (mf-...), or a model's name: its kept deployments")
     do.add_argument("--all", action="store_true", help="everything modelferry launched and kept")
     do.add_argument("--target", choices=["local", "sky", "all"], default="all",
                     help="where to look (default all; sky starts SkyPilot's local API server if it isn't running)")
@@ -151,7 +152,7 @@ def parser() -> argparse.ArgumentParser:
                                     "else --gpu-price.",
                         epilog="examples:\n  modelferry cost acme/llama-ft --launches-per-day 24\n"
                                "  modelferry cost acme/llama-ft --launches-per-day 24 --gpu-price 0.80 --hub-mb-s 60")
-    co.add_argument("name")
+    co.add_argument("model", help="the model's name as staged (org/name)")
     co.add_argument("--revision")
     co.add_argument("--launches-per-day", type=float, required=True)
     co.add_argument("--s3-egress-per-gb", type=float, default=0.09, help="USD/GB (default 0.09)")

@@ -80,9 +80,9 @@ def verify(args) -> Output:
     from modelferry.tasks.errors import IntegrityError
 
     try:
-        record = catalog.verify(_bucket(), args.name, args.revision, args.deep)
+        record = catalog.verify(_bucket(), args.model, args.revision, args.deep)
     except IntegrityError as exc:
-        return Output({"name": args.name, "ok": False, "bad": exc.bad_files, "error": str(exc)}, failure=exc)
+        return Output({"name": args.model, "ok": False, "bad": exc.bad_files, "error": str(exc)}, failure=exc)
     how = "re-hashed" if args.deep else "size + ETag"
     return Output(record, lines=[f"OK  {record['name']}@{record['revision']}: {record['files']} files, "
                                  f"{record['bytes']:,} bytes ({how})"])
@@ -124,7 +124,7 @@ def _run_flow(args, **params) -> Output:
         from modelferry.flows.stage_and_launch import stage_and_launch
 
         try:
-            launched = stage_and_launch(args.name, revision=args.revision, **asdict(options), **params)
+            launched = stage_and_launch(args.model, revision=args.revision, **asdict(options), **params)
         except StepFailed as exc:
             return Output([], failure=exc)
     lines = []
@@ -142,11 +142,11 @@ def launch(args) -> Output:
     from modelferry.tasks import launcher, skytask
     from modelferry.tasks import settings as config
 
-    dep = launcher.prepare(config.load(), args.name, args.revision, _launch_options(args), "dry-run")
+    dep = launcher.prepare(config.load(), args.model, args.revision, _launch_options(args), "dry-run")
     command = skytask.node_command(dep.cfg)
-    return Output({"name": dep.name, "model": dep.model, "revision": dep.revision, "weights": dep.weights,
+    return Output({"cluster": dep.cluster, "model": dep.model, "revision": dep.revision, "weights": dep.weights,
                    "task": skytask.redacted_config(dep.cfg, dep.secrets), "command": command},
-                  lines=[f"# {dep.name}: {dep.model}@{dep.revision} from {dep.weights}",
+                  lines=[f"# {dep.cluster}: {dep.model}@{dep.revision} from {dep.weights}",
                          f"# on the node (tasks/node.py): {command}", skytask.redacted_yaml(dep.cfg, dep.secrets)])
 
 
@@ -156,15 +156,15 @@ def bench(args) -> Output:
 
 def stage_and_launch(args) -> Output:
     return _run_flow(args, stage=True, runs=args.runs, include=args.include, exclude=args.exclude, keep=args.keep,
-                     results_dir=args.results, name=args.stage_name)
+                     results_dir=args.results, name=args.name)
 
 
 def down(args) -> Output:
     from modelferry.tasks import launcher
 
-    if not args.name and not args.all:
-        raise SettingsError("name a deployment (or model), or pass --all")
-    taken = launcher.down(args.name, args.all, args.target)
+    if not args.what and not args.all:
+        raise SettingsError("give a deployment's cluster (mf-...) or a model's name, or pass --all")
+    taken = launcher.down(args.what, args.all, args.target)
     return Output(taken, lines=["took down: " + (", ".join(taken) if taken else "nothing")])
 
 
@@ -175,13 +175,13 @@ def cost(args) -> Output:
     from modelferry.tasks import cost as pricing
 
     bucket = _bucket()
-    manifest = catalog.find_manifest(bucket, args.name, args.revision)
+    manifest = catalog.find_manifest(bucket, args.model, args.revision)
     prices = pricing.Prices(s3_egress_per_gb=args.s3_egress_per_gb, r2_storage_per_gb_month=args.r2_storage_per_gb_month,
                             r2_class_b_per_million=args.r2_class_b_per_million)
     try:
         result = pricing.monthly(manifest.total_bytes, args.launches_per_day, prices, args.read_request_mib * 2**20,
                                  files=len(manifest.files))
-        measured = pricing.measured_start(_bench_rows(bucket, layout.bench_root(args.name)))
+        measured = pricing.measured_start(_bench_rows(bucket, layout.bench_root(args.model)))
         hub_s = pricing.hub_start_s(manifest.total_bytes, measured, args.hub_mb_s)
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
@@ -192,9 +192,9 @@ def cost(args) -> Output:
     gpu = {"measured": None if measured is None else {**dataclasses.asdict(measured), "where": measured.where()},
            "usd_per_hour": price, "price_source": price_source, "hub_mb_s": args.hub_mb_s,
            "staged": staged, "hub": hub}
-    result = {"name": args.name, "revision": manifest.revision, **result, "gpu": gpu}
+    result = {"name": args.model, "revision": manifest.revision, **result, "gpu": gpu}
     lines = [
-        f"{args.name}@{manifest.revision[:12]}: {result['gb_per_launch']} GB x {result['launches_per_month']} "
+        f"{args.model}@{manifest.revision[:12]}: {result['gb_per_launch']} GB x {result['launches_per_month']} "
         "launches/month",
         f"  from S3 (egress ${args.s3_egress_per_gb}/GB): ${result['s3_egress_usd']:,.2f}/month",
         f"  from the Hub: ${result['hub_usd']:,.2f}/month in fees (paid in GPU time instead: below)",
@@ -205,8 +205,8 @@ def cost(args) -> Output:
         lines.append(f"  staged: {_minutes(staged)}, the median of {measured.runs} measured cold start"
                      f"{'s' * (measured.runs > 1)} ({measured.strategy}) on {measured.where()}")
     else:
-        lines.append(f"  staged: not measured: no bench rows of {args.name} in the bucket; run `modelferry bench "
-                     f"{args.name} --target sky` to measure one")
+        lines.append(f"  staged: not measured: no bench rows of {args.model} in the bucket; run `modelferry bench "
+                     f"{args.model} --target sky` to measure one")
     lines.append(f"  from the Hub: {_minutes(hub)}, estimated: {'the measured start plus ' if measured else ''}"
                  f"{manifest.total_bytes / 1e9:.2f} GB at {args.hub_mb_s:g} MB/s (--hub-mb-s)")
     lines.append(f"  at ${price:g}/hour ({price_source})" if price is not None else f"  no price: {price_source}")

@@ -72,10 +72,10 @@ def launch(dep: Deployment):
     launcher.start(dep)
     if dep.options.mode == "job":  # managed jobs expose no endpoint; SkyPilot's controller owns the job
         dep.kept = True
-        return Run(launcher.measure(dep, "cold", 1), ""), StepStats("launch", note=f"managed job {dep.name} submitted")
+        return Run(launcher.measure(dep, "cold", 1), ""), StepStats("launch", note=f"managed job {dep.cluster} submitted")
     launcher.wait_ready(dep, dep.options.ready_timeout)
     text = launcher.first_token(dep)
-    log.info("%s answers at %s: %r", dep.name, dep.url, text[:120])
+    log.info("%s answers at %s: %r", dep.cluster, dep.url, text[:120])
     run = _measured(dep, "cold", 1)
     return run, StepStats("launch", note=f"{dep.weights}/{run.row.strategy} ready in {run.row.total_s:.2f} s")
 
@@ -96,7 +96,7 @@ def warm_runs(dep: Deployment, runs: int):
         launcher.wait_ready(dep, dep.options.ready_timeout)
         launcher.first_token(dep)
         measured.append(_measured(dep, "warm", n))
-    return measured, StepStats("bench", files=len(measured), note=f"{len(measured)} warm restart(s) of {dep.name}")
+    return measured, StepStats("bench", files=len(measured), note=f"{len(measured)} warm restart(s) of {dep.cluster}")
 
 
 @flow(name="stage-and-launch", log_prints=False)
@@ -152,13 +152,13 @@ def stage_and_launch(model: str, revision: str | None = None, name: str | None =
 
 def _teardown(dep: Deployment) -> None:
     if dep.kept:
-        log.info("kept: %s: %s (take it down sooner with `modelferry down %s`)", dep.name,
-                 launcher.when_it_stops(dep), dep.name)
+        log.info("kept: %s: %s (take it down sooner with `modelferry down %s`)", dep.cluster,
+                 launcher.when_it_stops(dep), dep.cluster)
         return
     try:
         launcher.teardown(dep)
     except Exception as exc:  # noqa: BLE001 - take down the others, then say what is left
-        log.error("teardown of %s failed: %s; take it down with `modelferry down %s`", dep.name, exc, dep.name)
+        log.error("teardown of %s failed: %s; take it down with `modelferry down %s`", dep.cluster, exc, dep.cluster)
 
 
 def _saved(steps: Steps, measured: list[Run], model: str, results_root: Path, run_id: str) -> dict | None:

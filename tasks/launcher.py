@@ -31,7 +31,7 @@ log = logging.getLogger("modelferry.launch")
 class Deployment:
     """One run's deployment, held by the flow from before it starts until after its teardown."""
 
-    name: str  # cluster / service / local node name, deterministic per run
+    cluster: str  # SkyPilot's cluster (or service) name, the local node's too: mf-..., deterministic per run
     model: str
     revision: str
     weights: str  # r2 | hub, as decided
@@ -145,7 +145,7 @@ def prepare(settings: Settings, model: str, revision: str | None, options: Launc
     # A null secret is one SkyPilot must be given at launch: list only those we will give.
     cfg["secrets"] = {k: None for k in cfg["secrets"] if k in secret_values}
     skytask.validate(cfg, secret_values)
-    return Deployment(skytask.run_name(model, rev, run_id), model, rev, weights, options, cfg, secret_values,
+    return Deployment(skytask.cluster_name(model, rev, run_id), model, rev, weights, options, cfg, secret_values,
                       kept=keep)
 
 
@@ -221,13 +221,13 @@ def wait_ready(dep: Deployment, timeout: float = 1800, poll: float | None = None
         if state is not None and state not in LIVE:
             text = job_log(dep)
             said = startlog.error_line(text) or " | ".join(startlog.plain_log(text).strip().splitlines()[-3:])
-            raise NotReady(f"{dep.name}: the vLLM job is {state} before serving: {said}")
+            raise NotReady(f"{dep.cluster}: the vLLM job is {state} before serving: {said}")
         dep.url = dep.url or dep.place.url(dep)
         if dep.url and _healthy(dep.url):
             dep.marks["ready"] = time.time()
             return
         time.sleep(poll)
-    raise NotReady(f"{dep.name} did not answer /health within {timeout:.0f} s")
+    raise NotReady(f"{dep.cluster} did not answer /health within {timeout:.0f} s")
 
 
 def _healthy(url: str) -> bool:
@@ -264,7 +264,7 @@ def wait_cache_saved(dep: Deployment, timeout: float = 180) -> str | None:
         if said or job_state(dep) not in LIVE:
             return said
         time.sleep(max(0.5, dep.place.poll_s))
-    log.warning("%s: the compile cache was not saved within %.0f s", dep.name, timeout)
+    log.warning("%s: the compile cache was not saved within %.0f s", dep.cluster, timeout)
     return None
 
 

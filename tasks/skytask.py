@@ -149,7 +149,7 @@ def host_memory_ask(model_bytes: int, gpus: int) -> str:
     return f"{math.ceil(gib)}+"
 
 
-def run_name(model: str, revision: str, run_id: str) -> str:
+def cluster_name(model: str, revision: str, run_id: str) -> str:
     """Deterministic cluster/service name for one run: a Prefect retry reuses it, never a second one."""
     slug = re.sub(r"[^a-z0-9-]+", "-", model.split("/")[-1].lower()).strip("-")[:24]
     return f"mf-{slug}-{hashlib.sha1(f'{model}@{revision}#{run_id}'.encode()).hexdigest()[:8]}"

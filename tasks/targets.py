@@ -62,7 +62,7 @@ class Local:
 
     def start(self, dep: Deployment) -> None:
         if dep.node is None:
-            dep.node = local_target.make_node(dep.cfg, dep.secrets, state_dir() / dep.name, free_port())
+            dep.node = local_target.make_node(dep.cfg, dep.secrets, state_dir() / dep.cluster, free_port())
         local_target.submit(dep.node, dep.cfg, with_setup=True, kept=dep.kept)
         dep.url = dep.node.url
         self._record(dep)
@@ -94,17 +94,17 @@ class Local:
         taken = []
         for rec_file in sorted(state_dir().glob("*.json")) if state_dir().exists() else []:
             rec = json.loads(rec_file.read_text())
-            if everything or name in (rec["name"], rec["model"]):
+            if everything or name in (rec["cluster"], rec["model"]):
                 if rec.get("pid"):
                     local_target.stop_runner(rec["pid"])
-                local_target.remove(local_target.LocalNode(state_dir() / rec["name"], {}))
-                taken.append(rec["name"])
+                local_target.remove(local_target.LocalNode(state_dir() / rec["cluster"], {}))
+                taken.append(rec["cluster"])
         return taken
 
     @staticmethod
     def _record(dep: Deployment) -> None:
         dep.node.record.write_text(json.dumps(
-            {"name": dep.name, "model": dep.model, "target": dep.target, "mode": dep.options.mode, "url": dep.url,
+            {"cluster": dep.cluster, "model": dep.model, "target": dep.target, "mode": dep.options.mode, "url": dep.url,
              "pid": dep.node.proc.pid if dep.node.proc else None}))
 
 
@@ -121,37 +121,37 @@ class Sky:
         return key
 
     def start(self, dep: Deployment) -> None:
-        dep.job_id = sky.launch(dep.cfg, dep.name, dep.options.mode, dep.secrets)
-        dep.url = sky.endpoint(dep.name, dep.options.mode)
+        dep.job_id = sky.launch(dep.cfg, dep.cluster, dep.options.mode, dep.secrets)
+        dep.url = sky.endpoint(dep.cluster, dep.options.mode)
 
     def restart(self, dep: Deployment) -> None:
         if dep.options.mode != "cluster" or dep.job_id is None:
             raise SettingsError(f"warm runs restart a cluster's serving job; --mode {dep.options.mode} has none: "
                                 "use --runs 1")
-        dep.job_id = sky.rerun(dep.cfg, dep.name, dep.secrets, dep.job_id)
+        dep.job_id = sky.rerun(dep.cfg, dep.cluster, dep.secrets, dep.job_id)
 
     def state(self, dep: Deployment) -> str | None:
-        return sky.job_state(dep.name, dep.job_id) if dep.job_id is not None else None  # serve: no job to watch
+        return sky.job_state(dep.cluster, dep.job_id) if dep.job_id is not None else None  # serve: no job to watch
 
     def log(self, dep: Deployment) -> str:
-        return sky.job_log(dep.name, dep.job_id) if dep.job_id is not None else ""
+        return sky.job_log(dep.cluster, dep.job_id) if dep.job_id is not None else ""
 
     def url(self, dep: Deployment) -> str | None:
-        return dep.url or sky.endpoint(dep.name, dep.options.mode)
+        return dep.url or sky.endpoint(dep.cluster, dep.options.mode)
 
     def where(self, dep: Deployment) -> dict:
         if dep.options.mode == "job":  # a managed job's nodes are its controller's to name
             return {"spot": dep.options.use_spot}
         try:
             if dep.options.mode == "serve":  # the replicas that answered, as SkyServe reports them
-                return sky.serving_replicas(dep.name)
-            return sky.placement(dep.name)
+                return sky.serving_replicas(dep.cluster)
+            return sky.placement(dep.cluster)
         except Exception as exc:  # noqa: BLE001 - the row is still worth having without it
-            log.warning("could not ask SkyPilot where %s runs: %s", dep.name, exc)
+            log.warning("could not ask SkyPilot where %s runs: %s", dep.cluster, exc)
             return {}
 
     def teardown(self, dep: Deployment) -> None:
-        sky.down(dep.name, dep.options.mode)
+        sky.down(dep.cluster, dep.options.mode)
 
     def down(self, name: str | None, everything: bool) -> list[str]:
         if not (everything or (name and name.startswith("mf-"))):

@@ -23,7 +23,7 @@ class NodeThatDies:
         return "test-key-not-secret"
 
     def start(self, dep) -> None:
-        self.started.append(dep.name)
+        self.started.append(dep.cluster)
         dep.url = "http://127.0.0.1:9"  # nothing listens: /health never answers
 
     def restart(self, dep) -> None:
@@ -39,7 +39,7 @@ class NodeThatDies:
         return dep.url
 
     def teardown(self, dep) -> None:
-        self.torn_down.append(dep.name)
+        self.torn_down.append(dep.cluster)
 
     def down(self, name, everything) -> list[str]:
         return []

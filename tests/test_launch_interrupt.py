@@ -44,7 +44,7 @@ def test_interrupted_launch_ends_its_whole_tree_while_vllm_starts(cli, env, tmp_
             records = list(launches.glob("*.json")) if launches.exists() else []
             if records:
                 record = json.loads(records[0].read_text())
-                logs = sorted((launches / record["name"]).glob("job-*.log"))
+                logs = sorted((launches / record["cluster"]).glob("job-*.log"))
                 log = logs[-1].read_text(errors="replace") if logs else ""
             time.sleep(0.5)
         assert record and record["pid"] and "EngineCore" in log, "vLLM's engine core never started"

@@ -71,7 +71,7 @@ def test_a_fresh_node_restores_the_compile_cache_another_node_saved(vllm_session
     carried = {f["path"] for key in manifests for f in s3.get_json(key)["files"]}
     assert any(p.startswith("modelinfos/") and p.endswith("LlamaForCausalLM.json") for p in carried), carried
     (record,) = [json.loads(p.read_text()) for p in (Path(vllm_session.env["MODELFERRY_CACHE"]) / "launches").glob("*.json")]
-    (info,) = (Path(vllm_session.env["MODELFERRY_CACHE"]) / "launches" / record["name"]).glob(
+    (info,) = (Path(vllm_session.env["MODELFERRY_CACHE"]) / "launches" / record["cluster"]).glob(
         "home/.cache/vllm/modelinfos/*LlamaForCausalLM.json")
     assert info.stat().st_mtime < startlog.parse_vllm_log(log)["marks"]["exec"], "B inspected the model class again"
 
@@ -130,12 +130,12 @@ def test_a_kept_node_serves_while_asked_and_is_gone_after_its_idle_minutes(cli, 
         time.sleep(15)
     assert _complete(record["url"], "Last one") == 200
     last = time.monotonic()
-    log, job_log = "", launches / record["name"] / "job-1.log"
+    log, job_log = "", launches / record["cluster"] / "job-1.log"
     while record_file.exists() and time.monotonic() - last < 180:
         log = job_log.read_text(errors="replace") if job_log.exists() else log
         time.sleep(1)
     gone = time.monotonic() - last
-    assert not record_file.exists() and not (launches / record["name"]).exists(), f"still there {gone:.0f} s on"
+    assert not record_file.exists() and not (launches / record["cluster"]).exists(), f"still there {gone:.0f} s on"
     assert 60 <= gone < 120, f"gone {gone:.0f} s after the last request"
     assert "modelferry idle: no request for 1 minute: stopping vLLM (--idle-minutes)" in log, log[-3000:]
     deadline = time.monotonic() + 15

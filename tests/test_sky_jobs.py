@@ -145,10 +145,10 @@ def test_a_warm_run_cancels_the_serving_job_then_runs_the_tasks_run_again(fake):
     dep = deployment()
     launcher.start(dep)
     launcher.restart(dep)
-    cancel = sky.calls.index(("cancel", dep.name, [1]))
+    cancel = sky.calls.index(("cancel", dep.cluster, [1]))
     exec_call = next(c for c in sky.calls if c[0] == "exec")
     assert sky.calls.index(exec_call) > cancel  # the GPUs are free before the new job asks for them
-    assert exec_call[1] == dep.name and exec_call[3] == dep.cfg["run"]
+    assert exec_call[1] == dep.cluster and exec_call[3] == dep.cfg["run"]
     assert dep.job_id == 2 and "modelferry mark run-start" in launcher.job_log(dep)
 
 

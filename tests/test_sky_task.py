@@ -307,8 +307,8 @@ def test_read_only_keys_go_to_nodes_when_set(monkeypatch):
 
 
 def test_names_are_deterministic_per_run():
-    a = skytask.run_name("acme/Llama-3.1-8B", "abc", "run-1")
-    assert a == skytask.run_name("acme/Llama-3.1-8B", "abc", "run-1") != skytask.run_name("acme/Llama-3.1-8B", "abc", "run-2")
+    a = skytask.cluster_name("acme/Llama-3.1-8B", "abc", "run-1")
+    assert a == skytask.cluster_name("acme/Llama-3.1-8B", "abc", "run-1") != skytask.cluster_name("acme/Llama-3.1-8B", "abc", "run-2")
     assert a.startswith("mf-llama-3-1-8b-") and len(a) <= 40
 
 
