@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from modelferry.tasks import catalog, fit, layout, local_target, skytask, startlog
+from modelferry.tasks import catalog, fit, layout, local_target, sky, skytask, startlog
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import IntegrityError, NotReady, NotStaged, SettingsError
 from modelferry.tasks.options import LaunchOptions, parse_accelerators
@@ -136,7 +136,7 @@ def prepare(settings: Settings, model: str, revision: str | None, options: Launc
     cfg = skytask.build_task_config(model_uri=model_uri, served_name=model, model_bytes=model_bytes, weights=weights,
                                     options=options, loader_env=loader_env(settings.endpoint), bucket=bucket.name,
                                     revision=rev, weight_files=weight_files, fitted=fitted)
-    skytask.validate(cfg)
+    sky.validate(cfg)
     secret_values = dict(loader_secrets(settings))  # the weights (r2) and the compile cache read the bucket
     secret_values["VLLM_API_KEY"] = place.api_key()
     if weights == "hub" and settings.hf_token:
@@ -144,7 +144,7 @@ def prepare(settings: Settings, model: str, revision: str | None, options: Launc
     redact(list(secret_values.values()))
     # A null secret is one SkyPilot must be given at launch: list only those we will give.
     cfg["secrets"] = {k: None for k in cfg["secrets"] if k in secret_values}
-    skytask.validate(cfg, secret_values)
+    sky.validate(cfg, secret_values)
     return Deployment(skytask.cluster_name(model, rev, run_id), model, rev, weights, options, cfg, secret_values,
                       kept=keep)
 

@@ -1,5 +1,5 @@
-"""SkyPilot's SDK, for the task `skytask.py` builds: launch it (cluster, managed job or SkyServe),
-read its job's state and log, find its endpoint, and take it down.
+"""SkyPilot's SDK, for the task `skytask.py` builds: check it against SkyPilot's own schema, launch it
+(cluster, managed job or SkyServe), read its job's state and log, find its endpoint, and take it down.
 
 This is the cloud boundary, kept thin and exercised against SkyPilot's local API server, where it
 fails at provisioning (there is no cloud here).
@@ -8,11 +8,12 @@ fails at provisioning (there is no cloud here).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import sys
 
-from modelferry.tasks.errors import LaunchError, first_line
+from modelferry.tasks.errors import LaunchError, SettingsError, first_line
 
 log = logging.getLogger("modelferry.sky")
 
@@ -42,6 +43,19 @@ def _sky():
     return sky
 
 
+def validate(cfg: dict, secrets: dict[str, str] | None = None):
+    """Validate with SkyPilot's own schema (offline). Returns the sky.Task, with `secrets` filled in
+    the way `sky launch --secret NAME=value` does (a null secret is a reference resolved at launch)."""
+    sky = _sky()
+    from sky import exceptions
+
+    overrides = [(k, v) for k, v in (secrets or {}).items() if v and k in cfg.get("secrets", {})]
+    try:
+        return sky.Task.from_yaml_config(copy.deepcopy(cfg), secrets_overrides=overrides)  # it empties its dict
+    except (exceptions.InvalidSkyPilotConfigError, ValueError) as exc:
+        raise SettingsError(f"SkyPilot rejected the generated task: {first_line(exc)}") from exc
+
+
 # --- the cloud boundary --------------------------------------------------------------------------
 
 def launch(cfg: dict, name: str, mode: str, secrets: dict[str, str]) -> int | None:
@@ -50,8 +64,6 @@ def launch(cfg: dict, name: str, mode: str, secrets: dict[str, str]) -> int | No
     SkyPilot's progress goes to stderr, so `--json` output on stdout stays clean."""
     sky = _sky()
     from sky import exceptions
-
-    from modelferry.tasks.skytask import validate
 
     task = validate(cfg, secrets)
     try:
@@ -82,8 +94,6 @@ def rerun(cfg: dict, name: str, secrets: dict[str, str], job_id: int) -> int:
     node keeps its disk, its prefetched weights and its caches. Returns the new job's id."""
     sky = _sky()
     from sky import exceptions
-
-    from modelferry.tasks.skytask import validate
 
     task = validate(cfg, secrets)
     try:

@@ -1,6 +1,6 @@
 """The SkyPilot task we generate for one model: the template in deployments/ filled from the manifest
-and the launch options, GPUs chosen to fit the weights, checked offline by SkyPilot's own schema.
-Pure but for that schema check; launching it is `sky.py`'s job."""
+and the launch options, GPUs chosen to fit the weights and the KV cache. Pure: checking it against
+SkyPilot's own schema and launching it are `sky.py`'s job."""
 
 from __future__ import annotations
 
@@ -230,21 +230,6 @@ def node_command(cfg: dict) -> str:
     line = shlex.join(node.vllm_command(env, sized))
     return line.replace(shlex.quote(json.dumps(sized)), "'<sized on the node>'").replace(
         "--tensor-parallel-size GPUS", "--tensor-parallel-size <GPUs of the node>")
-
-
-def validate(cfg: dict, secrets: dict[str, str] | None = None):
-    """Validate with SkyPilot's own schema (offline). Returns the sky.Task, with `secrets` filled in
-    the way `sky launch --secret NAME=value` does (a null secret is a reference resolved at launch)."""
-    from modelferry.tasks.sky import _sky  # SkyPilot imported only when a task is checked
-
-    sky = _sky()
-    from sky import exceptions
-
-    overrides = [(k, v) for k, v in (secrets or {}).items() if v and k in cfg.get("secrets", {})]
-    try:
-        return sky.Task.from_yaml_config(copy.deepcopy(cfg), secrets_overrides=overrides)  # it empties its dict
-    except (exceptions.InvalidSkyPilotConfigError, ValueError) as exc:
-        raise SettingsError(f"SkyPilot rejected the generated task: {first_line(exc)}") from exc
 
 
 def redacted_config(cfg: dict, secrets: dict[str, str] | None = None) -> dict:

@@ -151,14 +151,14 @@ def test_the_saver_waits_as_long_as_the_launch_may():
 
 
 def test_generated_task_carries_the_cache_steps(sky_home):
-    from modelferry.tasks import skytask
+    from modelferry.tasks import sky, skytask
     from modelferry.tasks.options import LaunchOptions
     from modelferry.tasks.settings import loader_env
 
     args = dict(model_uri="s3://b/models/acme/m/abc/", served_name="acme/m", model_bytes=10**9, weights="r2",
                 loader_env=loader_env("https://acct.r2.cloudflarestorage.com"), bucket="b", revision="abc")
     on = skytask.build_task_config(options=LaunchOptions(), **args)
-    task = skytask.validate(on, {"AWS_ACCESS_KEY_ID": "k1", "AWS_SECRET_ACCESS_KEY": "s1", "VLLM_API_KEY": "a1"})
+    task = sky.validate(on, {"AWS_ACCESS_KEY_ID": "k1", "AWS_SECRET_ACCESS_KEY": "s1", "VLLM_API_KEY": "a1"})
     assert task.file_mounts == {"/modelferry/compile_cache.py": str(TOOL), "/modelferry/node.py": str(TOOL.with_name("node.py"))}
     assert on["envs"]["COMPILE_CACHE"] == "on" and on["envs"]["COMPILE_CACHE_BUCKET"] == "b"
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(on["envs"])

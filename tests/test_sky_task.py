@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelferry.tasks import fit, options, processes, skytask
+from modelferry.tasks import fit, options, processes, sky, skytask
 from modelferry.tasks.errors import SettingsError
 from modelferry.tasks.options import LaunchOptions
 from modelferry.tasks.settings import loader_env
@@ -37,7 +37,7 @@ def build(**kw):
 @pytest.mark.parametrize("strategy", options.STRATEGIES)
 def test_generated_task_passes_skypilots_schema(mode, strategy, sky_home):
     cfg = build(options=LaunchOptions(target="sky", mode=mode, strategy=strategy))
-    task = skytask.validate(cfg)
+    task = sky.validate(cfg)
     assert task.envs["MODEL_URI"] == "s3://models/models/acme/m/abc/"
     # vLLM hands AWS_ENDPOINT_URL to the streamer; nothing reads RUNAI_STREAMER_S3_ENDPOINT.
     assert task.envs["AWS_ENDPOINT_URL"] == ENDPOINT and "RUNAI_STREAMER_S3_ENDPOINT" not in task.envs
@@ -67,7 +67,7 @@ def test_a_spot_replica_still_starting_brings_an_on_demand_one_only_when_asked(f
     from sky.utils.common_utils import ProcessStatus
 
     cfg = build(options=LaunchOptions(target="sky", mode="serve", ready_timeout=900, ondemand_fallback=fallback))
-    spec = skytask.validate(cfg).service
+    spec = sky.validate(cfg).service
     assert spec.initial_delay_seconds == 900
     scaler = autoscalers.Autoscaler.from_spec("mf-svc", spec)
     for launch_status, status in ((ProcessStatus.RUNNING, "PROVISIONING"), (ProcessStatus.SUCCEEDED, "STARTING")):
@@ -121,7 +121,7 @@ import json, time
 from modelferry.tasks import sky as ours, skytask
 from sky.skylet import autostop_lib, configs, events, job_lib
 
-task = skytask.validate(json.loads(CFG))
+task = ours.validate(json.loads(CFG))
 kw = ours.autostop()
 for r in task.resources:  # the client SDK (sky/client/sdk.py 854-865)
     r.override_autostop_config(down=kw["down"], idle_minutes=kw["idle_minutes_to_autostop"], wait_for=kw.get("wait_for"))
@@ -169,7 +169,7 @@ def test_secrets_never_reach_envs_or_the_printed_yaml(sky_home):
     shown = skytask.redacted_yaml(cfg, values)
     assert all(v not in shown for v in values.values())
     assert yaml.safe_load(shown)["secrets"]["AWS_SECRET_ACCESS_KEY"] == "<redacted>"
-    task = skytask.validate(cfg)
+    task = sky.validate(cfg)
     task.update_secrets(values)
     assert all(v not in str(task.to_yaml_config(use_user_specified_yaml=True)) for v in values.values())
 
@@ -177,7 +177,7 @@ def test_secrets_never_reach_envs_or_the_printed_yaml(sky_home):
 def test_hub_source_gets_the_hf_token_secret_and_no_bucket_keys_needed(sky_home):
     cfg = build(model_uri="acme/m", weights="hub", revision="abc")
     assert "HF_TOKEN" in cfg["secrets"] and cfg["envs"]["LOAD_STRATEGY"] == "hub" and cfg["envs"]["MODEL_REVISION"] == "abc"
-    skytask.validate(cfg)
+    sky.validate(cfg)
 
 
 # Meta's Llama-3.1-8B-Instruct config.json, as the Hub serves it (the fields the fit reads).
@@ -566,7 +566,7 @@ def test_each_gpu_option_asks_for_host_memory_growing_with_its_gpus(sky_home):
     memory = asks(cfg)
     assert list(memory) == ["L4:1", "L40S:2", "A100:4", "H100:8"]
     assert memory["L4:1"] < memory["L40S:2"] < memory["A100:4"] < memory["H100:8"], memory
-    task = skytask.validate(cfg)  # SkyPilot's own schema and Resources accept the syntax
+    task = sky.validate(cfg)  # SkyPilot's own schema and Resources accept the syntax
     assert {r.memory for r in task.resources} == {f"{g:g}+" for g in memory.values()}
 
 
@@ -582,7 +582,7 @@ def test_the_memory_option_overrides_every_gpu_options_ask(sky_home):
         cfg = build(model_bytes=140 * GB, options=LaunchOptions(target="sky", memory=spec))
         assert len(cfg["resources"]["any_of"]) > 1
         assert {o["memory"] for o in cfg["resources"]["any_of"]} == {spec}
-        assert {r.memory for r in skytask.validate(cfg).resources} == {spec}
+        assert {r.memory for r in sky.validate(cfg).resources} == {spec}
 
 
 def test_skypilots_schema_checks_the_memory_we_write(sky_home):
@@ -590,7 +590,7 @@ def test_skypilots_schema_checks_the_memory_we_write(sky_home):
     cfg = build()
     cfg["resources"]["any_of"][0]["memory"] = "lots"
     with pytest.raises(SettingsError, match="SkyPilot rejected"):
-        skytask.validate(cfg)
+        sky.validate(cfg)
 
 
 @pytest.mark.parametrize("opts", [LaunchOptions(), LaunchOptions(strategy="prefetch"), LaunchOptions(memory_limit=0),
