@@ -84,7 +84,7 @@ def _measured(dep: Deployment, kind: str, n: int) -> Run:
     """The run's row; a cold run first lets its node save the compile cache, so the next fresh node can restore it."""
     if kind == "cold":
         launcher.wait_cache_saved(dep)
-    return Run(launcher.measure(dep, kind, n), launcher.job_log(dep))
+    return Run(launcher.measure(dep, kind, n), dep.handle.log())
 
 
 @step("bench", retries=0)
@@ -155,8 +155,10 @@ def _teardown(dep: Deployment) -> None:
         log.info("kept: %s: %s (take it down sooner with `modelferry down %s`)", dep.cluster,
                  launcher.when_it_stops(dep), dep.cluster)
         return
+    if dep.handle is None:  # never started
+        return
     try:
-        launcher.teardown(dep)
+        dep.handle.stop()
     except Exception as exc:  # noqa: BLE001 - take down the others, then say what is left
         log.error("teardown of %s failed: %s; take it down with `modelferry down %s`", dep.cluster, exc, dep.cluster)
 

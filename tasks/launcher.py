@@ -16,13 +16,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from modelferry.tasks import catalog, fit, layout, local_target, sky, skytask, startlog
+from modelferry.tasks import catalog, fit, layout, sky, skytask, startlog
 from modelferry.tasks.bucket import Bucket
 from modelferry.tasks.errors import IntegrityError, NotReady, NotStaged, SettingsError
 from modelferry.tasks.options import LaunchOptions, parse_accelerators
 from modelferry.tasks.results import PLACEMENT, StartRow
 from modelferry.tasks.settings import Settings, loader_env, loader_secrets, redact
-from modelferry.tasks.targets import TARGETS, Target
+from modelferry.tasks.targets import TARGETS, Handle, Target
 
 log = logging.getLogger("modelferry.launch")
 
@@ -40,8 +40,7 @@ class Deployment:
     secrets: dict[str, str] = field(repr=False)
     url: str | None = None
     kept: bool = False  # left running on purpose: --keep, or a managed job (SkyPilot's controller owns it)
-    node: local_target.LocalNode | None = None  # the local target's handle
-    job_id: int | None = None  # SkyPilot's handle: the serving job on its cluster
+    handle: Handle | None = None  # what its target's start returned: None until it started
     marks: dict[str, float] = field(default_factory=dict)
     vllm_version: str | None = None  # as the server reports it (/version)
 
@@ -175,26 +174,19 @@ def _fit(place: Target, model_bytes: int, model: fit.Model | None, options: Laun
 
 
 def start(dep: Deployment) -> None:
-    """Start the deployment on its target: a fresh node running the task's `setup`, then `run`."""
+    """Start the deployment on its target, timed from now: a fresh node running the task's `setup`,
+    then `run` (a retry: the same node again)."""
     dep.marks = {"request": time.time()}
-    dep.place.start(dep)
+    dep.handle = dep.handle or dep.place.handle(dep)  # held before it starts: a failed start is torn down too
+    dep.handle.start()
+    dep.url = dep.handle.endpoint()
 
 
 def restart(dep: Deployment) -> None:
-    """Warm run: stop the serving job and run the task's `run` again on the same node (same disk,
-    same caches)."""
+    """Warm run, timed from now: stop the serving job and run the task's `run` again on the same
+    node (same disk, same caches)."""
     dep.marks = {"request": time.time()}
-    dep.place.restart(dep)
-
-
-def job_state(dep: Deployment) -> str | None:
-    """The serving job's state (SkyPilot's words), or None where there is no job to watch (serve mode)."""
-    return dep.place.state(dep)
-
-
-def job_log(dep: Deployment) -> str:
-    """The serving job's log: the task's marks and vLLM's own lines, from the node or from SkyPilot."""
-    return dep.place.log(dep)
+    dep.handle.restart()
 
 
 def _http(url: str, key: str | None = None, body: dict | None = None, timeout: float = 10) -> tuple[int, bytes]:
@@ -217,12 +209,12 @@ def wait_ready(dep: Deployment, timeout: float = 1800, poll: float | None = None
     deadline = time.time() + timeout
     poll = poll or dep.place.poll_s
     while time.time() < deadline:
-        state = job_state(dep)
+        state = dep.handle.state()
         if state is not None and state not in LIVE:
-            text = job_log(dep)
+            text = dep.handle.log()
             said = startlog.error_line(text) or " | ".join(startlog.plain_log(text).strip().splitlines()[-3:])
             raise NotReady(f"{dep.cluster}: the vLLM job is {state} before serving: {said}")
-        dep.url = dep.url or dep.place.url(dep)
+        dep.url = dep.url or dep.handle.endpoint()
         if dep.url and _healthy(dep.url):
             dep.marks["ready"] = time.time()
             return
@@ -256,12 +248,12 @@ def first_token(dep: Deployment) -> str:
 def wait_cache_saved(dep: Deployment, timeout: float = 180) -> str | None:
     """With the compile cache on, wait until the node's saver says what it did (it starts once /health
     answers), so a fresh node launched next can restore it. Returns what it said."""
-    if not dep.options.compile_cache or job_state(dep) is None:
+    if not dep.options.compile_cache or dep.handle.state() is None:
         return None
     deadline = time.time() + timeout
     while time.time() < deadline:
-        said = startlog.parse_vllm_log(job_log(dep)).get("cache_saved")
-        if said or job_state(dep) not in LIVE:
+        said = startlog.parse_vllm_log(dep.handle.log()).get("cache_saved")
+        if said or dep.handle.state() not in LIVE:
             return said
         time.sleep(max(0.5, dep.place.poll_s))
     log.warning("%s: the compile cache was not saved within %.0f s", dep.cluster, timeout)
@@ -274,11 +266,11 @@ def _served_log(dep: Deployment) -> dict:
     after we did (a fast restart's first token is quicker). Waited for up to the target's
     `peak_wait_s` (0 on SkyPilot, where each read is an API call and a log read lags the node by
     more than that poll); without a served server (a managed job) read once."""
-    logged = startlog.parse_vllm_log(job_log(dep))
+    logged = startlog.parse_vllm_log(dep.handle.log())
     deadline = time.monotonic() + (dep.place.peak_wait_s if "ready" in dep.marks else 0)
-    while "host_peak_gib" not in logged and time.monotonic() < deadline and job_state(dep) in LIVE:
+    while "host_peak_gib" not in logged and time.monotonic() < deadline and dep.handle.state() in LIVE:
         time.sleep(0.5)
-        logged = startlog.parse_vllm_log(job_log(dep))
+        logged = startlog.parse_vllm_log(dep.handle.log())
     return logged
 
 
@@ -287,7 +279,7 @@ def measure(dep: Deployment, kind: str, run: int) -> StartRow:
     first token) and the serving job's log (the node's marks and vLLM's lines)."""
     logged = _served_log(dep)
     marks = {**startlog.node_marks(logged), **dep.marks}
-    where = dep.place.where(dep)
+    where = dep.handle.where()
     return StartRow(model=dep.model, revision=dep.revision, target=dep.target, source=dep.weights,
                     strategy=dep.options.strategy if dep.weights == "r2" else "hub", kind=kind, run=run,
                     **startlog.phases(marks, logged.get("weights_s")), context=logged.get("context"),
@@ -307,10 +299,6 @@ def when_it_stops(dep: Deployment) -> str:
     minutes = dep.options.idle_minutes
     gone = "then SkyPilot takes the cluster down" if dep.target == "sky" else "and the node is gone"
     return f"vLLM stops after {minutes} minute{'s' * (minutes > 1)} without a request, {gone}"
-
-
-def teardown(dep: Deployment) -> None:
-    dep.place.teardown(dep)
 
 
 def down(name: str | None, everything: bool, target: str = "all") -> list[str]:

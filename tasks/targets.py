@@ -1,16 +1,18 @@
 """The two places a deployment runs, behind one interface: SkyPilot's GPUs and the local node.
 
-Each target starts the generated task (setup, then run), restarts its `run` on the same node for a
-warm run, reports the serving job's state and log in SkyPilot's words, finds the server's URL, and
-takes it all down. The launcher only ever talks to a `Target`; nothing else asks which one it is.
+Each target makes a `Handle` for a prepared deployment, which starts the generated task (setup,
+then run) and then knows the serving job's state and log in SkyPilot's words, the server's URL,
+where it runs, a warm restart of its `run` on the same node, and its teardown. The launcher only ever talks to a `Target` and the handle it
+returned; nothing else asks which one it is.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets as pysecrets
-import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,6 +26,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("modelferry.launch")
 
 
+class Handle(Protocol):
+    """A deployment as its target knows it, from before it starts: start it, then its serving job
+    and server, and its teardown (which works however far the start got)."""
+
+    def start(self) -> None: ...  # the task's `setup`, then `run` (again: on the same node)
+    def state(self) -> str | None: ...  # the serving job's state in SkyPilot's words; None: no job to watch
+    def log(self) -> str: ...  # the serving job's log: the task's marks and vLLM's lines
+    def endpoint(self) -> str | None: ...  # the server's base URL, None while it has none
+    def where(self) -> dict: ...  # where it runs, results.PLACEMENT's keys
+    def restart(self) -> None: ...  # a warm run: the task's `run` again on the same node
+    def stop(self) -> None: ...  # take it down
+
+
 class Target(Protocol):
     name: str
     poll_s: float  # how often to ask for the job's state while waiting
@@ -32,14 +47,8 @@ class Target(Protocol):
     kv_cache_bytes: int | None  # a node whose KV cache is fixed (None: a GPU's, fitted to the weights)
 
     def api_key(self) -> str: ...
-    def start(self, dep: Deployment) -> None: ...
-    def restart(self, dep: Deployment) -> None: ...
-    def state(self, dep: Deployment) -> str | None: ...
-    def log(self, dep: Deployment) -> str: ...
-    def url(self, dep: Deployment) -> str | None: ...
-    def where(self, dep: Deployment) -> dict: ...
-    def teardown(self, dep: Deployment) -> None: ...
-    def down(self, name: str | None, everything: bool) -> list[str]: ...
+    def handle(self, dep: Deployment) -> Handle: ...  # for a prepared deployment; starts nothing
+    def down(self, what: str | None, everything: bool) -> list[str]: ...
 
 
 def state_dir() -> Path:
@@ -47,6 +56,48 @@ def state_dir() -> Path:
     from modelferry.tasks.plan import cache_root
 
     return cache_root() / "launches"
+
+
+@dataclass
+class LocalHandle:
+    """A node on this machine (`local_target.LocalNode`) and what its record says of it."""
+
+    node: local_target.LocalNode
+    cfg: dict = field(repr=False)
+    cluster: str
+    model: str
+    mode: str
+    kept: bool
+
+    def start(self) -> None:
+        self.submit(with_setup=True)
+
+    def submit(self, with_setup: bool) -> None:
+        local_target.submit(self.node, self.cfg, with_setup=with_setup, kept=self.kept)
+        self.node.record.write_text(json.dumps(
+            {"cluster": self.cluster, "model": self.model, "target": "local", "mode": self.mode, "url": self.node.url,
+             "pid": self.node.proc.pid if self.node.proc else None}))
+
+    def state(self) -> str | None:
+        return local_target.state(self.node)
+
+    def log(self) -> str:
+        path = self.node.log
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+    def endpoint(self) -> str | None:
+        return self.node.url
+
+    def where(self) -> dict:
+        return {"gpu": "cpu", "gpus": 0, "instance_type": "local", "cloud": "local", "region": "local", "spot": False}
+
+    def restart(self) -> None:
+        local_target.stop_job(self.node)
+        self.submit(with_setup=False)
+
+    def stop(self) -> None:
+        local_target.stop_job(self.node)
+        local_target.remove(self.node)  # the job logs are kept with the results
 
 
 class Local:
@@ -60,52 +111,66 @@ class Local:
     def api_key(self) -> str:
         return os.environ.get("VLLM_API_KEY") or pysecrets.token_urlsafe(24)
 
-    def start(self, dep: Deployment) -> None:
-        if dep.node is None:
-            dep.node = local_target.make_node(dep.cfg, dep.secrets, state_dir() / dep.cluster, free_port())
-        local_target.submit(dep.node, dep.cfg, with_setup=True, kept=dep.kept)
-        dep.url = dep.node.url
-        self._record(dep)
+    def handle(self, dep: Deployment) -> LocalHandle:
+        return LocalHandle(local_target.make_node(dep.cfg, dep.secrets, state_dir() / dep.cluster, free_port()),
+                           dep.cfg, dep.cluster, dep.model, dep.options.mode, dep.kept)
 
-    def restart(self, dep: Deployment) -> None:
-        local_target.stop_job(dep.node)
-        local_target.submit(dep.node, dep.cfg, with_setup=False, kept=dep.kept)
-        self._record(dep)
-
-    def state(self, dep: Deployment) -> str | None:
-        return local_target.state(dep.node)
-
-    def log(self, dep: Deployment) -> str:
-        path = dep.node.log if dep.node else None
-        return path.read_text(errors="replace") if path and path.exists() else ""
-
-    def url(self, dep: Deployment) -> str | None:
-        return dep.node.url if dep.node else None
-
-    def where(self, dep: Deployment) -> dict:
-        return {"gpu": "cpu", "gpus": 0, "instance_type": "local", "cloud": "local", "region": "local", "spot": False}
-
-    def teardown(self, dep: Deployment) -> None:
-        if dep.node:
-            local_target.stop_job(dep.node)
-            local_target.remove(dep.node)  # the job logs are kept with the results
-
-    def down(self, name: str | None, everything: bool) -> list[str]:
+    def down(self, what: str | None, everything: bool) -> list[str]:
         taken = []
         for rec_file in sorted(state_dir().glob("*.json")) if state_dir().exists() else []:
             rec = json.loads(rec_file.read_text())
-            if everything or name in (rec["cluster"], rec["model"]):
+            if everything or what in (rec["cluster"], rec["model"]):
                 if rec.get("pid"):
                     local_target.stop_runner(rec["pid"])
                 local_target.remove(local_target.LocalNode(state_dir() / rec["cluster"], {}))
                 taken.append(rec["cluster"])
         return taken
 
-    @staticmethod
-    def _record(dep: Deployment) -> None:
-        dep.node.record.write_text(json.dumps(
-            {"cluster": dep.cluster, "model": dep.model, "target": dep.target, "mode": dep.options.mode, "url": dep.url,
-             "pid": dep.node.proc.pid if dep.node.proc else None}))
+
+@dataclass
+class SkyHandle:
+    """A cluster's serving job, a managed job or a service, by SkyPilot's name for it."""
+
+    cluster: str
+    mode: str
+    cfg: dict = field(repr=False)
+    secrets: dict[str, str] = field(repr=False)
+    use_spot: bool
+    job_id: int | None = None  # the serving job on a cluster; None for a managed job or a service
+    url: str | None = None
+
+    def start(self) -> None:
+        self.job_id = sky.launch(self.cfg, self.cluster, self.mode, self.secrets)
+        self.endpoint()
+
+    def state(self) -> str | None:
+        return sky.job_state(self.cluster, self.job_id) if self.job_id is not None else None
+
+    def log(self) -> str:
+        return sky.job_log(self.cluster, self.job_id) if self.job_id is not None else ""
+
+    def endpoint(self) -> str | None:
+        self.url = self.url or sky.endpoint(self.cluster, self.mode)
+        return self.url
+
+    def where(self) -> dict:
+        if self.mode == "job":  # a managed job's nodes are its controller's to name
+            return {"spot": self.use_spot}
+        try:
+            if self.mode == "serve":  # the replicas that answered, as SkyServe reports them
+                return sky.serving_replicas(self.cluster)
+            return sky.placement(self.cluster)
+        except Exception as exc:  # noqa: BLE001 - the row is still worth having without it
+            log.warning("could not ask SkyPilot where %s runs: %s", self.cluster, exc)
+            return {}
+
+    def restart(self) -> None:
+        if self.mode != "cluster" or self.job_id is None:
+            raise SettingsError(f"warm runs restart a cluster's serving job; --mode {self.mode} has none: use --runs 1")
+        self.job_id = sky.rerun(self.cfg, self.cluster, self.secrets, self.job_id)
+
+    def stop(self) -> None:
+        sky.down(self.cluster, self.mode)
 
 
 class Sky:
@@ -120,44 +185,14 @@ class Sky:
             raise SettingsError("VLLM_API_KEY is not set: choose the API key clients will use for this server")
         return key
 
-    def start(self, dep: Deployment) -> None:
-        dep.job_id = sky.launch(dep.cfg, dep.cluster, dep.options.mode, dep.secrets)
-        dep.url = sky.endpoint(dep.cluster, dep.options.mode)
+    def handle(self, dep: Deployment) -> SkyHandle:
+        return SkyHandle(dep.cluster, dep.options.mode, dep.cfg, dep.secrets, dep.options.use_spot)
 
-    def restart(self, dep: Deployment) -> None:
-        if dep.options.mode != "cluster" or dep.job_id is None:
-            raise SettingsError(f"warm runs restart a cluster's serving job; --mode {dep.options.mode} has none: "
-                                "use --runs 1")
-        dep.job_id = sky.rerun(dep.cfg, dep.cluster, dep.secrets, dep.job_id)
-
-    def state(self, dep: Deployment) -> str | None:
-        return sky.job_state(dep.cluster, dep.job_id) if dep.job_id is not None else None  # serve: no job to watch
-
-    def log(self, dep: Deployment) -> str:
-        return sky.job_log(dep.cluster, dep.job_id) if dep.job_id is not None else ""
-
-    def url(self, dep: Deployment) -> str | None:
-        return dep.url or sky.endpoint(dep.cluster, dep.options.mode)
-
-    def where(self, dep: Deployment) -> dict:
-        if dep.options.mode == "job":  # a managed job's nodes are its controller's to name
-            return {"spot": dep.options.use_spot}
-        try:
-            if dep.options.mode == "serve":  # the replicas that answered, as SkyServe reports them
-                return sky.serving_replicas(dep.cluster)
-            return sky.placement(dep.cluster)
-        except Exception as exc:  # noqa: BLE001 - the row is still worth having without it
-            log.warning("could not ask SkyPilot where %s runs: %s", dep.cluster, exc)
-            return {}
-
-    def teardown(self, dep: Deployment) -> None:
-        sky.down(dep.cluster, dep.options.mode)
-
-    def down(self, name: str | None, everything: bool) -> list[str]:
-        if not (everything or (name and name.startswith("mf-"))):
+    def down(self, what: str | None, everything: bool) -> list[str]:
+        if not (everything or (what and what.startswith("mf-"))):
             return []
         try:
-            names = [c for c in sky.clusters() if c.startswith("mf-") and (everything or c == name)]
+            names = [c for c in sky.clusters() if c.startswith("mf-") and (everything or c == what)]
         except Exception as exc:  # noqa: BLE001 - SkyPilot unreachable: say so, keep the local result
             log.warning("could not ask SkyPilot for clusters: %s", exc)
             return []

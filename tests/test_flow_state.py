@@ -22,27 +22,37 @@ class NodeThatDies:
     def api_key(self) -> str:
         return "test-key-not-secret"
 
-    def start(self, dep) -> None:
-        self.started.append(dep.cluster)
-        dep.url = "http://127.0.0.1:9"  # nothing listens: /health never answers
+    def handle(self, dep) -> Dying:
+        return Dying(self, dep.cluster)
 
-    def restart(self, dep) -> None:
-        raise AssertionError("no warm run after a failed launch")
+    def down(self, what, everything) -> list[str]:
+        return []
 
-    def state(self, dep) -> str:
+
+class Dying:
+    def __init__(self, target: NodeThatDies, cluster: str):
+        self.target, self.cluster = target, cluster
+
+    def start(self) -> None:
+        self.target.started.append(self.cluster)
+
+    def state(self) -> str:
         return "FAILED"
 
-    def log(self, dep) -> str:
+    def log(self) -> str:
         return "ERROR 12-02 10:00:00 [api_server.py:1] ValueError: this model is refused\n"
 
-    def url(self, dep) -> str:
-        return dep.url
+    def endpoint(self) -> str:
+        return "http://127.0.0.1:9"  # nothing listens: /health never answers
 
-    def teardown(self, dep) -> None:
-        self.torn_down.append(dep.cluster)
+    def where(self) -> dict:
+        return {}
 
-    def down(self, name, everything) -> list[str]:
-        return []
+    def restart(self) -> None:
+        raise AssertionError("no warm run after a failed launch")
+
+    def stop(self) -> None:
+        self.target.torn_down.append(self.cluster)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from modelferry.tasks import launcher, results, startlog
+from modelferry.tasks import launcher, results, startlog, targets
 from modelferry.tasks import sky as mf_sky
 from modelferry.tasks import skytask
 from modelferry.tasks.errors import SettingsError
@@ -112,13 +112,13 @@ def test_the_job_log_is_fetched_once_and_measured_like_the_local_one(fake):
     sky = fake({1: (FIXTURES / "stream-cold.log").read_text()}, {1: "RUNNING"})
     dep = deployment()
     launcher.start(dep)
-    assert dep.job_id == 1 and dep.url is None
-    logged_exec = float(next(x for x in launcher.job_log(dep).splitlines() if "mark exec" in x).split()[-1])
+    assert dep.handle.job_id == 1 and dep.url is None
+    logged_exec = float(next(x for x in dep.handle.log().splitlines() if "mark exec" in x).split()[-1])
     dep.marks = {"request": logged_exec - 30, "ready": logged_exec + 300, "first_token": logged_exec + 301}
     row = launcher.measure(dep, "cold", 1).record()
     assert ("tail_logs", 1, False) in sky.calls  # never follows: it would block until the job ends
     assert sky.task_names == ["modelferry-vllm"]  # the name in the fixture's run prefix
-    assert "\x1b[36m(setup pid=" in launcher.job_log(dep) and "\x1b[36m(modelferry-vllm, pid=" in launcher.job_log(dep)
+    assert "\x1b[36m(setup pid=" in dep.handle.log() and "\x1b[36m(modelferry-vllm, pid=" in dep.handle.log()
     assert row["target"] == "sky" and row["strategy"] == "stream" and row["weights_s"] is not None
     assert row["setup_s"] > 0 and row["boot_s"] > 0 and row["engine_s"] > 0 and row["first_token_s"] == 1.0
     assert row["provision_s"] > 0 and row["compile_cache"] == "miss" and row["compile_s"] > 0
@@ -149,11 +149,12 @@ def test_a_warm_run_cancels_the_serving_job_then_runs_the_tasks_run_again(fake):
     exec_call = next(c for c in sky.calls if c[0] == "exec")
     assert sky.calls.index(exec_call) > cancel  # the GPUs are free before the new job asks for them
     assert exec_call[1] == dep.cluster and exec_call[3] == dep.cfg["run"]
-    assert dep.job_id == 2 and "modelferry mark run-start" in launcher.job_log(dep)
+    assert dep.handle.job_id == 2 and "modelferry mark run-start" in dep.handle.log()
 
 
 def test_warm_runs_need_a_cluster_job(fake):
     fake({1: ""}, {1: "RUNNING"})
     dep = deployment(mode="serve")
+    dep.handle = targets.TARGETS["sky"].handle(dep)  # a service: SkyServe's replicas, no job of ours
     with pytest.raises(SettingsError, match="--runs 1"):
         launcher.restart(dep)
