@@ -163,11 +163,14 @@ def placement(name: str) -> dict:
     records = sky.get(sky.status([name]))
     handle = records[0]["handle"] if records else None
     res = getattr(handle, "launched_resources", None)
-    if res is None:
-        return {}
+    return {**_launched(res), "spot": res.use_spot} if res is not None else {}
+
+
+def _launched(res) -> dict:
+    """GPU type and count, instance type, cloud and region of a handle's launched resources."""
     (gpu, count), = (res.accelerators or {None: 0}).items()
     return {"gpu": gpu, "gpus": count, "instance_type": res.instance_type,
-            "cloud": str(res.cloud).lower() if res.cloud else None, "region": res.region, "spot": res.use_spot}
+            "cloud": str(res.cloud).lower() if res.cloud else None, "region": res.region}
 
 
 def serving_replicas(name: str) -> dict:
@@ -185,11 +188,7 @@ def replica_placement(replicas: list[dict]) -> dict:
     spots = {bool(r.get("is_spot")) for r in ready}
     placed = {"spot": spots.pop() if len(spots) == 1 else None, "replicas": len(ready)}
     res = getattr(ready[0].get("handle"), "launched_resources", None) if len(ready) == 1 else None
-    if res is not None:
-        (gpu, count), = (res.accelerators or {None: 0}).items()
-        placed.update(gpu=gpu, gpus=count, instance_type=res.instance_type,
-                      cloud=str(res.cloud).lower() if res.cloud else None, region=res.region)
-    return placed
+    return {**placed, **_launched(res)} if res is not None else placed
 
 
 def hourly_price(instance_type: str, cloud: str, region: str | None, spot: bool) -> tuple[float | None, str]:

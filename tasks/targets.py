@@ -2,8 +2,8 @@
 
 Each target makes a `Handle` for a prepared deployment, which starts the generated task (setup,
 then run) and then knows the serving job's state and log in SkyPilot's words, the server's URL,
-where it runs, a warm restart of its `run` on the same node, and its teardown. The launcher only ever talks to a `Target` and the handle it
-returned; nothing else asks which one it is.
+where it runs, a warm restart of its `run` on the same node, and its teardown. The launcher only
+ever talks to a `Target` and the handle it made; nothing else asks which one it is.
 """
 
 from __future__ import annotations
