@@ -9,7 +9,6 @@ thing. `check()` is the only place an option is checked; its errors name the fla
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 
 from modelferry.tasks import pins
@@ -21,6 +20,7 @@ SOURCES = ("auto", "r2", "hub")
 MODES = ("cluster", "job", "serve")
 STRATEGIES = ("stream", "prefetch")
 BOTH = "both"  # bench and stage-and-launch: each strategy in turn
+STRATEGY_HELP = "stream: Run:ai streamer over S3; prefetch: s5cmd to local disk, then load"
 
 # The accelerators we offer are those whose memory the fit knows (fit.MEMORY_MIB), by SkyPilot's
 # names. SkyPilot itself accepts unknown GPU names offline (only its optimizer would catch them), so
@@ -42,7 +42,7 @@ class LaunchOptions:
     source: str = _option("auto", "auto: the bucket if staged and intact, else the Hub; r2: bucket only; hub: Hub only")
     mode: str = _option("cluster", "cluster: one node, stopped when idle (--idle-minutes); job: a managed job, "
                                    "recovered from preemption; serve: a SkyServe service, one replica")
-    strategy: str = _option("stream", "stream: Run:ai streamer over S3; prefetch: s5cmd to local disk, then load")
+    strategy: str = _option("stream", STRATEGY_HELP)
     accelerators: list[str] | None = _option(
         None, "GPUs to allow, e.g. L4:1 or A100:2 (repeatable; default: every GPU whose memory fits the model)",
         metavar="GPU[:N]")
@@ -167,29 +167,3 @@ def parse_accelerators(specs: list[str]) -> dict[str, int]:
                 raise SettingsError(f"accelerator count {n} in {part!r}: use one of {GPU_COUNTS}")
             out[name] = n
     return out
-
-
-def add_flags(parser, strategy_help: str = "") -> None:
-    """Every option as a flag of `parser` (argparse), each with its field's name as `dest`."""
-    hints = typing.get_type_hints(LaunchOptions)
-    for f in dataclasses.fields(LaunchOptions):
-        meta, kind = f.metadata, _scalar(hints[f.name])
-        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        help_text = meta["help"] + (strategy_help if f.name == "strategy" else "")
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true", help=help_text)
-        elif kind is list:
-            parser.add_argument(flag, dest=f.name, action="append", metavar=meta.get("metavar"), help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=meta.get("metavar"),
-                                choices=meta.get("choices"), help=help_text)
-
-
-def _scalar(hint) -> type:
-    """int for `int | None`, list for `list[str] | None`, the type itself otherwise."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is list:
-        return list
-    if args:
-        return _scalar(args[0])
-    return hint

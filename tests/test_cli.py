@@ -16,17 +16,17 @@ FLAGS = {
     "stage": ["--revision", "--include", "--exclude", "--name", "--allow-unloadable", "--replace", "--no-set-current",
               "--task-runner", "--dask-address", "--json"],
     "verify": ["--revision", "--deep", "--json"],
+    "list": ["--json", "--compile-caches"],
     "launch": [*LAUNCH, "--keep", "--dry-run"],
     "bench": [*LAUNCH, "--runs", "--results"],
     "stage-and-launch": [*LAUNCH, "--name", "--runs", "--include", "--exclude", "--keep", "--results"],
     "down": ["--all", "--target"],
     "cost": ["--revision", "--launches-per-day", "--s3-egress-per-gb", "--r2-storage-per-gb-month",
              "--r2-class-b-per-million", "--read-request-mib", "--gpu-price", "--hub-mb-s", "--json"],
-    "blocks": [],
     "gc": ["--grace-hours", "--dry-run", "--compile-cache-days", "--json"],
+    "blocks": [],
     "refresh": ["--watchlist", "--json"],
     "deploy": ["--pool", "--watchlist", "--cron", "--launch-name", "--refresh-name"],
-    "list": ["--json", "--compile-caches"],
 }
 
 
@@ -149,3 +149,19 @@ def test_flow_parameters_cli_flags_and_launch_options_are_one_set_of_names():
                                       "--extra-vllm-args=--enforce-eager", "--accelerators", "L4:1"]))
     assert LaunchOptions.pick(flipped) == LaunchOptions(use_spot=False, compile_cache=False, vllm_image="img",
                                                         extra_vllm_args="--enforce-eager", accelerators=["L4:1"])
+
+
+def test_a_command_gets_its_flags_as_typed_values_of_its_own_class():
+    from modelferry.flows import cli, commands
+    from modelferry.flows.flags import parsed
+
+    p = cli.parser()
+    got = parsed(commands.StageFlags, p.parse_args(["-v", "stage", "acme/m", "--include", "*.json", "--no-set-current"]))
+    assert got == commands.StageFlags(source="acme/m", include=["*.json"], set_current=False, verbose=True)
+    assert parsed(commands.StageFlags, p.parse_args(["stage", "./ckpt"])).exclude == []  # never given: its own list
+    cost = parsed(commands.CostFlags, p.parse_args(["cost", "acme/m", "--launches-per-day", "24", "--read-request-mib", "8"]))
+    assert (cost.launches_per_day, cost.read_request_mib, cost.gpu_price) == (24.0, 8, None)
+    assert type(cost.launches_per_day) is float and type(cost.read_request_mib) is int
+    bench = parsed(commands.BenchFlags, p.parse_args(["bench", "acme/m", "--strategy", "both"]))
+    assert (bench.strategy, bench.runs, bench.target) == ("both", 2, "local")
+    assert [c.flags.__name__ for c in commands.COMMANDS.values()][:3] == ["CheckR2Flags", "StageFlags", "VerifyFlags"]
