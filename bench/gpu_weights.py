@@ -212,14 +212,14 @@ def run(work: Path, args) -> dict:
 def prepare() -> None:
     """Here, where modelferry is installed: the node program and the generated task's envs, for the device."""
     sys.path.insert(0, str(HERE.parent))
-    from modelferry.tasks import skytask
-    from modelferry.tasks.options import LaunchOptions
+    from modelferry.tasks.launch import skytask
+    from modelferry.tasks.launch.options import LaunchOptions
     from modelferry.tasks.settings import loader_env
 
     cfg = skytask.build_task_config(model_uri="s3://check/m/", served_name="check", model_bytes=0, weights="r2",
                                     options=LaunchOptions(compile_cache=False), loader_env=loader_env("http://x"))
     NODE_PROGRAM.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(skytask.packaged_file("tasks/node.py"), NODE_PROGRAM)
+    shutil.copyfile(skytask.packaged_file("tasks/on_node/node.py"), NODE_PROGRAM)
     NODE_PROGRAM.with_name("envs.json").write_text(json.dumps({k: str(v) for k, v in cfg["envs"].items()}, indent=1))
     print(f"wrote {NODE_PROGRAM} and the task's envs.json")
 

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modelferry.tasks import embedded, processes  # noqa: E402
-from modelferry.tasks.integrity import MiB, hash_file  # noqa: E402
+from modelferry.tasks.clients import processes
+from modelferry.tasks.offline import embedded  # noqa: E402
+from modelferry.tasks.records.integrity import MiB, hash_file  # noqa: E402
 
 work = Path(tempfile.mkdtemp(prefix="mf-hash-cost-"))
 src = work / "shard.bin"

@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.stage_throughput import in_scratch_dir, stage_report  # noqa: E402
 from bench.throttle import throttled  # noqa: E402
-from modelferry.tasks import embedded, processes  # noqa: E402
+from modelferry.tasks.clients import processes
+from modelferry.tasks.offline import embedded  # noqa: E402
 
 MiB = 2**20
 REPO = "bench/overlap"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.stage_throughput import stage_report  # noqa: E402
-from modelferry.tasks import embedded  # noqa: E402
+from modelferry.tasks.offline import embedded  # noqa: E402
 
 
 def stage(env: dict, ckpt: Path) -> tuple[float, float, int]:

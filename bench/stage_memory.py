@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.stage_throughput import in_scratch_dir, make_checkpoint  # noqa: E402
-from modelferry.tasks import embedded, processes  # noqa: E402
+from modelferry.tasks.clients import processes
+from modelferry.tasks.offline import embedded  # noqa: E402
 
 
 def peak_rss_mib(cmd: list[str], env: dict) -> tuple[float, float]:

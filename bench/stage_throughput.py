@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modelferry.tasks import embedded, processes  # noqa: E402
+from modelferry.tasks.clients import processes
+from modelferry.tasks.offline import embedded  # noqa: E402
 
 MiB = 2**20
 

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.stage_throughput import in_scratch_dir, stage_report  # noqa: E402
 from bench.throttle import Faulty, every_nth_first_try  # noqa: E402
-from modelferry.tasks import embedded  # noqa: E402
+from modelferry.tasks.offline import embedded  # noqa: E402
 
 MiB = 2**20
 WRITES = {"create", "part", "complete", "copy-or-put"}

@@ -1,7 +1,7 @@
 """Real vLLM cold and warm starts on the local target: stream vs prefetch, compile cache miss vs hit.
 
 Baseline: the cold start of a fresh node with nothing in the bucket's compile cache (miss), in the
-same run. Stages the tiny Llama (tasks/tiny_llama.py) from an offline Hub into a loopback rclone
+same run. Stages the tiny Llama (tasks/offline/tiny_llama.py) from an offline Hub into a loopback rclone
 bucket, then, per strategy: node A cold (miss; it saves the cache through the bucket) and warm (a
 restart on A's disk), then node B, a fresh node that restores A's cache. Six vLLM starts. Prints
 B's total against A's warm restart (goal: 1.2x), the cold start against A's warm one.
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modelferry.tasks import embedded, tiny_llama  # noqa: E402
+from modelferry.tasks.offline import embedded, tiny_llama  # noqa: E402
 
 COLS = ["strategy", "kind", "compile_cache", "setup_s", "boot_s", "weights_s", "engine_s", "first_token_s", "total_s",
         "init_engine_s", "compile_s", "weights_s"]

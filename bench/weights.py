@@ -38,8 +38,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.stage_throughput import in_scratch_dir  # noqa: E402
-from modelferry.tasks import embedded, node, processes, tiny_llama  # noqa: E402
-from modelferry.tasks.local_target import vllm_python  # noqa: E402
+from modelferry.tasks.clients import processes
+from modelferry.tasks.offline import embedded, tiny_llama
+from modelferry.tasks.on_node import node  # noqa: E402
+from modelferry.tasks.launch.local_target import vllm_python  # noqa: E402
 from modelferry.tasks.settings import loader_env  # noqa: E402
 
 GIB = 2**30

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from modelferry.flows.flags import Flags, flag, positional
-from modelferry.tasks import pins, results
-from modelferry.tasks.cost import HUB_MB_S
+from modelferry.tasks import pins
+from modelferry.tasks.measure import results
+from modelferry.tasks.measure.cost import HUB_MB_S
 from modelferry.tasks.errors import ModelferryError, SettingsError, StepFailed, require_extra
-from modelferry.tasks.options import BOTH, STRATEGY_HELP, LaunchOptions
+from modelferry.tasks.launch.options import BOTH, STRATEGY_HELP, LaunchOptions
 
 
 @dataclass
@@ -64,7 +65,7 @@ def command(name: str, *, help: str, description: str, examples: tuple[str, ...]
 
 def _bucket():
     from modelferry.tasks import settings as config
-    from modelferry.tasks.bucket import Bucket
+    from modelferry.tasks.clients.bucket import Bucket
 
     return Bucket(config.load())
 
@@ -80,7 +81,7 @@ class CheckR2Flags(Flags):
          examples=("modelferry check-r2",))
 def check_r2(args: CheckR2Flags) -> Output:
     from modelferry.tasks import settings as config
-    from modelferry.tasks.bucket import check_r2 as probe
+    from modelferry.tasks.clients.bucket import check_r2 as probe
 
     result = probe(config.load())
     return Output(result, lines=[f"OK  endpoint {result['endpoint']}  bucket {result['bucket']}",
@@ -122,7 +123,8 @@ class StageFlags(Flags):
          notes="Set PREFECT_API_URL to a running Prefect server to skip starting a temporary one; the log says\n"
                "how long orchestration took to start, apart from the work.")
 def stage(args: StageFlags) -> Output:
-    from modelferry.tasks import orchestration, request
+    from modelferry.tasks.clients import orchestration
+    from modelferry.tasks.staging import request
 
     # Everything that can be refused is refused before Prefect starts (seconds) and before any write.
     bucket = _bucket()
@@ -164,7 +166,7 @@ class VerifyFlags(Flags):
          examples=("modelferry verify sentence-transformers/all-MiniLM-L6-v2",
                    "modelferry verify acme/llama-ft --revision local-0123abcd --deep"))
 def verify(args: VerifyFlags) -> Output:
-    from modelferry.tasks import catalog
+    from modelferry.tasks.records import catalog
     from modelferry.tasks.errors import IntegrityError
 
     try:
@@ -187,7 +189,7 @@ class ListFlags(Flags):
                      "its last verification.",
          examples=("modelferry list", "modelferry list --compile-caches --json"))
 def list_models(args: ListFlags) -> Output:
-    from modelferry.tasks import catalog, housekeeping
+    from modelferry.tasks.records import catalog, housekeeping
 
     if args.compile_caches:
         rows = housekeeping.compile_caches(_bucket())
@@ -225,13 +227,13 @@ def _launch_options(args: LaunchFlags) -> LaunchOptions:
 def _run_flow(args, **params) -> Output:
     from dataclasses import asdict
 
-    from modelferry.tasks import orchestration
+    from modelferry.tasks.clients import orchestration
     from modelferry.tasks import settings as config
 
     options = _launch_options(args)
     config.load()
     if options.target == "local":
-        from modelferry.tasks.local_target import vllm_python
+        from modelferry.tasks.launch.local_target import vllm_python
 
         vllm_python()  # before paying for Prefect's start-up: says how to get it
     with orchestration.prefect_api(args.verbose):
@@ -266,7 +268,7 @@ def launch(args: LaunchOnceFlags) -> Output:
         raise SettingsError("--strategy both is for `bench`; launch takes stream or prefetch")
     if not args.dry_run:
         return _run_flow(args, stage=False, runs=1, keep=args.keep)
-    from modelferry.tasks import launcher, skytask
+    from modelferry.tasks.launch import launcher, skytask
     from modelferry.tasks import settings as config
 
     dep = launcher.prepare(config.load(), args.model, args.revision, _launch_options(args), "dry-run")
@@ -274,7 +276,7 @@ def launch(args: LaunchOnceFlags) -> Output:
     return Output({"cluster": dep.cluster, "model": dep.model, "revision": dep.revision, "weights": dep.weights,
                    "task": skytask.redacted_config(dep.cfg, dep.secrets), "command": command},
                   lines=[f"# {dep.cluster}: {dep.model}@{dep.revision} from {dep.weights}",
-                         f"# on the node (tasks/node.py): {command}", skytask.redacted_yaml(dep.cfg, dep.secrets)])
+                         f"# on the node (tasks/on_node/node.py): {command}", skytask.redacted_yaml(dep.cfg, dep.secrets)])
 
 
 @command("bench", help="time every phase of cold and warm starts",
@@ -322,7 +324,7 @@ class DownFlags(Flags):
          examples=("modelferry down mf-tiny-llama-1a2b3c4d", "modelferry down modelferry/tiny-llama",
                    "modelferry down --all --target local"))
 def down(args: DownFlags) -> Output:
-    from modelferry.tasks import launcher
+    from modelferry.tasks.launch import launcher
 
     if not args.what and not args.all:
         raise SettingsError("give a deployment's cluster (mf-...) or a model's name, or pass --all")
@@ -358,8 +360,8 @@ class CostFlags(Flags):
 def cost(args: CostFlags) -> Output:
     """Egress and storage of a month of cold starts, and the GPU time of each: this model's measured
     starts (its bench rows in the bucket) against a start from the Hub, at the node's hourly price."""
-    from modelferry.tasks import catalog, layout
-    from modelferry.tasks import cost as pricing
+    from modelferry.tasks.records import catalog, layout
+    from modelferry.tasks.measure import cost as pricing
 
     bucket = _bucket()
     manifest = catalog.find_manifest(bucket, args.model, args.revision)
@@ -426,7 +428,7 @@ def _hourly_price(measured, gpu_price: float | None) -> tuple[float | None, str]
         return gpu_price, "--gpu-price"
     if measured is None or measured.target != "sky" or not (measured.instance_type and measured.cloud):
         return None, "no measured GPU node to look up in SkyPilot's catalog: give --gpu-price USD_PER_HOUR"
-    from modelferry.tasks import sky
+    from modelferry.tasks.clients import sky
 
     return sky.hourly_price(measured.instance_type, measured.cloud, measured.region, bool(measured.spot))
 
@@ -445,7 +447,7 @@ class GcFlags(Flags):
                      "never touched. `stage` also aborts its own revision's leftovers when it starts.",
          examples=("modelferry gc --grace-hours 24 --dry-run",))
 def gc(args: GcFlags) -> Output:
-    from modelferry.tasks import housekeeping
+    from modelferry.tasks.records import housekeeping
 
     if args.grace_hours < 0:
         raise SettingsError("--grace-hours must be 0 or more")

@@ -1,6 +1,6 @@
 """`make demo`: the whole path offline, on real local stand-ins and real vLLM.
 
-Starts an offline Hub (olah) holding the tiny Llama (tasks/tiny_llama.py) and an S3 bucket
+Starts an offline Hub (olah) holding the tiny Llama (tasks/offline/tiny_llama.py) and an S3 bucket
 (rclone serve s3), then runs the CLI in this process: check-r2, stage, verify, list, a second stage
 (an unchanged model sends 0 bytes), the generated SkyPilot task, stage-and-launch on the local target
 (vLLM streams the weights over s3://, cold, then warm on the same node), bench with prefetch on a
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from modelferry.flows import process_defaults
-from modelferry.tasks import embedded, tiny_llama
+from modelferry.tasks.offline import embedded, tiny_llama
 from modelferry.tasks.settings import read
 
 REPO = tiny_llama.REPO

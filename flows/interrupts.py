@@ -58,7 +58,7 @@ def _watch_signals() -> None:
 
 
 def _exit_now(signum: int) -> None:
-    from modelferry.tasks import processes
+    from modelferry.tasks.clients import processes
 
     processes.kill_all()
     say_interrupted()

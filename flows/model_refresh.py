@@ -14,9 +14,10 @@ from prefect.runtime import flow_run
 
 from modelferry.flows.stage_model import stage_model
 from modelferry.flows.steps import step
-from modelferry.tasks import catalog, housekeeping, hub
+from modelferry.tasks.clients import hub
+from modelferry.tasks.records import catalog, housekeeping
 from modelferry.tasks import settings as config
-from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.clients.bucket import Bucket
 from modelferry.tasks.errors import RefreshFailed, SettingsError
 from modelferry.tasks.settings import scrub
 

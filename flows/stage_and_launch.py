@@ -21,14 +21,17 @@ from prefect.runtime import flow_run
 
 from modelferry.flows.stage_model import stage_model
 from modelferry.flows.steps import Steps, step
-from modelferry.tasks import catalog, launcher, layout, request, results
+from modelferry.tasks.launch import launcher
+from modelferry.tasks.measure import results
+from modelferry.tasks.records import catalog, layout
+from modelferry.tasks.staging import request
 from modelferry.tasks import settings as config
-from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.clients.bucket import Bucket
 from modelferry.tasks.errors import SettingsError
-from modelferry.tasks.launcher import Deployment
-from modelferry.tasks.options import LaunchOptions
-from modelferry.tasks.plan import StepStats
-from modelferry.tasks.results import StartRow
+from modelferry.tasks.launch.launcher import Deployment
+from modelferry.tasks.launch.options import LaunchOptions
+from modelferry.tasks.staging.plan import StepStats
+from modelferry.tasks.measure.results import StartRow
 
 log = logging.getLogger("modelferry.launch")
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from prefect import flow
 
 from modelferry.flows.steps import Steps, WorkClock, configured, progress_reporter, step
-from modelferry.tasks import in_bucket, pipeline, publish as publishing, resolve as resolving, shards
+from modelferry.tasks.staging import in_bucket, pipeline, publish as publishing, resolve as resolving, shards
 from modelferry.tasks import settings as config
-from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.clients.bucket import Bucket
 from modelferry.tasks.errors import SettingsError, require_extra
-from modelferry.tasks.lock import Lock
-from modelferry.tasks.survey import survey
+from modelferry.tasks.records.lock import Lock
+from modelferry.tasks.staging.survey import survey
 
 log = logging.getLogger("modelferry.stage")
 

@@ -16,7 +16,7 @@ from prefect.tasks import exponential_backoff
 
 from modelferry.tasks.errors import LastAttempt, ModelferryError, StepFailed, first_line
 from modelferry.tasks.settings import VARIABLES, read, scrub
-from modelferry.tasks.plan import StepStats
+from modelferry.tasks.staging.plan import StepStats
 
 class _OneLineForOurErrors(logging.Filter):
     """Our typed errors already say what to fix in one line: keep Prefect from adding a traceback."""

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from modelferry.flows import process_defaults
 from modelferry.flows.demo import REPO
-from modelferry.tasks import embedded, processes, tiny_llama
+from modelferry.tasks.clients import processes
+from modelferry.tasks.offline import embedded, tiny_llama
 from modelferry.tasks.settings import read
 
 ROOT = Path(__file__).resolve().parent.parent

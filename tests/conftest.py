@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from modelferry.tasks import embedded, processes, tiny_llama
+from modelferry.tasks.clients import processes
+from modelferry.tasks.offline import embedded, tiny_llama
 from tests.helpers import (ACCESS_KEY, API_KEY, BUCKET, LLAMA, ROOT, SECRET_KEY, SECRETS, TINY, IdleWatch, Run, VllmSession,
                            run_deployment, secret_findings)
 
@@ -121,7 +122,7 @@ def slow_bucket(tmp_path):
 @pytest.fixture
 def s3(bucket):
     from modelferry.tasks import settings as config
-    from modelferry.tasks.bucket import Bucket
+    from modelferry.tasks.clients.bucket import Bucket
 
     return Bucket(config.load(bucket.env()))
 

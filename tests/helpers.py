@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelferry.tasks import tiny_llama
+from modelferry.tasks.offline import tiny_llama
 
 ACCESS_KEY = "mf-test-access-7f3a1c"
 SECRET_KEY = "mf-test-secret-9c1e55d2"
@@ -197,7 +197,7 @@ def start_rows(*starts: tuple[str, str, str, float, float], model: str = "acme/m
 
     import pandas as pd
 
-    from modelferry.tasks.results import StartRow
+    from modelferry.tasks.measure.results import StartRow
 
     def row(i, target, strategy, kind, total, weights):
         blank = {f.name: None for f in dataclasses.fields(StartRow)}

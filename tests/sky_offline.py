@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from modelferry.tasks.processes import free_port
+from modelferry.tasks.clients.processes import free_port
 
 CATALOG = {
     "common/accelerators.csv": "AcceleratorName,Clouds\nL4,AWS\n",

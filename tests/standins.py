@@ -1,6 +1,6 @@
 """Test-only stand-ins: moto's S3 server (S3's own multipart ETags and checksums) and a real Dask
 cluster on loopback. The embedded bucket, Hub and Prefect server are product code
-(`modelferry.tasks.embedded`); these are not."""
+(`modelferry.tasks.offline.embedded`); these are not."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import socket
 import time
 from pathlib import Path
 
-from modelferry.tasks.embedded import LocalBucket
-from modelferry.tasks.processes import free_port, start, stop, wait_http, which
+from modelferry.tasks.offline.embedded import LocalBucket
+from modelferry.tasks.clients.processes import free_port, start, stop, wait_http, which
 
 
 @contextlib.contextmanager

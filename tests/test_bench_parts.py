@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modelferry.tasks import cost, startlog
+from modelferry.tasks.measure import cost, startlog
 from tests.helpers import start_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -97,9 +97,9 @@ def test_each_bad_launch_option_gets_one_message_from_cli_flow_and_builder_namin
     `launch --help` offers."""
     from modelferry.flows import cli
     from modelferry.flows.stage_and_launch import stage_and_launch
-    from modelferry.tasks import skytask
+    from modelferry.tasks.launch import skytask
     from modelferry.tasks.errors import SettingsError
-    from modelferry.tasks.options import LaunchOptions
+    from modelferry.tasks.launch.options import LaunchOptions
 
     bad = {"target": "sky", **bad}
     with pytest.raises(SettingsError) as err:
@@ -136,7 +136,7 @@ def test_flow_parameters_cli_flags_and_launch_options_are_one_set_of_names():
 
     from modelferry.flows import cli
     from modelferry.flows.stage_and_launch import stage_and_launch
-    from modelferry.tasks.options import LaunchOptions
+    from modelferry.tasks.launch.options import LaunchOptions
 
     fields = {f.name: f.default for f in dataclasses.fields(LaunchOptions)}
     params = inspect.signature(stage_and_launch.fn).parameters

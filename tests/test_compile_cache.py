@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from modelferry.tasks import compile_cache as cc
-from modelferry.tasks import processes
+from modelferry.tasks.on_node import compile_cache as cc
+from modelferry.tasks.clients import processes
 
 TOOL = Path(cc.__file__)
 BASE = dict(model_uri="s3://b/models/acme/m/abc/", revision="abc", vllm_version="0.11.0", gpu="NVIDIA H100 80GB HBM3",
@@ -141,8 +141,8 @@ def test_the_nodes_vllm_agrees_on_the_cache_root(tmp_path):
 
 def test_the_saver_waits_as_long_as_the_launch_may():
     """Its default outlasts the longest --ready-timeout, and the task passes the one launched with."""
-    from modelferry.tasks.options import LaunchOptions
-    from modelferry.tasks.skytask import build_task_config
+    from modelferry.tasks.launch.options import LaunchOptions
+    from modelferry.tasks.launch.skytask import build_task_config
 
     assert cc.DEFAULT_READY_S > 6 * 3600
     cfg = build_task_config(model_uri="s3://b/models/acme/m/abc/", served_name="acme/m", model_bytes=10**9,
@@ -151,8 +151,9 @@ def test_the_saver_waits_as_long_as_the_launch_may():
 
 
 def test_generated_task_carries_the_cache_steps(sky_home):
-    from modelferry.tasks import sky, skytask
-    from modelferry.tasks.options import LaunchOptions
+    from modelferry.tasks.clients import sky
+    from modelferry.tasks.launch import skytask
+    from modelferry.tasks.launch.options import LaunchOptions
     from modelferry.tasks.settings import loader_env
 
     args = dict(model_uri="s3://b/models/acme/m/abc/", served_name="acme/m", model_bytes=10**9, weights="r2",
@@ -180,7 +181,7 @@ def test_list_and_gc_see_stored_caches(node_env, tmp_path, cli, s3):
 
 
 def test_parser_reads_our_restore_line():
-    from modelferry.tasks.startlog import parse_vllm_log
+    from modelferry.tasks.measure.startlog import parse_vllm_log
 
     assert parse_vllm_log("modelferry compile cache: hit\n")["compile_cache"] == "hit"
     assert parse_vllm_log("modelferry compile cache: refused: 1 file(s) don't match")["compile_cache"] == "refused"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 
-from modelferry.tasks import layout
+from modelferry.tasks.records import layout
 from tests import sky_offline
 from tests.helpers import LLAMA, start_rows
 

@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from modelferry.tasks import catalog, embedded
+from modelferry.tasks.offline import embedded
+from modelferry.tasks.records import catalog
 from tests import standins
 from tests.helpers import steps_by_name
 

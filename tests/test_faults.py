@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from modelferry.tasks import catalog, embedded, processes
+from modelferry.tasks.clients import processes
+from modelferry.tasks.offline import embedded
+from modelferry.tasks.records import catalog
 from modelferry.tasks import settings as config
-from modelferry.tasks.bucket import Bucket
-from modelferry.tasks.lock import Lock
+from modelferry.tasks.clients.bucket import Bucket
+from modelferry.tasks.records.lock import Lock
 from tests import procs
 from tests.helpers import LLAMA, MiB, TINY, make_local_model, model_dir, start_stage, steps_by_name, wait_for_line
 
@@ -133,9 +135,9 @@ def test_verify_during_a_stage_never_calls_it_good(cli, env, slow_bucket, tmp_pa
 
 
 def test_local_file_rewritten_after_resolve_is_refused(env, tmp_path, monkeypatch):
-    from modelferry.tasks import pipeline, resolve
+    from modelferry.tasks.staging import pipeline, resolve
     from modelferry.tasks.errors import IntegrityError
-    from modelferry.tasks.survey import survey
+    from modelferry.tasks.staging.survey import survey
 
     monkeypatch.setenv("MODELFERRY_CACHE", str(tmp_path / "cache"))
     model, _ = model_dir(tmp_path / "m")

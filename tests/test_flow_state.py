@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from modelferry.tasks import targets
+from modelferry.tasks.launch import targets
 from modelferry.tasks.errors import StepFailed
 
 

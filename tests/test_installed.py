@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelferry.tasks import catalog, embedded, processes, tiny_llama
+from modelferry.tasks.clients import processes
+from modelferry.tasks.offline import embedded, tiny_llama
+from modelferry.tasks.records import catalog
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.services

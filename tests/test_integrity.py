@@ -7,7 +7,7 @@ import pytest
 
 from modelferry.tasks import settings as config
 from modelferry.tasks.errors import IntegrityError, SettingsError, SourceError
-from modelferry.tasks.integrity import (MiB, FileEntry, Manifest, check_relpath, git_blob_sha1, hash_file, local_revision,
+from modelferry.tasks.records.integrity import (MiB, FileEntry, Manifest, check_relpath, git_blob_sha1, hash_file, local_revision,
                              multipart_etag, part_size_for)
 
 
@@ -98,7 +98,7 @@ def test_settings_repr_hides_keys():
 
 
 def test_object_keys_longer_than_s3_allows_are_refused():
-    from modelferry.tasks.integrity import check_key_length
+    from modelferry.tasks.records.integrity import check_key_length
 
     assert check_key_length("models/a/b/r/" + "x" * 900)
     with pytest.raises(SourceError, match="1,024|1024"):
@@ -106,7 +106,7 @@ def test_object_keys_longer_than_s3_allows_are_refused():
 
 
 def test_bad_files_keeps_paths_whole():
-    from modelferry.tasks.pipeline import bad_files
+    from modelferry.tasks.staging.pipeline import bad_files
 
     exc = bad_files({"w (v2).bin": "sha256 aa... != Hub bb...", "a.safetensors": "changed since resolve hashed it"})
     assert exc.bad_files == ["a.safetensors", "w (v2).bin"] and exc.step == "local_verify"
@@ -115,7 +115,7 @@ def test_bad_files_keeps_paths_whole():
 
 def test_an_error_that_is_not_ours_becomes_its_steps_typed_error_and_keeps_its_transience():
     from modelferry.tasks.errors import HubError, TransferError, TransientBucketError
-    from modelferry.tasks.pipeline import in_step
+    from modelferry.tasks.staging.pipeline import in_step
 
     disk = OSError(28, "No space left on device")
     typed = in_step(disk, "upload")

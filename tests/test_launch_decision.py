@@ -3,8 +3,8 @@
 import pytest
 
 from modelferry.tasks.errors import IntegrityError, NotStaged, SettingsError
-from modelferry.tasks.launcher import Staged, choose_weights
-from modelferry.tasks.targets import TARGETS
+from modelferry.tasks.launch.launcher import Staged, choose_weights
+from modelferry.tasks.launch.targets import TARGETS
 
 ABSENT = Staged("acme/m", "b")
 INTACT = Staged("acme/m", "b", revision="abc")
@@ -57,7 +57,7 @@ def test_where_the_weights_come_from(source, target, staged, expected):
 
 
 def test_the_table_covers_every_source_target_and_state():
-    from modelferry.tasks.options import SOURCES
+    from modelferry.tasks.launch.options import SOURCES
 
     states = {ABSENT, INTACT, DAMAGED, LOCAL_INTACT, LOCAL_DAMAGED}
     seen = {(s, t) for s, t, _, _ in TABLE}

@@ -4,7 +4,7 @@ model served, whatever the last verification record says."""
 
 from __future__ import annotations
 
-from modelferry.tasks import catalog, layout
+from modelferry.tasks.records import catalog, layout
 from tests.helpers import make_local_model
 
 SKY = {"VLLM_API_KEY": "mf-guard-api-key"}

@@ -5,12 +5,12 @@ import os
 
 import pytest
 
-from modelferry.tasks import catalog, housekeeping, layout
+from modelferry.tasks.records import catalog, housekeeping, layout
 from modelferry.tasks import settings as config
-from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.clients.bucket import Bucket
 from modelferry.tasks.errors import Locked
-from modelferry.tasks.lock import Lock
-from modelferry.tasks.integrity import MiB
+from modelferry.tasks.records.lock import Lock
+from modelferry.tasks.records.integrity import MiB
 from tests import standins
 from tests.helpers import steps_by_name
 

@@ -1,4 +1,4 @@
-"""The node program (tasks/node.py): its sizing rules called directly, against fake /proc/meminfo
+"""The node program (tasks/on_node/node.py): its sizing rules called directly, against fake /proc/meminfo
 and cgroup files, and what it hands vLLM. How it runs as the task's job (its output to EOF, stops,
 exit status) is in test_sky_task.py; with real vLLM in the real_vllm tier."""
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from modelferry.tasks import local_target, node, options, skytask
-from modelferry.tasks.node import GIB, NodeError
+from modelferry.tasks.launch import local_target, options, skytask
+from modelferry.tasks.on_node import node
+from modelferry.tasks.on_node.node import GIB, NodeError
 
 GB = 10**9
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelferry.tasks import catalog, embedded
+from modelferry.tasks.offline import embedded
+from modelferry.tasks.records import catalog
 from tests.helpers import ACCESS_KEY, LLAMA, SECRET_KEY, flow_run_id, run_deployment
 
 ROOT = Path(__file__).resolve().parent.parent

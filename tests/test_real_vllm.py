@@ -14,7 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from modelferry.tasks import fit, startlog, tiny_llama
+from modelferry.tasks.launch import fit
+from modelferry.tasks.measure import startlog
+from modelferry.tasks.offline import tiny_llama
 from tests import procs
 from tests.helpers import API_KEY, LLAMA
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from modelferry.tasks import request
+from modelferry.tasks.staging import request
 from modelferry.tasks.errors import SettingsError
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from modelferry.tasks import catalog, embedded, layout, processes
+from modelferry.tasks.clients import processes
+from modelferry.tasks.offline import embedded
+from modelferry.tasks.records import catalog, layout
 from modelferry.tasks import settings as config
-from modelferry.tasks.bucket import Bucket
+from modelferry.tasks.clients.bucket import Bucket
 from modelferry.tasks.errors import Locked
-from modelferry.tasks.lock import Lock
+from modelferry.tasks.records.lock import Lock
 from tests import procs, standins
 from tests.helpers import TINY, make_local_model, model_dir, start_stage, steps_by_name, wait_for_line
 
@@ -223,10 +225,11 @@ def test_a_slow_temporary_prefect_server_is_one_line_saying_what_to_do(cli, tmp_
 
 RACER = """
 import json, sys, time
-from modelferry.tasks import layout, settings
-from modelferry.tasks.bucket import Bucket
+from modelferry.tasks import settings
+from modelferry.tasks.records import layout
+from modelferry.tasks.clients.bucket import Bucket
 from modelferry.tasks.errors import Locked
-from modelferry.tasks.lock import Lock
+from modelferry.tasks.records.lock import Lock
 s3 = Bucket(settings.load())
 rounds = int(sys.argv[1])
 print("ready", flush=True)

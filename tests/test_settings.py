@@ -56,9 +56,9 @@ before = dict(os.environ)
 loggers = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")
 filters = {n: list(logging.getLogger(n).filters) for n in loggers}
 for package in (modelferry.tasks, modelferry.flows):
-    for module in pkgutil.iter_modules(package.__path__):
-        if module.name not in ("__main__",):
-            importlib.import_module(f"{package.__name__}.{module.name}")
+    for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        if not module.name.endswith(".__main__"):
+            importlib.import_module(module.name)
 print(json.dumps({"env": sorted(set(os.environ.items()) ^ set(before.items())),
                   "filters": [n for n in loggers if logging.getLogger(n).filters != filters[n]]}))
 """

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from modelferry.tasks import launcher, results, startlog, targets
-from modelferry.tasks import sky as mf_sky
-from modelferry.tasks import skytask
+from modelferry.tasks.launch import launcher, targets
+from modelferry.tasks.measure import results, startlog
+from modelferry.tasks.clients import sky as mf_sky
+from modelferry.tasks.launch import skytask
 from modelferry.tasks.errors import SettingsError
-from modelferry.tasks.options import LaunchOptions
+from modelferry.tasks.launch.options import LaunchOptions
 from modelferry.tasks.settings import loader_env
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm-0.32-ray"

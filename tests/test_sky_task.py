@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelferry.tasks import fit, options, processes, sky, skytask
+from modelferry.tasks.clients import processes, sky
+from modelferry.tasks.launch import fit, options, skytask
 from modelferry.tasks.errors import SettingsError
-from modelferry.tasks.options import LaunchOptions
+from modelferry.tasks.launch.options import LaunchOptions
 from modelferry.tasks.settings import loader_env
 
 ENDPOINT = "https://acct.r2.cloudflarestorage.com"
@@ -90,7 +91,7 @@ def test_a_services_row_says_spot_from_the_replicas_that_are_ready(sky_home):
     from sky.server.requests.serializers import decoders, encoders
     from sky.utils.common_utils import ProcessStatus
 
-    from modelferry.tasks import sky as ours
+    from modelferry.tasks.clients import sky as ours
 
     def placed(*replicas: tuple[bool, bool]) -> dict:  # (spot, ready) each
         infos = []
@@ -118,7 +119,8 @@ def test_on_demand_fallback_is_for_spot_services_only():
 
 AUTOSTOP = """
 import json, time
-from modelferry.tasks import sky as ours, skytask
+from modelferry.tasks.clients import sky as ours
+from modelferry.tasks.launch import skytask
 from sky.skylet import autostop_lib, configs, events, job_lib
 
 task = ours.validate(json.loads(CFG))
@@ -427,7 +429,7 @@ class Job:
 @pytest.fixture(params=["bash -i", "bash -c"])
 def job(request, tmp_path):
     """Start the generated `run` script with a fake vLLM on PATH; everything it started is killed after."""
-    from modelferry.tasks import node
+    from modelferry.tasks.on_node import node
 
     started = []
     artifact = tmp_path / ".cache" / "vllm" / "torch_compile_cache" / "model" / "artifact"  # something to save
@@ -536,7 +538,7 @@ def test_setup_installs_the_pinned_streamer_unless_both_packages_match(strategy,
     cfg = build(options=LaunchOptions(strategy=strategy))
     env = {k: str(v) for k, v in cfg["envs"].items()}
     env.update(PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(tmp_path), PYTHONPATH=str(site), PIP_LOG=str(tmp_path / "pip.log"),
-               PREFETCH_DIR=str(tmp_path / "model"), NODE_PROGRAM=skytask.packaged_file("tasks/node.py"))
+               PREFETCH_DIR=str(tmp_path / "model"), NODE_PROGRAM=skytask.packaged_file("tasks/on_node/node.py"))
     out = subprocess.run(["bash", "-c", cfg["setup"]], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     pip = (tmp_path / "pip.log").read_text() if (tmp_path / "pip.log").exists() else ""

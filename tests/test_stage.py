@@ -10,8 +10,9 @@ import subprocess
 import pytest
 from prefect.client.orchestration import get_client
 
-from modelferry.tasks import catalog, embedded, layout
-from modelferry.tasks.local_target import vllm_python
+from modelferry.tasks.offline import embedded
+from modelferry.tasks.records import catalog, layout
+from modelferry.tasks.launch.local_target import vllm_python
 from tests.helpers import ACCESS_KEY, SECRET_KEY, TINY, make_local_model, steps_by_name
 
 STEPS = ["resolve", "download", "local_verify", "upload", "remote_verify", "publish"]

@@ -13,9 +13,9 @@ import pytest
 
 from bench.throttle import Faulty, every_nth_first_try
 from modelferry.tasks import settings as config
-from modelferry.tasks import tiny_llama
+from modelferry.tasks.offline import tiny_llama
 from modelferry.tasks.errors import HubRateLimited, TransferError
-from modelferry.tasks.transfer import Upload, Uploader
+from modelferry.tasks.clients.transfer import Upload, Uploader
 from tests.helpers import TINY, MiB, steps_by_name
 
 
@@ -87,7 +87,7 @@ def test_the_hubs_rate_limit_is_waited_out_as_its_header_says(cli, hub):
 
 
 def test_a_rate_limit_past_the_bound_is_one_error_naming_hf_token(hub, monkeypatch):
-    from modelferry.tasks import hub as hubs
+    from modelferry.tasks.clients import hub as hubs
 
     monkeypatch.setenv("MODELFERRY_HUB_WAIT_S", "5")
     with Faulty(_port(hub), _hub_rule("", 55)) as proxy:
@@ -117,8 +117,8 @@ def test_what_the_pinned_streamer_does_with_a_throttled_ranged_get(bucket, s3, t
     sets the streamer's own retry window (RUNAI_STREAMER_S3_TIMEOUT, node.streamer_retry_s), under
     which the same 429s are retried and the load finishes. Pinned both ways, so an upgrade that
     changes either shows."""
-    from modelferry.tasks import node
-    from modelferry.tasks.local_target import vllm_python
+    from modelferry.tasks.on_node import node
+    from modelferry.tasks.launch.local_target import vllm_python
     from bench.throttle import S3_ERRORS
 
     shards = {k: v for k, v in tiny_llama.files().items() if k.endswith(".safetensors")}
