@@ -104,7 +104,9 @@ class LocalHandle:
 class Local:
     """One node on this machine running the task's own scripts with real vLLM (`local_target`)."""
 
-    name, poll_s, serves_hub, peak_wait_s = "local", 0.2, False, 5.0
+    # The sampler's last poll can end up to its /health timeout (2 s) plus its 0.5 s sleep after we saw
+    # /health, and later on a loaded box: 15 s, only ever spent when the line is late.
+    name, poll_s, serves_hub, peak_wait_s = "local", 0.2, False, 15.0
     # vLLM's CPU backend takes this many GiB for its KV cache, whatever the model needs (platforms/cpu.py
     # 323-327): the local node's accelerator memory, for the same fit as a GPU's.
     kv_cache_bytes = int(local_target.CPU_SETTINGS["VLLM_CPU_KVCACHE_SPACE"]) * 2**30
