@@ -14,7 +14,7 @@ from tests.helpers import ROOT
 
 
 def test_every_variable_the_product_reads_is_declared_once_and_documented():
-    code = "\n".join(p.read_text() for folder in ("tasks", "flows") for p in (ROOT / folder).glob("*.py"))
+    code = "\n".join(p.read_text() for folder in ("tasks", "flows") for p in (ROOT / folder).rglob("*.py"))
     read = set(re.findall(r"\bMODELFERRY_[A-Z_]+[A-Z]\b", code))
     declared = [v.name for v in settings.VARIABLES]
     assert len(declared) == len(set(declared))
@@ -41,7 +41,7 @@ def test_each_pin_and_schedule_is_written_in_one_place():
     from modelferry.tasks import pins
 
     written = {pins.VLLM, pins.STREAMER, pins.S5CMD, pins.OLAH, pins.NIGHTLY}
-    files = [p for folder in ("tasks", "flows", "deployments") for p in (ROOT / folder).glob("*.*")
+    files = [p for folder in ("tasks", "flows", "deployments") for p in (ROOT / folder).rglob("*.*")
              if p.suffix in (".py", ".yaml") and p.name != "pins.py"] + [ROOT / "Makefile"]
     again = {f"{p.relative_to(ROOT)}: {v}" for p in files for v in written if v in p.read_text()}
     assert again == set()
