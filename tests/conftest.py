@@ -182,24 +182,30 @@ def worker(bucket, hub, prefect_api, sky_home, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def vllm_session(worker) -> VllmSession:
-    """The suite's one real vLLM session, three starts shared by every test that needs vLLM: the
+def vllm_session(worker, bucket) -> VllmSession:
+    """The suite's one real vLLM session, four starts shared by every test that needs vLLM: the
     `stage-and-launch/default` deployment (as a user runs it, on the worker) stages the tiny Llama and
     runs node A with the streamer, cold (it saves the compile cache through the bucket) then warm;
-    then `modelferry launch --keep` runs node B, a fresh node that restores that cache; then node C,
-    kept with a one-minute idle limit, starts and is watched on a thread (IdleWatch) while the other
-    tests run."""
+    then `modelferry launch --keep` runs node B, a fresh node that restores a saved cache. Node C,
+    kept with a one-minute idle limit, starts on a thread as soon as A's stage has published the
+    model, and is watched there (IdleWatch) while the rest runs."""
+    from modelferry.tasks import settings as config
+    from modelferry.tasks.clients.bucket import Bucket
+    from modelferry.tasks.records import catalog
+
     env, prefect, work = worker
     results_a, results_b = work / "results-a", work / "results-b"
     results_b.mkdir()
+    s3 = Bucket(config.load(bucket.env()))
+    # Node C: its own cache (so `down --all` of B's leaves it alone).
+    idle = IdleWatch(dict(env, VLLM_API_KEY=API_KEY, MODELFERRY_CACHE=str(work / "cache-c")),
+                     staged=lambda: catalog.current_revision(s3, LLAMA) is not None)
     deployed = run_deployment(prefect, "stage-and-launch/default", "runs=2", f"results_dir={results_a}",
                               "ready_timeout=300")
     # launch writes its results under ./results
     kept = Run(subprocess.run([sys.executable, "-m", "modelferry.flows", "launch", LLAMA, "--keep", "--json",
                                "--ready-timeout", "300"], env=dict(env, VLLM_API_KEY=API_KEY), cwd=results_b, capture_output=True, text=True,
                               timeout=600))
-    # Node C: its own cache (so `down --all` of B's leaves it alone), watched on a thread from here on.
-    idle = IdleWatch(dict(env, VLLM_API_KEY=API_KEY, MODELFERRY_CACHE=str(work / "cache-c")))
     yield VllmSession(deployed, results_a, kept, results_b, env, idle)
     idle.done.wait(400)
     subprocess.run([sys.executable, "-m", "modelferry.flows", "down", "--all", "--target", "local"],

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from modelferry.tasks.offline import tiny_llama
@@ -82,10 +83,12 @@ def complete(url: str, prompt: str, max_tokens: int = 4) -> dict:
 
 @dataclass
 class IdleWatch:
-    """`launch --keep --idle-minutes 1`, then a request every 15 s for `ask_s`, then none: what a
-    thread saw of it, so that its minutes of waiting pass while other tests run."""
+    """`launch --keep --idle-minutes 1` once `staged()` says the model is in the bucket, then a
+    request every 15 s for `ask_s`, then none: what a thread saw of it, so that its minutes of
+    waiting pass while other tests run."""
 
     env: dict
+    staged: Callable[[], bool]
     ask_s: float = 80
     launched: Run | None = None
     answered: list[str] = None  # each request's completion text
@@ -106,6 +109,11 @@ class IdleWatch:
         from tests import procs
 
         try:
+            deadline = time.monotonic() + 600
+            while not self.staged():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the tiny Llama was not staged within 600 s")
+                time.sleep(1)
             self.launched = Run(subprocess.run(
                 [sys.executable, "-m", "modelferry.flows", "launch", LLAMA, "--keep", "--idle-minutes", "1",
                  "--ready-timeout", "300"], env=self.env, capture_output=True, text=True, timeout=600))
