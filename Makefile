@@ -16,6 +16,9 @@ export MODELFERRY_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
 
 .PHONY: gpu-check demo docs test test-fast ui venv venv-vllm tools locks clean
 
+# The three venvs and the tools build side by side: pip waits on downloads much of the time.
+MAKEFLAGS += --jobs=4
+
 # The pins live in tasks/pins.py; make reads them from there.
 OLAH_VERSION := $(shell sed -n 's/^OLAH = "\([^"]*\)".*/\1/p' tasks/pins.py)
 # Everything the suite and the demo use; a user's `pip install modelferry` is the core alone.
