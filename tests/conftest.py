@@ -228,5 +228,6 @@ def vllm_session(worker, bucket) -> VllmSession:
                               timeout=600))
     yield VllmSession(deployed, results_a, kept, results_b, env, idle)
     idle.done.wait(400)
-    subprocess.run([sys.executable, "-m", "modelferry.flows", "down", "--all", "--target", "local"],
-                   env=idle.env, capture_output=True, timeout=120)
+    for cache in (env, idle.env):  # B, when the `down` test didn't run; C, when it outlived its watch
+        subprocess.run([sys.executable, "-m", "modelferry.flows", "down", "--all", "--target", "local"],
+                       env=dict(cache, VLLM_API_KEY=API_KEY), capture_output=True, timeout=120)
