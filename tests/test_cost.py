@@ -7,29 +7,38 @@ from __future__ import annotations
 
 import io
 
+from modelferry.tasks.offline import tiny_llama
 from modelferry.tasks.records import layout
 from tests import sky_offline
-from tests.helpers import LLAMA, start_rows
+from tests.helpers import start_rows
+
+# The tiny Llama under a name of its own: the bucket is the session's, where other tests bench it.
+MODEL = "acme/priced-llama"
 
 
 def test_cost_prices_the_measured_cold_starts_against_a_start_from_the_hub(cli, s3, tmp_path):
-    assert cli("stage", LLAMA).rc == 0
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    for name, data in tiny_llama.files().items():
+        (checkpoint / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkpoint / name).write_bytes(data)
+    assert cli("stage", str(checkpoint), "--name", MODEL).rc == 0
     home = tmp_path / "sky"
     sky_offline.plant(home)
     catalog = {"HOME": str(home), "SKY_RUNTIME_DIR": str(home)}
 
-    unmeasured = cli("cost", LLAMA, "--launches-per-day", "24", extra_env=catalog)
+    unmeasured = cli("cost", MODEL, "--launches-per-day", "24", extra_env=catalog)
     assert unmeasured.rc == 0, unmeasured
-    assert f"staged: not measured: no bench rows of {LLAMA} in the bucket" in unmeasured.out
+    assert f"staged: not measured: no bench rows of {MODEL} in the bucket" in unmeasured.out
     assert "no price: no measured GPU node to look up in SkyPilot's catalog: give --gpu-price" in unmeasured.out
 
     rows = start_rows(("sky", "stream", "cold", 60, 4), ("sky", "stream", "cold", 90, 5), ("sky", "stream", "cold", 75, 6),
-                      ("sky", "stream", "warm", 20, 4), ("local", "stream", "cold", 40, 1), model=LLAMA)
+                      ("sky", "stream", "warm", 20, 4), ("local", "stream", "cold", 40, 1), model=MODEL)
     parquet = io.BytesIO()
     rows.to_parquet(parquet, index=False)
-    s3.put_bytes(layout.bench_prefix(LLAMA, "20261206T100000Z-0123abcd") + "stream-run1.parquet", parquet.getvalue())
+    s3.put_bytes(layout.bench_prefix(MODEL, "20261206T100000Z-0123abcd") + "stream-run1.parquet", parquet.getvalue())
 
-    run = cli("cost", LLAMA, "--launches-per-day", "24", "--hub-mb-s", "10", "--json", extra_env=catalog)
+    run = cli("cost", MODEL, "--launches-per-day", "24", "--hub-mb-s", "10", "--json", extra_env=catalog)
     assert run.rc == 0, run
     gpu = run.json()["gpu"]
     size = run.json()["gb_per_launch"] * 1e9
@@ -40,7 +49,7 @@ def test_cost_prices_the_measured_cold_starts_against_a_start_from_the_hub(cli, 
                              "usd_per_month": round(75 / 3600 * 0.3 * 720, 2)}
     assert abs(gpu["hub"]["minutes"] - round((75 + size / 10e6) / 60, 2)) < 0.011
 
-    text = cli("cost", LLAMA, "--launches-per-day", "24", "--gpu-price", "2.5", extra_env=catalog)
+    text = cli("cost", MODEL, "--launches-per-day", "24", "--gpu-price", "2.5", extra_env=catalog)
     assert "staged: 1.2 node-minutes = $0.052 a launch, $37.50/month, the median of 3 measured cold starts (stream) " \
            "on L4:1 g6.xlarge spot on aws us-east-1" in text.out, text.out
     assert "at $2.5/hour (--gpu-price)" in text.out
