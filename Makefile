@@ -90,10 +90,10 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -ra -m "not services and not real_vllm" --durations=10
 
 # The full tier, as CI runs it: real local services, the installed-wheel check, real vLLM. Two xdist
-# workers, each with its own services: most tests wait on a server or a child more than they compute.
-# The tests come in conftest's order, longest first (no reordering by group size).
+# workers, each with its own services, a test file to one of them: most tests wait on a server or a
+# child more than they compute. Files go out in conftest's order, the longest first.
 test: venv tools
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 # The Prefect UI with both deployments and a worker, on the local stand-ins; Ctrl-C stops it all.
 ui: venv

