@@ -244,6 +244,12 @@ def test_the_root_cause_passes_every_wrapper_vllm_puts_around_it():
     pydantic = ("(APIServer pid=5) pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
                 "(APIServer pid=5)   Value error, Invalid repository ID or local directory specified: 's3://b/m/'\n")
     assert node.root_cause(pydantic).endswith("Value error, Invalid repository ID or local directory specified: 's3://b/m/'")
+    # The executor's worker monitor, when a worker's exit beats the shutdown (seen on a loaded machine).
+    died = ("(EngineCore pid=51) ERROR 12-06 12:01:03 [multiproc_executor.py:315] Worker proc VllmWorker-0 died "
+            "unexpectedly (exit code: 0), shutting down executor.\n")
+    assert node.root_cause(FAILED_START + died).startswith("ValueError: To serve at least one request")
+    killed = died.replace("exit code: 0", "exit code: -9")
+    assert node.root_cause(killed) == " ".join(killed.split())  # alone, it is the cause
 
 
 def vllm_metrics(running: int, waiting: int, finished: dict[str, int]) -> str:

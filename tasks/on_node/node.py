@@ -215,9 +215,12 @@ _PREFIX = r"(?:\([\w-]+ pid=\d+\) )?"
 _ERROR = re.compile(rf"^{_PREFIX}(?:ERROR .*|[\w.]*(?:Error|Exception): .+)$(?:\n{_PREFIX}(  Value error, .*))?", re.M)
 # ... and the wrappers around it: the API server's, the engine core's and a worker's (v1/engine/utils.py
 # 1431-1440, v1/engine/core.py 1510-1512, v1/executor/multiproc_executor.py 789-792 and 953,
-# v1/engine/exceptions.py 16), and a logged traceback's first line.
+# v1/engine/exceptions.py 16), and a logged traceback's first line. The executor's worker monitor
+# (multiproc_executor.py 306-320) logs a worker's exit that comes before the shutdown it causes,
+# after the cause on a loaded machine: a cause only when nothing else is said (a worker killed).
 _WRAPPERS = re.compile(r"See root cause above|root cause\.|EngineCore failed to start|Engine core initialization failed|"
                        r"EngineCore encountered|WorkerProc failed to start|WorkerProc initialization failed|"
+                       r"Worker proc \S+ died unexpectedly|"
                        rf"^{_PREFIX}ERROR .*Traceback|^{_PREFIX}ERROR \S+ \S+ \[[^\]]*\] *$")
 
 
