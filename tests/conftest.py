@@ -199,19 +199,19 @@ def vllm_session(worker, bucket) -> VllmSession:
     `stage-and-launch/default` deployment (as a user runs it, on the worker) stages the tiny Llama and
     runs node A with the streamer, cold (it saves the compile cache through the bucket) then warm;
     then `modelferry launch --keep` runs node B, a fresh node that restores a saved cache. Node C,
-    kept with a one-minute idle limit, starts on a thread as soon as A's stage has published the
-    model, and is watched there (IdleWatch) while the rest runs."""
+    kept with a one-minute idle limit, starts on a thread as soon as A has saved the compile cache,
+    and is watched there (IdleWatch) while the rest runs."""
     from modelferry.tasks import settings as config
     from modelferry.tasks.clients.bucket import Bucket
-    from modelferry.tasks.records import catalog
 
     env, prefect, work = worker
     results_a, results_b = work / "results-a", work / "results-b"
     results_b.mkdir()
     s3 = Bucket(config.load(bucket.env()))
-    # Node C: its own cache (so `down --all` of B's leaves it alone).
+    # Node C: its own cache (so `down --all` of B's leaves it alone). It starts once A has saved the
+    # compile cache, so that it restores it rather than compiling again.
     idle = IdleWatch(dict(env, VLLM_API_KEY=API_KEY, MODELFERRY_CACHE=str(work / "cache-c")),
-                     staged=lambda: catalog.current_revision(s3, LLAMA) is not None)
+                     staged=lambda: any(k.endswith("/manifest.json") for k in s3.listing("compile-cache/")))
     deployed = run_deployment(prefect, "stage-and-launch/default", "runs=2", f"results_dir={results_a}",
                               "ready_timeout=300")
     # launch writes its results under ./results

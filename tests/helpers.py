@@ -96,7 +96,7 @@ def complete(url: str, prompt: str, max_tokens: int = 4) -> dict:
 
 @dataclass
 class IdleWatch:
-    """`launch --keep --idle-minutes 1` once `staged()` says the model is in the bucket, then a
+    """`launch --keep --idle-minutes 1` once `staged()` says the bucket has what it needs, then a
     request every 15 s for `ask_s`, then none: what a thread saw of it, so that its minutes of
     waiting pass while other tests run."""
 
@@ -125,7 +125,7 @@ class IdleWatch:
             deadline = time.monotonic() + 600
             while not self.staged():
                 if time.monotonic() > deadline:
-                    raise TimeoutError("the tiny Llama was not staged within 600 s")
+                    raise TimeoutError("the bucket was not ready for node C within 600 s")
                 time.sleep(1)
             self.launched = Run(subprocess.run(
                 [sys.executable, "-m", "modelferry.flows", "launch", LLAMA, "--keep", "--idle-minutes", "1",
