@@ -26,6 +26,16 @@ def banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
+def steps(results: Path) -> list[list[str]]:
+    """The demo's commands, in order: what a user would type after `modelferry`."""
+    return [["check-r2"], ["stage", REPO], ["verify", REPO], ["list"], ["stage", REPO],
+            ["launch", REPO, "--target", "local", "--dry-run"],
+            ["stage-and-launch", REPO, "--target", "local", "--strategy", "stream", "--runs", "2",
+             "--results", str(results)],
+            ["bench", REPO, "--target", "local", "--strategy", "prefetch", "--runs", "1", "--results", str(results)],
+            ["cost", REPO, "--launches-per-day", "24"]]
+
+
 def main() -> int:
     process_defaults()
     root = Path(read("MODELFERRY_DEMO_DIR")).resolve()
@@ -43,14 +53,7 @@ def main() -> int:
               f"{bucket.endpoint}, objects under {bucket.root / bucket.bucket}; services up in {time.perf_counter() - t0:.1f} s")
         from modelferry.flows.cli import main as cli
 
-        steps = [["check-r2"], ["stage", REPO], ["verify", REPO], ["list"], ["stage", REPO],
-                 ["launch", REPO, "--target", "local", "--dry-run"],
-                 ["stage-and-launch", REPO, "--target", "local", "--strategy", "stream", "--runs", "2",
-                  "--results", str(root / "results")],
-                 ["bench", REPO, "--target", "local", "--strategy", "prefetch", "--runs", "1",
-                  "--results", str(root / "results")],
-                 ["cost", REPO, "--launches-per-day", "24"]]
-        for args in steps:
+        for args in steps(root / "results"):
             banner("modelferry " + " ".join(args))
             rc = cli(args)
             if rc:

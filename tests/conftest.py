@@ -14,8 +14,8 @@ import pytest
 
 from modelferry.tasks.clients import processes
 from modelferry.tasks.offline import embedded, tiny_llama
-from tests.helpers import (ACCESS_KEY, API_KEY, BUCKET, LLAMA, ROOT, SECRET_KEY, SECRETS, TINY, IdleWatch, Run, VllmSession,
-                           run_deployment, secret_findings)
+from tests.helpers import (ACCESS_KEY, API_KEY, BUCKET, HF_TOKEN, LLAMA, ROOT, SECRET_KEY, SECRETS, TINY, IdleWatch, Run,
+                           VllmSession, run_deployment, secret_findings)
 
 # The suite runs from a checkout: its tools are the ones `make` built there, handed to the product
 # through the same settings a user would set.
@@ -28,7 +28,7 @@ def no_secret_in_what_the_session_wrote(tmp_path_factory):
     """After every test, whatever their order: no file the session wrote holds a secret it handed out.
     That is everything under the session's temporary directory (each test's tmp_path, the services'
     dirs: the bucket's files, the Prefect server's database of logs, artifacts and parameters, the
-    worker's results, caches and job logs, the demo's output) and the UI screenshots in test-output/.
+    worker's results, caches and job logs, the vLLM nodes' disks) and the UI screenshots in test-output/.
     Set up first among the session's fixtures, so it runs after they have all stopped and flushed; a
     finding is an error of the session's last test, naming the file and the secret."""
     base = tmp_path_factory.getbasetemp()
@@ -199,25 +199,29 @@ def vllm_session(worker, bucket) -> VllmSession:
     `stage-and-launch/default` deployment (as a user runs it, on the worker) stages the tiny Llama and
     runs node A with the streamer, cold (it saves the compile cache through the bucket) then warm;
     then `modelferry launch --keep` runs node B, a fresh node that restores a saved cache. Node C,
-    kept with a one-minute idle limit, starts on a thread as soon as A has saved the compile cache,
-    and is watched there (IdleWatch) while the rest runs."""
+    kept with a one-minute idle limit, prefetches the weights to its disk (the suite's real prefetch
+    start): it starts on a thread as soon as the model is published, and is watched there
+    (IdleWatch) while the rest runs."""
     from modelferry.tasks import settings as config
     from modelferry.tasks.clients.bucket import Bucket
+    from modelferry.tasks.records import catalog
 
     env, prefect, work = worker
-    results_a, results_b = work / "results-a", work / "results-b"
+    results_a, results_b, results_c = work / "results-a", work / "results-b", work / "results-c"
     results_b.mkdir()
+    results_c.mkdir()
     s3 = Bucket(config.load(bucket.env()))
-    # Node C: its own cache (so `down --all` of B's leaves it alone). It starts once A has saved the
-    # compile cache, so that it restores it rather than compiling again.
-    idle = IdleWatch(dict(env, VLLM_API_KEY=API_KEY, MODELFERRY_CACHE=str(work / "cache-c")),
-                     staged=lambda: any(k.endswith("/manifest.json") for k in s3.listing("compile-cache/")))
+    # Node C: its own cache (so `down --all` of B's leaves it alone). A's compile cache is of no use
+    # to it (the strategy is part of the key), so it starts once the deployment's stage step has
+    # published the model, and its start overlaps A's.
+    idle = IdleWatch(dict(env, VLLM_API_KEY=API_KEY, HF_TOKEN=HF_TOKEN, MODELFERRY_CACHE=str(work / "cache-c")),
+                     staged=lambda: catalog.current_revision(s3, LLAMA) is not None, cwd=results_c, strategy="prefetch")
     deployed = run_deployment(prefect, "stage-and-launch/default", "runs=2", f"results_dir={results_a}",
                               "ready_timeout=300")
     # launch writes its results under ./results
     kept = Run(subprocess.run([sys.executable, "-m", "modelferry.flows", "launch", LLAMA, "--keep", "--json",
-                               "--ready-timeout", "300"], env=dict(env, VLLM_API_KEY=API_KEY), cwd=results_b, capture_output=True, text=True,
-                              timeout=600))
+                               "--ready-timeout", "300"], env=dict(env, VLLM_API_KEY=API_KEY, HF_TOKEN=HF_TOKEN), cwd=results_b,
+                              capture_output=True, text=True, timeout=600))
     yield VllmSession(deployed, results_a, kept, results_b, env, idle)
     idle.done.wait(400)
     for cache in (env, idle.env):  # B, when the `down` test didn't run; C, when it outlived its watch

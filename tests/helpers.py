@@ -20,11 +20,9 @@ SECRET_KEY = "mf-test-secret-9c1e55d2"
 HF_TOKEN = "hf_mftesttoken4b8e2a"
 API_KEY = "mf-api-key-offline-1"  # the kept vLLM node's key
 DRY_RUN_API_KEY = "mf-api-key-5e7d"  # the VLLM_API_KEY of the dry runs that print a task
-DEMO_SECRETS = {"MODELFERRY_DEMO_ACCESS_KEY": "mf-demo-access-ZQ81", "MODELFERRY_DEMO_SECRET_KEY": "mf-demo-secret-XK42",
-                "HF_TOKEN": "hf_mfdemotokenRW77", "VLLM_API_KEY": "mf-demo-api-key-PL93"}  # the demo's environment
 # Every secret the suite hands to what it runs, by a name a finding may print (the value it may not).
 SECRETS = {"ACCESS_KEY": ACCESS_KEY, "SECRET_KEY": SECRET_KEY, "HF_TOKEN": HF_TOKEN, "API_KEY": API_KEY,
-           "DRY_RUN_API_KEY": DRY_RUN_API_KEY} | {f"demo {k}": v for k, v in DEMO_SECRETS.items()}
+           "DRY_RUN_API_KEY": DRY_RUN_API_KEY}
 BUCKET = "mf-test"
 TINY = "sentence-transformers/all-MiniLM-L6-v2"  # staging tests: real files, a 2-part safetensors
 LLAMA = tiny_llama.REPO  # everything that launches: real vLLM serves it
@@ -96,12 +94,14 @@ def complete(url: str, prompt: str, max_tokens: int = 4) -> dict:
 
 @dataclass
 class IdleWatch:
-    """`launch --keep --idle-minutes 1` once `staged()` says the bucket has what it needs, then a
-    request every 15 s for `ask_s`, then none: what a thread saw of it, so that its minutes of
-    waiting pass while other tests run."""
+    """`launch --keep --idle-minutes 1 --strategy STRATEGY` once `staged()` says the bucket has what
+    it needs, then a request every 15 s for `ask_s`, then none: what a thread saw of it, so that its
+    minutes of waiting pass while other tests run."""
 
     env: dict
     staged: Callable[[], bool]
+    cwd: Path  # launch writes its results under ./results
+    strategy: str = "stream"
     ask_s: float = 80
     launched: Run | None = None
     answered: list[str] = None  # each request's completion text
@@ -129,7 +129,8 @@ class IdleWatch:
                 time.sleep(1)
             self.launched = Run(subprocess.run(
                 [sys.executable, "-m", "modelferry.flows", "launch", LLAMA, "--keep", "--idle-minutes", "1",
-                 "--ready-timeout", "300"], env=self.env, capture_output=True, text=True, timeout=600))
+                 "--strategy", self.strategy, "--json", "--ready-timeout", "300"], env=self.env, cwd=self.cwd,
+                capture_output=True, text=True, timeout=600))
             if self.launched.rc:
                 return
             launches = Path(self.env["MODELFERRY_CACHE"]) / "launches"

@@ -165,3 +165,23 @@ def test_a_command_gets_its_flags_as_typed_values_of_its_own_class():
     bench = parsed(commands.BenchFlags, p.parse_args(["bench", "acme/m", "--strategy", "both"]))
     assert (bench.strategy, bench.runs, bench.target) == ("both", 2, "local")
     assert [c.flags.__name__ for c in commands.COMMANDS.values()][:3] == ["CheckR2Flags", "StageFlags", "VerifyFlags"]
+
+
+def test_every_step_of_the_demo_is_a_command_line_the_cli_takes(tmp_path):
+    """`make demo` is not run by the suite: each of its parts is, here or against the services
+    (stage-and-launch on real vLLM as the vLLM session's node A, prefetch as its node C). What ties
+    them is its list of commands: each must parse, and each launch's options pass the check the
+    flow runs, so a renamed flag fails here rather than at a user's first `make demo`."""
+    from modelferry.flows import cli, commands, demo
+    from modelferry.flows.flags import parsed
+
+    p = cli.parser()
+    names = []
+    for args in demo.steps(tmp_path / "results"):
+        command = commands.COMMANDS[args[0]]
+        flags = parsed(command.flags, p.parse_args(args))
+        if isinstance(flags, commands.LaunchFlags):
+            commands._launch_options(flags)
+        names.append(args[0])
+    assert [n for n in names if n in ("stage", "verify", "stage-and-launch", "bench")] == [
+        "stage", "verify", "stage", "stage-and-launch", "bench"]

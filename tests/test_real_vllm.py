@@ -23,7 +23,7 @@ from modelferry.tasks.measure import startlog
 from modelferry.tasks.offline import tiny_llama
 from modelferry.tasks.records import catalog
 from tests import procs
-from tests.helpers import ACCESS_KEY, API_KEY, LLAMA, ROOT, SECRET_KEY, artifacts, flow_run_id
+from tests.helpers import API_KEY, LLAMA, ROOT, SECRETS, artifacts, flow_run_id
 
 pytestmark = pytest.mark.timeout(1200)  # the shared session: four vLLM starts, 40-120 s each here
 
@@ -59,8 +59,20 @@ def test_stage_and_launch_deployment_runs_real_vllm_on_the_worker(vllm_session, 
     assert "data:image/png;base64," in arts["cold-start-summary"].data
     rev = catalog.current_revision(s3, LLAMA)
     assert catalog.read_manifest(s3, LLAMA, rev) is not None
-    everything = " ".join(str(a.data) for a in arts.values()) + out.stdout
-    assert SECRET_KEY not in everything and ACCESS_KEY not in everything
+    everything = " ".join(str(a.data) for a in arts.values())
+    assert [name for name, value in SECRETS.items() if value in everything] == []
+
+
+@pytest.mark.late
+def test_what_the_launches_printed_holds_no_secret(vllm_session):
+    """The terminal side of the secrets check (the files are scanned when the session ends): the
+    deployment's watch, and B's and C's launches, which had the API key and an HF token to hand."""
+    idle = vllm_session.idle
+    assert idle.done.wait(400) and idle.launched is not None, idle.error
+    printed = [vllm_session.deployed.stdout + vllm_session.deployed.stderr, vllm_session.kept.out + vllm_session.kept.err,
+               idle.launched.out + idle.launched.err]
+    assert all(printed)
+    assert [name for name, value in SECRETS.items() if any(value in text for text in printed)] == []
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -149,6 +161,22 @@ def test_down_stops_the_kept_node_and_teardown_left_nothing(vllm_session, cli):
     while procs.living(node_b) and time.time() < deadline:
         time.sleep(0.5)
     assert not procs.living(node_b)
+
+
+@pytest.mark.late
+def test_a_prefetch_start_copies_the_weights_to_the_node_disk_then_vllm_loads_them(vllm_session):
+    """Node C's start (`--strategy prefetch`): the setup copies the staged files with s5cmd, and vLLM
+    serves them from the node's disk with its default loader."""
+    idle = vllm_session.idle
+    assert idle.done.wait(400), "node C is still being watched"
+    assert idle.launched is not None and idle.launched.rc == 0, (idle.error, idle.launched)
+    (row,) = idle.launched.json()
+    check_row(row)
+    assert (row["strategy"], row["kind"]) == ("prefetch", "cold") and row["weights_s"] is not None
+    assert row["compile_cache"].startswith("miss")  # the strategy is part of the key: A's cache is not C's
+    assert "cp s3://mf-test/models/modelferry/tiny-llama/" in idle.log and "model.safetensors" in idle.log
+    assert "'model': '/" in idle.log and "Loading weights took" in idle.log  # a local path, the default loader
+    assert "Runai Model Streamer" not in idle.log
 
 
 @pytest.mark.late
