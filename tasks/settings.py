@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -272,13 +273,23 @@ def s3_client(settings: Settings, *, connect_timeout: float = 5, read_timeout: f
         retries={"max_attempts": attempts, "mode": "standard"},
         max_pool_connections=32,
     )
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=settings.endpoint,
-        aws_access_key_id=settings.access_key,
-        aws_secret_access_key=settings.secret_key,
-        config=config,
-    )
+    with _SESSION_LOCK:  # a boto3 session is not thread-safe; the clients it makes are
+        global _session
+        # One per process: each new session parses botocore's S3 and endpoint models again (about
+        # 0.2 CPU-s here), and a stage makes a client per step. The keys go to each client, never
+        # into the session.
+        _session = _session or boto3.session.Session()
+        return _session.client(
+            "s3",
+            endpoint_url=settings.endpoint,
+            aws_access_key_id=settings.access_key,
+            aws_secret_access_key=settings.secret_key,
+            config=config,
+        )
+
+
+_SESSION_LOCK = threading.Lock()
+_session = None
 
 
 class _Redactor(logging.Filter):
