@@ -103,6 +103,7 @@ def prepare(settings: Settings, model: str, revision: str | None, options: Launc
     Starts nothing. `keep`: it outlives the command that starts it (`modelferry down` ends it)."""
     options.check()
     place = TARGETS[options.target]
+    api_key = place.api_key()  # a missing key fails here, before the bucket is read and SkyPilot imported
     bucket = Bucket(settings)
     manifest = None
     try:
@@ -140,7 +141,7 @@ def prepare(settings: Settings, model: str, revision: str | None, options: Launc
                                     revision=rev, weight_files=weight_files, fitted=fitted)
     sky.validate(cfg)
     secret_values = dict(loader_secrets(settings))  # the weights (r2) and the compile cache read the bucket
-    secret_values["VLLM_API_KEY"] = place.api_key()
+    secret_values["VLLM_API_KEY"] = api_key
     if weights == "hub" and settings.hf_token:
         secret_values["HF_TOKEN"] = settings.hf_token
     redact(list(secret_values.values()))
