@@ -155,6 +155,14 @@ class IdleWatch:
             self.done.set()
 
 
+def write_files(root: Path, files: dict[str, bytes]) -> dict[str, bytes]:
+    """Each file of `files` (path relative to `root`: its bytes) written under `root`."""
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
 def make_local_model(root, extra: dict | None = None):
     import numpy as np
 
@@ -166,8 +174,7 @@ def make_local_model(root, extra: dict | None = None):
     (root / "tokenizer.json").write_text("{" + '"vocab": "abc", ' * 200 + '"end": 1}')
     (root / "nested dir" / "deeper" / "notes with spaces.txt").write_text("hello")
     (root / "empty.txt").write_bytes(b"")
-    for rel, data in (extra or {}).items():
-        (root / rel).write_bytes(data)
+    write_files(root, extra or {})
     return root
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from modelferry.tasks.on_node import compile_cache as cc
 from modelferry.tasks.clients import processes
+from tests.helpers import write_files
 
 TOOL = Path(cc.__file__)
 BASE = dict(model_uri="s3://b/models/acme/m/abc/", revision="abc", vllm_version="0.11.0", gpu="NVIDIA H100 80GB HBM3",
@@ -42,11 +43,7 @@ def make_tree(root: Path) -> dict[str, bytes]:
     files = {f"vllm/{h:02x}/rank_0_0/backbone/artifact_{i}.py": os.urandom(64 + i) for h in range(4) for i in range(50)}
     files["vllm/empty_marker"] = b""
     files["triton/ABCD/kernel.cubin"] = os.urandom(20000)
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return files
+    return write_files(root, files)
 
 
 def read_tree(dirs: dict[str, Path]) -> dict[str, bytes]:

@@ -10,7 +10,7 @@ import io
 from modelferry.tasks.offline import tiny_llama
 from modelferry.tasks.records import layout
 from tests import sky_offline
-from tests.helpers import start_rows
+from tests.helpers import start_rows, write_files
 
 # The tiny Llama under a name of its own: the bucket is the session's, where other tests bench it.
 MODEL = "acme/priced-llama"
@@ -18,10 +18,7 @@ MODEL = "acme/priced-llama"
 
 def test_cost_prices_the_measured_cold_starts_against_a_start_from_the_hub(cli, s3, tmp_path):
     checkpoint = tmp_path / "checkpoint"
-    checkpoint.mkdir()
-    for name, data in tiny_llama.files().items():
-        (checkpoint / name).parent.mkdir(parents=True, exist_ok=True)
-        (checkpoint / name).write_bytes(data)
+    write_files(checkpoint, tiny_llama.files())
     assert cli("stage", str(checkpoint), "--name", MODEL).rc == 0
     home = tmp_path / "sky"
     sky_offline.plant(home)
