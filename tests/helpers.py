@@ -101,7 +101,7 @@ class IdleWatch:
     env: dict
     staged: Callable[[], bool]
     cwd: Path  # launch writes its results under ./results
-    strategy: str = "stream"
+    strategy: str
     ask_s: float = 80
     launched: Run | None = None
     answered: list[str] = None  # each request's completion text

@@ -23,7 +23,7 @@ from modelferry.tasks.measure import startlog
 from modelferry.tasks.offline import tiny_llama
 from modelferry.tasks.records import catalog
 from tests import procs
-from tests.helpers import API_KEY, LLAMA, ROOT, SECRETS, artifacts, flow_run_id
+from tests.helpers import API_KEY, LLAMA, ROOT, SECRETS, IdleWatch, VllmSession, artifacts, flow_run_id
 
 pytestmark = pytest.mark.timeout(1200)  # the shared session: four vLLM starts, 40-120 s each here
 
@@ -44,6 +44,14 @@ def check_row(r) -> None:
     assert abs(r["context"] - fit.context_fitting(tiny, 2**30, block=128)) <= 256 < tiny.full_context - r["context"], r["context"]
     # The run script's sampler (deployments/vllm.yaml): API server + engine core, torch loaded in each
     assert 0.5 < r["host_peak_gib"] < 16, r["host_peak_gib"]
+
+
+def node_c(session: VllmSession) -> IdleWatch:
+    """Node C once its watch (conftest's IdleWatch, on a thread) has ended, having started."""
+    idle = session.idle
+    assert idle.done.wait(400), "node C is still being watched"
+    assert idle.launched is not None and idle.launched.rc == 0, (idle.error, idle.launched)
+    return idle
 
 
 def test_stage_and_launch_deployment_runs_real_vllm_on_the_worker(vllm_session, s3):
@@ -67,8 +75,7 @@ def test_stage_and_launch_deployment_runs_real_vllm_on_the_worker(vllm_session, 
 def test_what_the_launches_printed_holds_no_secret(vllm_session):
     """The terminal side of the secrets check (the files are scanned when the session ends): the
     deployment's watch, and B's and C's launches, which had the API key and an HF token to hand."""
-    idle = vllm_session.idle
-    assert idle.done.wait(400) and idle.launched is not None, idle.error
+    idle = node_c(vllm_session)
     printed = [vllm_session.deployed.stdout + vllm_session.deployed.stderr, vllm_session.kept.out + vllm_session.kept.err,
                idle.launched.out + idle.launched.err]
     assert all(printed)
@@ -167,9 +174,7 @@ def test_down_stops_the_kept_node_and_teardown_left_nothing(vllm_session, cli):
 def test_a_prefetch_start_copies_the_weights_to_the_node_disk_then_vllm_loads_them(vllm_session):
     """Node C's start (`--strategy prefetch`): the setup copies the staged files with s5cmd, and vLLM
     serves them from the node's disk with its default loader."""
-    idle = vllm_session.idle
-    assert idle.done.wait(400), "node C is still being watched"
-    assert idle.launched is not None and idle.launched.rc == 0, (idle.error, idle.launched)
+    idle = node_c(vllm_session)
     (row,) = idle.launched.json()
     check_row(row)
     assert (row["strategy"], row["kind"]) == ("prefetch", "cold") and row["weights_s"] is not None
@@ -186,9 +191,8 @@ def test_a_kept_node_serves_while_asked_and_is_gone_after_its_idle_minutes(vllm_
     node program reads vLLM's /metrics, stops vLLM and ends the job, and the node goes with its disk
     and record (SkyPilot's autostop with down, which takes a cluster down once no job runs) within
     about two minutes."""
-    idle = vllm_session.idle
-    assert idle.done.wait(400), "node C is still being watched"
-    assert idle.error is None and idle.launched is not None and idle.launched.rc == 0, (idle.error, idle.launched)
+    idle = node_c(vllm_session)
+    assert idle.error is None, idle.error
     assert "vLLM stops after 1 minute without a request, and the node is gone" in idle.launched.err
     assert idle.asked_s > 60 and len(idle.answered) >= 5 and all(t.strip() for t in idle.answered), idle.answered
     assert idle.gone_s is not None and 60 <= idle.gone_s < 120, f"gone {idle.gone_s} s after the last request"
