@@ -246,6 +246,10 @@ def load(env: dict[str, str] | None = None) -> Settings:
 
 # botocore standard mode: waits of at most 1+2+4+8 s, so a bucket gone for good costs 15 s or less.
 REQUEST_ATTEMPTS = 5
+# One boto3 session per process (s3_client): each new one parses botocore's S3 and endpoint models
+# again (about 0.2 CPU-s here), and a stage makes a client per step.
+_SESSION_LOCK = threading.Lock()
+_session = None
 
 
 def _check_hf_endpoint(url: str) -> None:
@@ -273,12 +277,9 @@ def s3_client(settings: Settings, *, connect_timeout: float = 5, read_timeout: f
         retries={"max_attempts": attempts, "mode": "standard"},
         max_pool_connections=32,
     )
+    global _session
     with _SESSION_LOCK:  # a boto3 session is not thread-safe; the clients it makes are
-        global _session
-        # One per process: each new session parses botocore's S3 and endpoint models again (about
-        # 0.2 CPU-s here), and a stage makes a client per step. The keys go to each client, never
-        # into the session.
-        _session = _session or boto3.session.Session()
+        _session = _session or boto3.session.Session()  # the keys go to each client, never into it
         return _session.client(
             "s3",
             endpoint_url=settings.endpoint,
@@ -286,10 +287,6 @@ def s3_client(settings: Settings, *, connect_timeout: float = 5, read_timeout: f
             aws_secret_access_key=settings.secret_key,
             config=config,
         )
-
-
-_SESSION_LOCK = threading.Lock()
-_session = None
 
 
 class _Redactor(logging.Filter):
